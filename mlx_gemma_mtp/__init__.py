@@ -1,0 +1,9 @@
+"""mlx-gemma-mtp: exact multi-token-prediction speculative decoding for Gemma 4 in MLX."""
+
+from .decode import GenerationResponse, generate, stream_generate
+from .load import Bundle, load
+from .sampling import SamplerConfig
+from .speculative import DraftStats
+
+__all__ = ["Bundle", "DraftStats", "GenerationResponse", "SamplerConfig", "generate", "load", "stream_generate"]
+__version__ = "0.1.0"

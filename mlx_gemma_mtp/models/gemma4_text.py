@@ -318,7 +318,7 @@ class Model(nn.Module):
         """
         out = {}
         for key, value in weights.items():
-            key = _canonical_key(key)
+            key = canonical_key(key)
             if key is None or self._unused(key):
                 continue
             if key.endswith("experts.gate_up_proj"):  # (E, 2*mi, H): first half is the gate (pitfall 12)
@@ -348,7 +348,7 @@ _TEXT_ROOTS = (
 _PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."), ("model.", "model."))
 
 
-def _canonical_key(key: str) -> str | None:
+def canonical_key(key: str) -> str | None:
     """`model.`-rooted name of a text-model tensor, or None for anything else (towers, tied lm_head)."""
     for prefix, replacement in _PREFIXES:
         if key.startswith(prefix):

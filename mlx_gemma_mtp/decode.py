@@ -1,0 +1,198 @@
+"""Text generation: plain decoding and MTP speculative decoding behind one streaming API.
+
+Three layers, as in mlx-lm: token generators (`generate_step` here, `mtp_generate_step` in speculative.py),
+`stream_generate` (prompt handling, detokenizing, stop conditions, stats) and `generate` (returns a string).
+Both paths prefill `prompt[:-1]` in chunks without logits and then run the last prompt token alone, so the first
+generated token is computed identically with and without a drafter.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Generator, Iterator
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from .autodraft import draft_length_policy
+from .load import Bundle
+from .models.gemma4_text import Model, TargetOutput
+from .sampling import SamplerConfig, log_probs, sample
+from .speculative import DraftStats, Proposer, drafter_proposer, mtp_generate_step
+
+Prompt = str | list[int] | list[dict]
+MAX_DRAFT_TOKENS = 16  # rollback slack the caches keep; longer drafts are refused
+
+
+@dataclass
+class GenerationResponse:
+    text: str  # new text since the previous response
+    token: int
+    from_draft: bool  # True when a drafter proposed this token and the target accepted it
+    finish_reason: str | None  # "stop" (EOS or stop string), "length", or None while generating
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    peak_memory: float  # GB
+    draft: DraftStats | None  # live counters of the MTP path, None for plain decoding
+
+
+def _choose(logits: mx.array, sampler: SamplerConfig) -> mx.array:
+    """(1, V) logits -> (1,) token."""
+    return mx.argmax(logits, axis=-1) if sampler.greedy else sample(log_probs(logits, sampler))
+
+
+def prefill(model: Model, prompt: mx.array, cache: list, step: int, want_draft_inputs: bool) -> TargetOutput:
+    """Feed `prompt` (T,) into `cache`: all but the last token in chunks without logits, then the last one."""
+    for start in range(0, prompt.size - 1, step):
+        model.forward(prompt[None, start : min(start + step, prompt.size - 1)], cache, rows=0)
+        mx.eval([c.keys for c in cache])
+        mx.clear_cache()
+    return model.forward(prompt[None, -1:], cache, return_hidden=want_draft_inputs,
+                         return_shared_kv=want_draft_inputs)
+
+
+def generate_step(model: Model, cache: list, first_token: mx.array, sampler: SamplerConfig
+                  ) -> Generator[tuple[int, bool], None, None]:
+    """Plain decoding after the first token; the next step is queued before the current token is read."""
+    y = first_token
+    while True:
+        next_y = _choose(model.forward(y[None], cache).logits[:, -1], sampler)
+        mx.async_eval(next_y)
+        yield next_y.item(), False
+        y = next_y
+
+
+def _prompt_ids(bundle: Bundle, prompt: Prompt) -> list[int]:
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], dict)):
+        if bundle.tokenizer is None:
+            raise ValueError(f"{bundle.path} has no tokenizer files; pass the prompt as a list of token ids")
+        if isinstance(prompt, str):
+            return bundle.tokenizer.encode(prompt)
+        return list(bundle.tokenizer.apply_chat_template(prompt, add_generation_prompt=True))
+    if not prompt or not all(isinstance(t, int) for t in prompt):
+        raise ValueError("prompt must be a non-empty string, list of chat messages or list of token ids")
+    vocab = bundle.target.args.vocab_size
+    if bad := [t for t in prompt if not 0 <= t < vocab]:
+        raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+    return list(prompt)
+
+
+def _tokens(bundle, ids, max_tokens, sampler, num_draft_tokens, stats, prefill_step_size, proposer) -> Iterator:
+    target, drafter = bundle.target, bundle.drafter
+    use_mtp = num_draft_tokens != 0 and (drafter is not None or proposer is not None)
+    cache = target.make_cache(max_rollback=MAX_DRAFT_TOKENS)
+    first = prefill(target, mx.array(ids), cache, prefill_step_size, use_mtp)
+    token = _choose(first.logits[:, -1], sampler)
+    yield token.item(), False
+    if use_mtp:
+        policy = draft_length_policy(num_draft_tokens, target, drafter, stats, MAX_DRAFT_TOKENS)
+        proposer = proposer or drafter_proposer(target, drafter, sampler)
+        yield from mtp_generate_step(target, proposer, cache, first, token, policy, sampler, stats, max_tokens - 1)
+    else:
+        yield from generate_step(target, cache, token, sampler)
+
+
+def _check_draft_request(bundle: Bundle, num_draft_tokens, proposer) -> None:
+    if num_draft_tokens in (None, "auto"):
+        if proposer is not None and bundle.drafter is None and num_draft_tokens == "auto":
+            raise ValueError("num_draft_tokens='auto' measures the drafter; with a custom proposer pass an int")
+        return
+    if not isinstance(num_draft_tokens, int) or not 0 <= num_draft_tokens <= MAX_DRAFT_TOKENS:
+        raise ValueError(f"num_draft_tokens={num_draft_tokens!r}: use 'auto' or an int in [0, {MAX_DRAFT_TOKENS}]")
+    if num_draft_tokens > 0 and bundle.drafter is None and proposer is None:
+        raise ValueError(f"num_draft_tokens={num_draft_tokens} needs a drafter: load(model, draft=...)")
+
+
+def stream_generate(
+    bundle: Bundle,
+    prompt: Prompt,
+    max_tokens: int = 256,
+    sampler: SamplerConfig | None = None,
+    num_draft_tokens: int | str | None = None,
+    stop: list[str] | None = None,
+    prefill_step_size: int = 512,
+    proposer: Proposer | None = None,
+) -> Iterator[GenerationResponse]:
+    """Generate from `prompt` (string, chat messages, or token ids), yielding one response per token.
+
+    Args:
+        sampler: greedy when None. With a seed, generation is reproducible.
+        num_draft_tokens: MTP draft length: an int (0 = plain decoding), "auto", or None (= "auto" when the
+            bundle has a drafter). Output is the target's own, with or without drafts. Batch size is 1.
+        stop: strings that end generation; the text is cut before them.
+        proposer: replaces the drafter as the source of drafts (benchmarks, oracle tests); needs an int
+            `num_draft_tokens`.
+    """
+    sampler = sampler or SamplerConfig()
+    _check_draft_request(bundle, num_draft_tokens, proposer)
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens={max_tokens}: must be >= 1")
+    ids = _prompt_ids(bundle, prompt)
+    if sampler.seed is not None:
+        mx.random.seed(sampler.seed)
+    speculative = num_draft_tokens != 0 and (bundle.drafter is not None or proposer is not None)
+    stats = DraftStats() if speculative else None
+    eos = set(bundle.generation.eos_token_ids) | set(getattr(bundle.tokenizer, "eos_token_ids", None) or [])
+    text = _TextStream(bundle.tokenizer, stop or [])
+    mx.reset_peak_memory()
+    tic = time.perf_counter()
+    prompt_tps = n = 0
+    tokens = _tokens(bundle, ids, max_tokens, sampler, num_draft_tokens, stats, prefill_step_size, proposer)
+    for n, (token, from_draft) in enumerate(tokens, start=1):
+        if n == 1:
+            prompt_tps, tic = len(ids) / (time.perf_counter() - tic), time.perf_counter()
+        is_eos = token in eos
+        delta, stopped = text.add(None if is_eos else token)
+        finish = "stop" if is_eos or stopped else "length" if n >= max_tokens else None
+        if finish:
+            delta += text.flush(stopped)
+        elapsed = max(time.perf_counter() - tic, 1e-9)
+        yield GenerationResponse(delta, token, from_draft, finish, len(ids), prompt_tps, n, n / elapsed,
+                                 mx.get_peak_memory() / 1e9, stats)
+        if finish:
+            break
+        if n % 256 == 0:
+            mx.clear_cache()
+
+
+def generate(bundle: Bundle, prompt: Prompt, **kwargs) -> str:
+    """The whole generated text (same arguments as `stream_generate`)."""
+    return "".join(r.text for r in stream_generate(bundle, prompt, **kwargs))
+
+
+class _TextStream:
+    """Streaming detokenizer plus stop strings: text is held back while it could still start a stop string."""
+
+    def __init__(self, tokenizer, stop: list[str]):
+        self.detokenizer = tokenizer.detokenizer if tokenizer is not None else None
+        if self.detokenizer is not None:
+            self.detokenizer.reset()
+        self.stop = [s for s in stop if s]
+        self.text, self.emitted = "", 0
+
+    def add(self, token: int | None) -> tuple[str, bool]:
+        """Add a token (None for EOS, which is not shown); return (text now safe to show, hit a stop string)."""
+        if self.detokenizer is None:
+            return "", False
+        if token is not None:
+            self.detokenizer.add_token(token)
+            self.text += self.detokenizer.last_segment
+        for s in self.stop:
+            if (i := self.text.find(s, max(0, self.emitted - len(s)))) >= 0:
+                self.text = self.text[:i]
+                return "", True
+        hold = max((len(s) - 1 for s in self.stop), default=0)
+        safe = max(self.emitted, len(self.text) - hold)
+        delta, self.emitted = self.text[self.emitted : safe], safe
+        return delta, False
+
+    def flush(self, stopped: bool) -> str:
+        if self.detokenizer is None:
+            return ""
+        if not stopped:
+            self.detokenizer.finalize()
+            self.text += self.detokenizer.last_segment
+        delta, self.emitted = self.text[self.emitted :], len(self.text)
+        return delta

@@ -1,0 +1,218 @@
+"""Load a Gemma 4 target (and optionally its MTP drafter) from a local folder or a hub id.
+
+Supported layouts: the released multimodal checkpoints (`model.language_model.*`; vision/audio tensors are never
+read), text-only HF checkpoints, mlx-lm / mlx-vlm conversions, and bundles written by our converter (target at the
+top, drafter in `drafter/`). Weights are safetensors only, single-file or sharded through
+`model.safetensors.index.json`; no pickle, no remote code. Tokenizer and chat template go through mlx-lm's
+tokenizer utilities; `generation_config.json` gives EOS ids and sampling defaults.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .models.config import ModelArgs
+from .models.gemma4_assistant import Drafter, DrafterArgs
+from .models.gemma4_text import Model, canonical_key
+
+DRAFTER_DIR = "drafter"
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.jinja", "*.model", "*.txt"]
+
+
+@dataclass
+class GenerationDefaults:
+    """From `generation_config.json`: what the checkpoint's authors recommend."""
+
+    eos_token_ids: list[int] = field(default_factory=list)
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+
+
+@dataclass
+class Bundle:
+    target: Model
+    drafter: Drafter | None
+    tokenizer: Any  # mlx_lm.tokenizer_utils.TokenizerWrapper, or None when the folder has no tokenizer
+    config: dict
+    generation: GenerationDefaults
+    path: Path
+
+
+def resolve(path_or_id: str | Path) -> Path:
+    """A local folder as is; otherwise a hub id downloaded with huggingface_hub (text-model files only)."""
+    path = Path(path_or_id).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path} is a file; pass the checkpoint folder that holds config.json")
+        return path
+    name = str(path_or_id)
+    if name.count("/") != 1 or name.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"{name}: no such folder, and not a hub id of the form 'owner/name'")
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(name, allow_patterns=HUB_PATTERNS))
+
+
+def read_config(path: Path) -> dict:
+    file = path / "config.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} is missing: {path} is not a model checkpoint folder")
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file} is not valid JSON: {e}") from e
+
+
+def safetensors_files(path: Path) -> list[Path]:
+    """Weight files of a checkpoint: the index's shards (validated) or the folder's `*.safetensors`."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ValueError(f"{index} is not a valid safetensors index: {e}") from e
+        files = []
+        for name in dict.fromkeys(weight_map.values()):
+            shard = (path / name).resolve()
+            if not shard.is_relative_to(path.resolve()):
+                raise ValueError(f"{index} names shard {name!r} outside the checkpoint folder; refusing to read it")
+            if not shard.is_file():
+                raise FileNotFoundError(f"{index} names shard {name!r}, which is missing from {path}")
+            files.append(shard)
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {path} (only safetensors checkpoints are supported)")
+    return files
+
+
+def safetensors_header(file: Path) -> dict:
+    """Parse and check a safetensors header: names the file when it is truncated or corrupt."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        raw = f.read(8)
+        n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
+        if n < 2 or 8 + n > size:
+            raise ValueError(f"{file}: not a safetensors file or truncated (header of {n} bytes, file {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{file}: corrupt safetensors header ({e})") from e
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise ValueError(f"{file}: truncated, tensor data ends at {8 + n + end} bytes but the file has {size}")
+    return header
+
+
+def load_safetensors(files: list[Path], keep: Callable[[str], bool] = lambda k: True) -> dict[str, mx.array]:
+    """Tensors whose names pass `keep`, lazily (mx.load reads data only when it is evaluated)."""
+    weights = {}
+    for file in files:
+        names = [k for k in safetensors_header(file) if k != "__metadata__" and keep(k)]
+        if names:
+            data = mx.load(str(file))
+            weights.update({k: data[k] for k in names})
+    return weights
+
+
+def _cast(weights: dict[str, mx.array], dtype: mx.Dtype | None) -> dict[str, mx.array]:
+    """Cast floating tensors only: integer buffers (token_ordering) and quantized ints stay as they are."""
+    if dtype is None:
+        return weights
+    return {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
+
+
+def _quantize(module: nn.Module, config: dict, weights: dict[str, mx.array], canonical=lambda k: k) -> None:
+    """Turn layers into their quantized forms where the weights carry `.scales` (mlx-lm's config format)."""
+    q = config.get("quantization") or config.get("quantization_config")
+    if not q:
+        return
+    overrides = {canonical(k): v for k, v in q.items() if isinstance(v, (dict, bool))}
+
+    def predicate(path: str, _module: nn.Module):
+        if f"{path}.scales" not in weights:
+            return False
+        return overrides.get(path, True)
+
+    nn.quantize(module, q["group_size"], q["bits"], mode=q.get("mode", "affine"), class_predicate=predicate)
+
+
+def _load_module(module: nn.Module, weights: dict[str, mx.array], where: Path) -> None:
+    try:
+        module.load_weights(list(weights.items()), strict=True)
+    except ValueError as e:
+        raise ValueError(f"{where}: weights do not match the config: {e}") from e
+    mx.eval(module.parameters())
+
+
+def load_target(path: Path, dtype: mx.Dtype | None = None) -> tuple[Model, dict]:
+    config = read_config(path)
+    if config.get("model_type") == "gemma4_assistant":
+        raise ValueError(f"{path} holds a Gemma 4 drafter; load its target and pass this folder as draft=")
+    try:
+        args = ModelArgs.from_dict(config)
+    except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"{path / 'config.json'}: {e}") from e
+    model = Model(args)
+    # tensors outside the text model (vision/audio towers) are never read
+    raw = load_safetensors(safetensors_files(path), keep=lambda k: canonical_key(k) is not None)
+    weights = model.sanitize(_cast(raw, dtype))
+    _quantize(model, config, weights, canonical=lambda k: canonical_key(k) or k)
+    _load_module(model, weights, path)
+    return model, config
+
+
+def load_drafter(path: Path, target_args: ModelArgs, dtype: mx.Dtype | None = None) -> Drafter:
+    config = read_config(path)
+    try:
+        args = DrafterArgs.from_dict(config)
+    except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"{path / 'config.json'}: {e}") from e
+    args.validate_against(target_args)
+    drafter = Drafter(args)
+    weights = drafter.sanitize(_cast(load_safetensors(safetensors_files(path)), dtype))
+    _quantize(drafter, config, weights)
+    _load_module(drafter, weights, path)
+    return drafter
+
+
+def read_generation_defaults(path: Path, config: dict) -> GenerationDefaults:
+    file = path / "generation_config.json"
+    gen = json.loads(file.read_text()) if file.is_file() else {}
+    eos = gen.get("eos_token_id", config.get("eos_token_id", config.get("text_config", {}).get("eos_token_id")))
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    return GenerationDefaults(eos, gen.get("temperature"), gen.get("top_p"), gen.get("top_k"))
+
+
+def load_tokenizer(path: Path, eos_token_ids: list[int]):
+    """mlx-lm's TokenizerWrapper (streaming detokenizer, chat template), or None without tokenizer files."""
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        return None
+    from mlx_lm.tokenizer_utils import load as mlx_lm_load_tokenizer
+
+    return mlx_lm_load_tokenizer(path, eos_token_ids=eos_token_ids)
+
+
+def load(model: str | Path, draft: str | Path | None = None, dtype: mx.Dtype | None = None) -> Bundle:
+    """Load a target and, if given or bundled in `drafter/`, its MTP drafter.
+
+    Args:
+        model: local folder or hub id of a Gemma 4 checkpoint or a converted bundle.
+        draft: local folder or hub id of the matching `gemma4_assistant` drafter (overrides a bundled one).
+        dtype: cast floating weights (e.g. `mx.float32` for exactness tests); default keeps the checkpoint's.
+    """
+    path = resolve(model)
+    target, config = load_target(path, dtype)
+    draft_path = resolve(draft) if draft is not None else path / DRAFTER_DIR
+    drafter = load_drafter(draft_path, target.args, dtype) if draft is not None or draft_path.is_dir() else None
+    generation = read_generation_defaults(path, config)
+    return Bundle(target, drafter, load_tokenizer(path, generation.eos_token_ids), config, generation, path)

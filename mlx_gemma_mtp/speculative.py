@@ -1,0 +1,156 @@
+"""MTP speculative decoding: draft K tokens with the Gemma 4 assistant, verify them in one target forward.
+
+References: spec §5 (HF `SinglePositionMultiTokenCandidateGenerator`, `_assisted_decoding`); Leviathan et al.
+2023, "Fast Inference from Transformers via Speculative Decoding" (Alg. 1) for T > 0; gpt-fast's speculative step
+for the shape of the loop. Each round builds the drafts and the verify pass as one lazy MLX graph and reads the
+accepted count once: one host sync per round.
+
+Round state (spec §5.1): `last` is the newest token (not yet in the cache), `hidden` the target's post-norm hidden
+state of the position before it, `kv` the producer K/V the drafter may see, all at positions <= that position.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+
+from .cache import trim_cache
+from .models.config import SLIDING
+from .models.gemma4_assistant import Drafter
+from .models.gemma4_text import KV, Model, TargetOutput
+from .sampling import SamplerConfig, greedy_accept, log_probs, sample, speculative_accept
+
+# Drafter query position = position of the hidden state + DRAFT_POSITION_OFFSET. HF's convention (1: the
+# position of the token being fed, i.e. one past the last K/V entry) is the one the released assistants were
+# trained and evaluated with in transformers, and the parity oracle uses it; mlx-vlm and vLLM use 0.
+DRAFT_POSITION_OFFSET = 1
+
+
+@dataclass
+class DraftStats:
+    """Counters of one generation; per-position lists are indexed by draft position (0 = first draft)."""
+
+    rounds: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    drafted_per_position: list[int] = field(default_factory=list)
+    accepted_per_position: list[int] = field(default_factory=list)
+
+    def record(self, num_drafts: int, num_accepted: int) -> None:
+        grow = num_drafts - len(self.drafted_per_position)
+        if grow > 0:
+            self.drafted_per_position += [0] * grow
+            self.accepted_per_position += [0] * grow
+        self.rounds += 1
+        self.drafted += num_drafts
+        self.accepted += num_accepted
+        for i in range(num_drafts):
+            self.drafted_per_position[i] += 1
+            self.accepted_per_position[i] += i < num_accepted
+
+    @property
+    def acceptance_per_position(self) -> list[float]:
+        return [a / d if d else 0.0 for a, d in zip(self.accepted_per_position, self.drafted_per_position)]
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Accepted drafts per round (the target's own token of each round not counted)."""
+        return self.accepted / self.rounds if self.rounds else 0.0
+
+
+def visible_kv(shared_kv: dict[str, KV], drop: int, window: int) -> dict[str, KV]:
+    """The producer K/V the drafter may see: rejected drafts removed (pitfall 23) and, on sliding layers, the
+    last `window + 1` entries (HF's flipped bidirectional window, spec §4.3)."""
+    out = {}
+    for layer_type, (k, v) in shared_kv.items():
+        end = k.shape[2] - drop
+        start = max(0, end - window - 1) if layer_type == SLIDING else 0
+        out[layer_type] = (k[..., start:end, :], v[..., start:end, :])
+    return out
+
+
+def _draft_token(drafter: Drafter, y: mx.array, sampler: SamplerConfig) -> tuple[mx.array, mx.array | None]:
+    """Next draft token (1,) and, when sampling, the draft distribution q (V,) it was sampled from."""
+    if sampler.greedy:
+        return drafter.top_token(y)[0], None
+    ids, logits = drafter.candidates(y)
+    q = log_probs(logits[0, 0], sampler)  # same processing as the target: the Leviathan rule needs it
+    choice = sample(q)
+    if ids is None:
+        return choice[None], q
+    vocab_q = mx.full((drafter.args.text.vocab_size,), -mx.inf, dtype=mx.float32)
+    vocab_q[ids[0, 0]] = q  # zero probability outside the candidate clusters
+    return ids[0, 0][choice][None], vocab_q
+
+
+def draft(
+    target: Model, drafter: Drafter, last: mx.array, hidden: mx.array, kv: dict[str, KV], position: int,
+    num_drafts: int, sampler: SamplerConfig,
+) -> tuple[mx.array, mx.array | None]:
+    """`num_drafts` tokens (K,) from the drafter at one constant query position, and their q rows (K, V)."""
+    if num_drafts == 0:
+        return mx.zeros((0,), mx.int32), None
+    tokens, qs, token = [], [], last
+    for _ in range(num_drafts):
+        hidden, y = drafter(target.model.embed(token[None]), hidden, kv, position)
+        token, q = _draft_token(drafter, y, sampler)
+        tokens.append(token)
+        qs.append(q)
+    return mx.concatenate(tokens), None if sampler.greedy else mx.stack(qs)
+
+
+def accept(out: TargetOutput, drafts: mx.array, q: mx.array | None, sampler: SamplerConfig):
+    """(n accepted, tokens (K+1,)): drafts[:n] then the target's token; greedy or exact speculative sampling."""
+    logits = out.logits[0]
+    if sampler.greedy:
+        return greedy_accept(logits, drafts)
+    if drafts.size == 0:
+        return mx.array(0), sample(log_probs(logits, sampler))
+    return speculative_accept(log_probs(logits, sampler), q, drafts)
+
+
+Proposer = Callable[[mx.array, mx.array, dict, int, int], tuple[mx.array, mx.array | None]]
+
+
+def drafter_proposer(target: Model, drafter: Drafter, sampler: SamplerConfig) -> Proposer:
+    """(last, hidden, kv, position, K) -> (drafts (K,), q (K, V) or None): the real drafter."""
+    return lambda last, hidden, kv, position, k: draft(target, drafter, last, hidden, kv, position, k, sampler)
+
+
+def mtp_generate_step(
+    target: Model, propose: Proposer, cache: list, first: TargetOutput, first_token: mx.array,
+    draft_length: Callable[[int], int], sampler: SamplerConfig, stats: DraftStats, max_tokens: int,
+) -> Generator[tuple[int, bool], None, None]:
+    """Yield (token, from_draft) after the first token (which the caller already emitted), `max_tokens` at most.
+
+    Args:
+        propose: the draft source, normally `drafter_proposer(...)` (benchmarks and tests substitute oracles).
+        first: the target output of the last prompt token (hidden + shared K/V of positions up to it).
+        first_token: the token sampled from it, (1,).
+        draft_length: tokens still wanted -> K for the next round (0: a plain decoding round).
+    """
+    window = target.args.sliding_window
+    last, hidden, kv = first_token, first.hidden, visible_kv(first.shared_kv, 0, window)
+    remaining = max_tokens
+    while remaining > 0:
+        K = max(0, min(draft_length(remaining), remaining - 1))  # never draft past the budget
+        position = cache[0].offset - 1 + DRAFT_POSITION_OFFSET
+        drafts, q = propose(last, hidden, kv, position, K)
+        out = target.forward(mx.concatenate([last, drafts])[None], cache, rows=K + 1, return_hidden=True,
+                             return_shared_kv=True)
+        n, tokens = accept(out, drafts, q, sampler)
+        mx.eval(n, tokens)  # the round's one host sync
+        n, tokens = n.item(), tokens.tolist()
+        trim_cache(cache, K - n)
+        stats.record(K, n)
+        last, hidden = mx.array(tokens[n : n + 1]), out.hidden[:, n : n + 1]
+        kv = visible_kv(out.shared_kv, K - n, window)
+        remaining -= n + 1
+        for i in range(n + 1):
+            yield tokens[i], i < n
