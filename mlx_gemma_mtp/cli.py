@@ -1,0 +1,86 @@
+"""Command line: `mlx-gemma-mtp SUBCOMMAND ...` (also `python -m mlx_gemma_mtp`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .sampling import SamplerConfig
+
+
+def _draft_tokens(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r}: expected an integer or 'auto'") from None
+
+
+def add_generate_parser(sub) -> None:
+    p = sub.add_parser("generate", help="generate text from a Gemma 4 checkpoint (MTP when a drafter is given)")
+    p.add_argument("--model", required=True, help="local folder or hub id of a Gemma 4 checkpoint or bundle")
+    p.add_argument("--draft", default=None, help="folder or hub id of the matching gemma4_assistant drafter")
+    p.add_argument("--prompt", default="Write a haiku about speculative decoding.")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temp", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=None, help="default: the checkpoint's generation_config")
+    p.add_argument("--top-k", type=int, default=None, help="default: the checkpoint's generation_config")
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--num-draft-tokens", type=_draft_tokens, default=None,
+                   help="draft length K, 0 for plain decoding, or 'auto' (default when a drafter is loaded)")
+    p.add_argument("--no-chat-template", action="store_true", help="feed the prompt as raw text")
+    p.set_defaults(func=run_generate)
+
+
+def format_stats(r) -> str:
+    lines = [
+        f"prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.1f} tokens/s | generation: {r.generation_tokens} "
+        f"tokens, {r.generation_tps:.1f} tokens/s | peak memory: {r.peak_memory:.3f} GB"
+    ]
+    if (d := r.draft) is not None:
+        per_pos = " ".join(f"{a:.2f}" for a in d.acceptance_per_position) or "-"
+        lines.append(
+            f"MTP: {d.rounds} rounds, {d.accepted}/{d.drafted} drafts accepted ({d.acceptance_rate:.1%}), "
+            f"mean accepted length {d.mean_accepted_length:.2f}, acceptance per position [{per_pos}]"
+        )
+    return "\n".join(lines)
+
+
+def run_generate(args) -> None:
+    from . import load, stream_generate
+
+    bundle = load(args.model, draft=args.draft)
+    defaults = bundle.generation
+    sampler = SamplerConfig(
+        temperature=args.temp,
+        top_p=args.top_p if args.top_p is not None else (defaults.top_p or 1.0),
+        top_k=args.top_k if args.top_k is not None else (defaults.top_k or 0),
+        min_p=args.min_p,
+        seed=args.seed,
+    )
+    use_chat = not args.no_chat_template and bundle.tokenizer is not None and bundle.tokenizer.has_chat_template
+    prompt = [{"role": "user", "content": args.prompt}] if use_chat else args.prompt
+    last = None
+    for last in stream_generate(bundle, prompt, args.max_tokens, sampler, args.num_draft_tokens):
+        print(last.text, end="", flush=True)
+    print()
+    print(format_stats(last), file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mlx-gemma-mtp", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_generate_parser(sub)
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""Shared fixtures: tiny HF checkpoints written by the tests (no network) and a tiny trained tokenizer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import hf_oracle as oracle
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}<end_of_turn>\n"
+    "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+
+
+def write_tokenizer(path: Path, vocab_size: int = 256) -> None:
+    """Train a tiny BPE tokenizer (ids 0..5 are pad/eos/bos/unk/turn markers) and write HF tokenizer files."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = [
+        "def speculative(draft, verify):\n    return verify(draft)\n",
+        "The quick brown fox jumps over the lazy dog. Hello world! " * 3,
+        "for i in range(10):\n    print(i * i)\n",
+    ] * 20
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus, trainer)
+    path.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<bos>", "eos_token": "<eos>",
+              "pad_token": "<pad>", "unk_token": "<unk>", "add_bos_token": True}
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    (path / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+
+
+def write_pair(path: Path, kind: str = "e2b", ordered: bool = True, layout: str = "text", seed: int = 0,
+               max_shard_size=None, tokenizer: bool = True):
+    """HF target + assistant (drafter in `drafter/`) written to `path`; returns the torch models."""
+    target = oracle.make_target(kind, seed=seed, layout=layout)
+    assistant = oracle.make_assistant(target, seed=seed + 1, ordered_embeddings=ordered)
+    oracle.save_target(target, str(path), max_shard_size=max_shard_size)
+    oracle.save_assistant(assistant, str(path / "drafter"))
+    if tokenizer:
+        write_tokenizer(path)
+    return target, assistant
+
+
+@pytest.fixture(scope="session")
+def pair_dir(tmp_path_factory):
+    """Factory: (kind, ordered, layout) -> folder with an HF target, its drafter and a tokenizer (cached)."""
+    made = {}
+
+    def get(kind: str = "e2b", ordered: bool = True, layout: str = "text"):
+        key = (kind, ordered, layout)
+        if key not in made:
+            path = tmp_path_factory.mktemp(f"{kind}-{ordered}-{layout}")
+            made[key] = (path, *write_pair(path, kind, ordered, layout))
+        return made[key]
+
+    return get
