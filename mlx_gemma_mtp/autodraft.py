@@ -31,7 +31,7 @@ class DraftCosts:
     verify: list[float]  # verify[T] = seconds for a target forward of T tokens (index 0 unused)
 
 
-def _timed(fn: Callable[[], mx.array], reps: int = 3) -> float:
+def _timed(fn: Callable[[], mx.array], reps: int = 5) -> float:
     mx.eval(fn())  # warm-up (kernel compilation, allocations)
     times = []
     for _ in range(reps):

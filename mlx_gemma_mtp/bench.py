@@ -1,0 +1,116 @@
+"""Side-by-side benchmark of plain decoding and MTP decoding in one run: `python -m mlx_gemma_mtp.bench`.
+
+Prints plain tokens/s, MTP tokens/s per draft length K and "auto", their ratio to plain, acceptance per position,
+the measured cost of a drafter step and of target verifies of T = 1..9 tokens, and the round overhead
+T_round / (T_verify(K+1) + K * T_draft) (1.0 = the loop adds nothing beyond the model work).
+
+Random weights accept nothing, so `--force-acceptance R` substitutes, with probability R per draft, the target's own
+greedy continuation for the drafter's token (the drafter still runs, so its cost is measured); such rows are
+marked "forced". Without `--model`, a random Gemma 4 E2B-style pair of the given `--random-hidden` size is built.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import mlx.core as mx
+
+from . import load, stream_generate
+from .autodraft import measure_costs
+from .load import Bundle, GenerationDefaults
+from .models.config import FULL, SLIDING, ModelArgs
+from .models.gemma4_assistant import Drafter, DrafterArgs
+from .models.gemma4_text import Model
+from .sampling import SamplerConfig
+from .speculative import draft
+
+
+def random_pair(hidden: int, vocab: int = 8192, layers: int = 10, seed: int = 0) -> Bundle:
+    """A random E2B-shaped pair (PLE, KV sharing, sliding + full layers, clustered drafter head)."""
+    mx.random.seed(seed)
+    types = [FULL if (i + 1) % 5 == 0 else SLIDING for i in range(layers)]
+    head = max(32, hidden // 8)
+    target_args = ModelArgs(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+        num_attention_heads=8, num_key_value_heads=1, head_dim=head, global_head_dim=2 * head,
+        sliding_window=128, layer_types=types, vocab_size_per_layer_input=vocab, hidden_size_per_layer_input=32,
+        num_kv_shared_layers=layers // 2, use_double_wide_mlp=True,
+    )
+    text = ModelArgs(
+        vocab_size=vocab, hidden_size=hidden // 4, intermediate_size=hidden, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=head, global_head_dim=2 * head, sliding_window=128,
+        layer_types=[SLIDING, SLIDING, SLIDING, FULL], num_kv_shared_layers=4, hidden_size_per_layer_input=0,
+        final_logit_softcapping=None,
+    )
+    target = Model(target_args)
+    drafter = Drafter(DrafterArgs(text, hidden, True, num_centroids=64, centroid_intermediate_top_k=8))
+    drafter.masked_embedding.token_ordering = mx.random.permutation(vocab).astype(mx.int32)
+    mx.eval(target.parameters(), drafter.parameters())
+    return Bundle(target, drafter, None, {}, GenerationDefaults(), Path("."))
+
+
+def forced_proposer(bundle: Bundle, reference: list[int], rate: float, seed: int = 0):
+    """Real drafter work, but each draft is replaced by the reference token with probability `rate`."""
+    key = [mx.random.key(seed)]
+    greedy = SamplerConfig()
+
+    def propose(last, hidden, kv, position, k):
+        tokens, _ = draft(bundle.target, bundle.drafter, last, hidden, kv, position, k, greedy)
+        ref = mx.array((reference + [0] * (k + 1))[position + 1 : position + 1 + k], dtype=mx.int32)
+        key[0], sub = mx.random.split(key[0])
+        return mx.where(mx.random.uniform(shape=(k,), key=sub) < rate, ref, tokens), None
+
+    return propose
+
+
+def run(bundle: Bundle, prompt: list[int], max_tokens: int, k, proposer=None) -> tuple[float, object, list[int]]:
+    responses = list(stream_generate(bundle, prompt, max_tokens, num_draft_tokens=k, proposer=proposer))
+    last = responses[-1]
+    return last.generation_tps, last.draft, [r.token for r in responses]
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m mlx_gemma_mtp.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="target (or bundle) folder / hub id; default: a random pair")
+    p.add_argument("--draft", default=None)
+    p.add_argument("--random-hidden", type=int, default=512)
+    p.add_argument("--prompt-tokens", type=int, default=256)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--k", type=int, nargs="+", default=[1, 2, 3, 4, 6, 8])
+    p.add_argument("--force-acceptance", type=float, default=None, metavar="R")
+    args = p.parse_args(argv)
+
+    bundle = load(args.model, draft=args.draft) if args.model else random_pair(args.random_hidden)
+    if bundle.drafter is None:
+        raise SystemExit("error: the benchmark needs a drafter (--draft, or a bundle with drafter/)")
+    vocab = bundle.target.args.vocab_size
+    prompt = [(i * 7919 + 13) % vocab for i in range(args.prompt_tokens)]
+    run(bundle, prompt, 8, 0)  # warm-up
+    plain_tps, _, reference = run(bundle, prompt, args.max_tokens, 0)
+    reference = prompt + reference
+    costs = measure_costs(bundle.target, bundle.drafter, 9)
+    forced = args.force_acceptance
+    print(f"{'model':>8}: {args.model or f'random E2B-style pair, hidden {args.random_hidden}'}"
+          f" | prompt {len(prompt)} tokens | {args.max_tokens} new tokens | device {mx.default_device()}")
+    print(f"T_draft = {costs.draft_step * 1e3:.2f} ms; T_verify(T) for T=1..9 (ms): "
+          + " ".join(f"{t * 1e3:.2f}" for t in costs.verify[1:]))
+    print("T_verify(T)/T_verify(1): " + " ".join(f"{t / costs.verify[1]:.2f}" for t in costs.verify[1:]))
+    print(f"\n{'mode':<14}{'tok/s':>9}{'vs plain':>10}{'mean acc':>10}{'overhead':>10}  acceptance per position")
+    print(f"{'plain':<14}{plain_tps:>9.1f}{1.0:>10.2f}")
+    for k in args.k + ["auto"]:
+        proposer = forced_proposer(bundle, reference, forced) if forced is not None and k != "auto" else None
+        tps, stats, out = run(bundle, prompt, args.max_tokens, k, proposer)
+        overhead = ""
+        if k != "auto" and stats.rounds:
+            per_round = (args.max_tokens / tps) / stats.rounds
+            overhead = f"{per_round / (costs.verify[k + 1] + k * costs.draft_step):.2f}"
+        assert out == reference[len(prompt) :], "MTP output differs from plain decoding"
+        label = f"K={k}" + (" forced" if proposer else "")
+        acc = " ".join(f"{a:.2f}" for a in stats.acceptance_per_position)
+        print(f"{label:<14}{tps:>9.1f}{tps / plain_tps:>10.2f}{stats.mean_accepted_length:>10.2f}{overhead:>10}  {acc}")
+    print("\nall MTP outputs are identical to plain greedy decoding")
+
+
+if __name__ == "__main__":
+    main()
