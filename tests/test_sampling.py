@@ -1,0 +1,347 @@
+"""Tests for mlx_gemma_mtp.sampling: sampler config, logit filters, and the acceptance rules.
+
+The key test is a seeded Monte-Carlo check that speculative sampling (Leviathan et al. 2023) emits
+tokens with exactly the target's distribution. The chi-square p-value is computed here (regularized
+upper incomplete gamma), so the tests need only numpy.
+"""
+
+import math
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_gemma_mtp.sampling import SamplerConfig, greedy_accept, log_probs, sample, speculative_accept
+
+# ------------------------------------------------------------------------------------------------------------
+# chi-square survival function without scipy (Numerical Recipes: series for P, Lentz continued fraction for Q)
+
+
+def _gamma_q(a: float, x: float) -> float:
+    """Regularized upper incomplete gamma Q(a, x)."""
+    if x <= 0:
+        return 1.0
+    log_prefactor = -x + a * math.log(x) - math.lgamma(a)
+    if x < a + 1:
+        term = total = 1.0 / a
+        for i in range(1, 10_000):
+            term *= x / (a + i)
+            total += term
+            if abs(term) < abs(total) * 1e-15:
+                break
+        return 1.0 - total * math.exp(log_prefactor)
+    tiny = 1e-300
+    b = x + 1 - a
+    c, d = 1 / tiny, 1 / b
+    h = d
+    for i in range(1, 10_000):
+        an = -i * (i - a)
+        b += 2
+        d = an * d + b
+        d = tiny if abs(d) < tiny else d
+        c = b + an / c
+        c = tiny if abs(c) < tiny else c
+        d = 1 / d
+        h *= d * c
+        if abs(d * c - 1) < 1e-15:
+            break
+    return math.exp(log_prefactor) * h
+
+
+def chi2_pvalue(observed: np.ndarray, expected_probs: np.ndarray) -> float:
+    """Pearson chi-square goodness-of-fit p-value; zero-probability cells must be empty."""
+    observed, expected_probs = observed.ravel(), expected_probs.ravel()
+    support = expected_probs > 0
+    assert observed[~support].sum() == 0, f"mass outside the support: {observed[~support]}"
+    expected = expected_probs[support] * observed.sum()
+    stat = float(((observed[support] - expected) ** 2 / expected).sum())
+    return _gamma_q((support.sum() - 1) / 2, stat / 2)
+
+
+@pytest.mark.parametrize("x", [0.3, 1.0, 4.0, 9.0, 25.0])
+def test_chi2_helper_matches_closed_forms(x):
+    assert _gamma_q(1.0, x / 2) == pytest.approx(math.exp(-x / 2), rel=1e-10)  # df = 2
+    assert _gamma_q(0.5, x / 2) == pytest.approx(math.erfc(math.sqrt(x / 2)), rel=1e-9)  # df = 1
+    assert _gamma_q(2.5, 11.070497693516351 / 2) == pytest.approx(0.05, rel=1e-6)  # df = 5, 95% quantile
+
+
+# ------------------------------------------------------------------------------------------------------------
+# SamplerConfig
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("temperature", -0.1), ("temperature", float("nan")), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -1),
+     ("min_p", -0.1), ("min_p", 1.0)],
+)
+def test_config_rejects_bad_values(field, value):
+    with pytest.raises(ValueError, match=rf"{field}={value!r}"):
+        SamplerConfig(**{field: value})
+
+
+def test_config_greedy_flag():
+    assert SamplerConfig().greedy
+    assert not SamplerConfig(temperature=0.7, top_p=0.9, top_k=5, min_p=0.1, seed=3).greedy
+
+
+# ------------------------------------------------------------------------------------------------------------
+# log_probs and sample
+
+
+def _lp(probs, **cfg) -> np.ndarray:
+    out = log_probs(mx.log(mx.array(probs, mx.float32)), SamplerConfig(**{"temperature": 1.0, **cfg}))
+    assert out.dtype == mx.float32
+    return np.array(out)
+
+
+def _kept(lp: np.ndarray) -> set[int]:
+    return set(np.flatnonzero(np.isfinite(lp)).tolist())
+
+
+def _assert_normalised(lp: np.ndarray):
+    np.testing.assert_allclose(np.exp(lp).sum(-1), 1.0, atol=1e-5)
+
+
+def test_log_probs_requires_temperature():
+    with pytest.raises(ValueError, match="temperature"):
+        log_probs(mx.zeros((4,)), SamplerConfig())
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16])
+def test_temperature_scaling(dtype):
+    logits = np.array([[1.0, 2.0, 3.0, -1.0], [0.0, 0.5, 0.25, 4.0]], np.float32)
+    out = log_probs(mx.array(logits).astype(dtype), SamplerConfig(temperature=2.0))
+    assert out.dtype == mx.float32 and out.shape == logits.shape
+    x = logits / 2.0
+    expected = x - np.log(np.exp(x).sum(-1, keepdims=True))
+    np.testing.assert_allclose(np.array(out), expected, atol=2e-2 if dtype != mx.float32 else 1e-6)
+
+
+def test_top_k_keeps_exactly_k():
+    logits = np.random.default_rng(0).normal(size=(2, 3, 17)).astype(np.float32)
+    out = np.array(log_probs(mx.array(logits), SamplerConfig(temperature=1.0, top_k=4)))
+    _assert_normalised(out)
+    for row_logits, row in zip(logits.reshape(-1, 17), out.reshape(-1, 17)):
+        top = np.argsort(-row_logits)[:4]
+        assert _kept(row) == set(top.tolist())
+        e = np.exp(row_logits[top])
+        np.testing.assert_allclose(np.exp(row[top]), e / e.sum(), rtol=1e-5)
+    assert _kept(_lp([0.1, 0.2, 0.7], top_k=10)) == {0, 1, 2}  # k >= V is a no-op
+
+
+@pytest.mark.parametrize("top_p, kept", [(0.45, {2}), (0.75, {2, 0}), (0.81, {2, 0, 3}), (1.0, {0, 1, 2, 3})])
+def test_top_p_keeps_minimal_nucleus(top_p, kept):
+    out = _lp([0.3, 0.05, 0.5, 0.15], top_p=top_p)  # sorted: 2 (0.5), 0 (0.3), 3 (0.15), 1 (0.05)
+    assert _kept(out) == kept
+    _assert_normalised(out)
+
+
+@pytest.mark.parametrize("min_p, kept", [(0.2, {0, 1, 2}), (0.5, {0, 1}), (0.9, {0})])
+def test_min_p_relative_to_max(min_p, kept):
+    out = _lp([0.5, 0.3, 0.15, 0.05], min_p=min_p)  # threshold = min_p * 0.5
+    assert _kept(out) == kept
+    _assert_normalised(out)
+
+
+def test_filters_apply_in_order_with_renormalisation():
+    # After top-k=2 the top token has mass 4/7 > 0.5, so top-p=0.5 then keeps only it (HF order).
+    out = _lp([0.4, 0.3, 0.2, 0.1], top_k=2, top_p=0.5)
+    assert _kept(out) == {0}
+    np.testing.assert_allclose(out[0], 0.0, atol=1e-6)
+
+
+def test_sample_is_seeded_and_respects_support():
+    lp = mx.broadcast_to(mx.log(mx.array([0.2, 0.0, 0.5, 0.3])), (20_000, 4))
+    a, b = sample(lp, mx.random.key(1)), sample(lp, mx.random.key(1))
+    assert a.dtype == mx.int32 and a.shape == (20_000,)
+    assert mx.array_equal(a, b) and not mx.array_equal(a, sample(lp, mx.random.key(2)))
+    counts = np.bincount(np.array(a), minlength=4)
+    assert counts[1] == 0
+    assert chi2_pvalue(counts, np.array([0.2, 0.0, 0.5, 0.3])) > 0.01
+
+
+# ------------------------------------------------------------------------------------------------------------
+# greedy_accept
+
+
+def _onehot_logits(argmaxes, vocab=6):
+    logits = np.zeros((len(argmaxes), vocab), np.float32)
+    logits[np.arange(len(argmaxes)), argmaxes] = 5.0
+    return mx.array(logits)
+
+
+@pytest.mark.parametrize(
+    "drafts, n_expected",
+    # all accepted, none, partial, and a later match after a mismatch (ignored)
+    [([2, 0, 4], 3), ([5, 0, 4], 0), ([2, 0, 3], 2), ([2, 1, 4], 1)],
+)
+def test_greedy_accept(drafts, n_expected):
+    target = [2, 0, 4, 1]
+    n, tokens = greedy_accept(_onehot_logits(target), mx.array(drafts))
+    assert n.shape == () and n.dtype == mx.int32 and tokens.dtype == mx.int32 and tokens.shape == (4,)
+    n, tokens = n.item(), tokens.tolist()
+    assert n == n_expected
+    assert tokens[:n] == drafts[:n] and tokens[n] == target[n]
+
+
+def test_greedy_accept_k0_and_batch():
+    n, tokens = greedy_accept(_onehot_logits([3]), mx.zeros((0,), mx.int32))
+    assert n.item() == 0 and tokens.tolist() == [3]
+    logits = mx.stack([_onehot_logits([2, 0, 4]), _onehot_logits([1, 1, 1])])
+    n, tokens = greedy_accept(logits, mx.array([[2, 0], [1, 5]]))
+    assert n.tolist() == [2, 1] and tokens[:, 0].tolist() == [2, 1]
+
+
+def test_accept_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="shape mismatch"):
+        greedy_accept(mx.zeros((3, 6)), mx.zeros((3,), mx.int32))
+    with pytest.raises(ValueError, match="shape mismatch"):
+        speculative_accept(mx.zeros((4, 6)), mx.zeros((3, 5)), mx.zeros((3,), mx.int32))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# speculative_accept: edge cases
+
+V, K = 6, 3
+
+
+def _log(rows) -> mx.array:
+    return mx.log(mx.array(np.asarray(rows, np.float32)))
+
+
+def test_speculative_k0_samples_target():
+    p = np.array([0.1, 0.0, 0.4, 0.2, 0.3, 0.0])
+    n, tokens = speculative_accept(
+        mx.broadcast_to(_log([p]), (20_000, 1, V)), mx.zeros((20_000, 0, V)), mx.zeros((20_000, 0), mx.int32),
+        mx.random.key(0),
+    )
+    assert n.shape == (20_000,) and tokens.shape == (20_000, 1) and not n.any().item()
+    assert chi2_pvalue(np.bincount(np.array(tokens[:, 0]), minlength=V), p) > 0.01
+
+
+def test_speculative_zero_probability_drafts():
+    p = _log([[0.5, 0.5, 0, 0, 0, 0]] * 2)  # (K+1=2, V)
+    q = _log([[0.0, 0.5, 0.5, 0, 0, 0]])  # q(0) = 0 < p(0); p(2) = 0 < q(2)
+    for seed in range(20):
+        n, tokens = speculative_accept(p, q, mx.array([0]), mx.random.key(seed))  # q(d) = 0, p(d) > 0: accept
+        assert n.item() == 1
+        n, tokens = speculative_accept(p, q, mx.array([2]), mx.random.key(seed))  # p(d) = 0: always reject
+        assert n.item() == 0 and tokens[0].item() == 0  # residual max(p - q, 0) has mass only on token 0
+
+
+def test_speculative_p_equals_q_accepts_all_and_is_finite():
+    rows = np.random.default_rng(1).dirichlet(np.ones(V), size=K + 1).astype(np.float32)
+    lp = _log(rows)
+    n, tokens = speculative_accept(lp, lp[:K], mx.array([1, 2, 3]), mx.random.key(0))
+    assert n.item() == K and tokens[:K].tolist() == [1, 2, 3] and 0 <= tokens[K].item() < V
+
+
+def test_speculative_is_reproducible_and_global_rng_works():
+    p, q = _log(P_ROWS[: K + 1]), _log(Q_ROWS[:K])
+    d = sample(mx.broadcast_to(q, (64, K, V)), mx.random.key(5))
+    p, q = mx.broadcast_to(p, (64, K + 1, V)), mx.broadcast_to(q, (64, K, V))
+    a, b, c = (speculative_accept(p, q, d, mx.random.key(s)) for s in (7, 7, 8))
+    assert mx.array_equal(a[0], b[0]) and mx.array_equal(a[1], b[1])
+    assert not (mx.array_equal(a[0], c[0]) and mx.array_equal(a[1], c[1]))
+    n, tokens = speculative_accept(p, q, d)  # key=None: MLX's global RNG
+    assert n.shape == (64,) and tokens.shape == (64, K + 1)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# speculative_accept: exactness Monte-Carlo
+#
+# Target and draft rows depend only on the absolute position (not on the context), so the emitted stream
+# must be independent draws from P_ROWS[0], P_ROWS[1], ... The rows include q = 0 where p > 0 and vice versa.
+
+P_ROWS = np.array(
+    [
+        [0.30, 0.25, 0.20, 0.15, 0.10, 0.00],
+        [0.05, 0.40, 0.00, 0.25, 0.10, 0.20],
+        [0.10, 0.10, 0.30, 0.00, 0.20, 0.30],
+        [0.25, 0.00, 0.25, 0.25, 0.25, 0.00],
+        [0.15, 0.15, 0.20, 0.20, 0.15, 0.15],
+        [0.10, 0.30, 0.10, 0.30, 0.00, 0.20],
+        [0.20, 0.20, 0.20, 0.20, 0.10, 0.10],
+    ]
+)
+Q_ROWS = np.array(
+    [
+        [0.10, 0.00, 0.40, 0.20, 0.05, 0.25],
+        [0.30, 0.30, 0.10, 0.00, 0.10, 0.20],
+        [0.00, 0.20, 0.30, 0.30, 0.20, 0.00],
+        [0.25, 0.25, 0.25, 0.25, 0.00, 0.00],
+        [0.50, 0.00, 0.00, 0.20, 0.20, 0.10],
+        [0.10, 0.10, 0.10, 0.10, 0.30, 0.30],
+    ]
+)
+N_RUNS, STREAM_LEN = 100_000, 4
+
+
+def _simulate_stream(seed: int):
+    """Speculative rounds until every run emitted STREAM_LEN tokens.
+
+    Returns (stream (N, STREAM_LEN), n of the first round (N,), drafts of the first round (N, K)).
+    """
+    log_p, log_q = _log(P_ROWS), _log(Q_ROWS)
+    stream = np.full((N_RUNS, STREAM_LEN + K + 1), -1, np.int64)
+    pos = np.zeros(N_RUNS, np.int64)
+    first = None
+    for round_key in mx.random.split(mx.random.key(seed), STREAM_LEN):  # every round emits >= 1 token
+        key_draft, key_accept = mx.random.split(round_key)
+        start = np.minimum(pos, STREAM_LEN - 1)  # finished runs keep drawing in range; their output is unused
+        rows = mx.array(start[:, None] + np.arange(K + 1))  # (N, K+1) absolute positions of the verify rows
+        target, draft_lp = log_p[rows], log_q[rows[:, :K]]  # (N, K+1, V), (N, K, V)
+        drafts = sample(draft_lp, key_draft)  # d_i ~ q_i, as the algorithm requires
+        n, tokens = speculative_accept(target, draft_lp, drafts, key_accept)
+        mx.eval(n, tokens, drafts)
+        n, tokens = np.array(n), np.array(tokens)
+        for i in range(K + 1):  # write tokens[:n+1] at pos..pos+n
+            emit = (i <= n) & (pos + i < stream.shape[1])
+            stream[emit, pos[emit] + i] = tokens[emit, i]
+        first = first or (n, np.array(drafts))
+        pos = pos + n + 1
+    assert (pos >= STREAM_LEN).all()
+    return stream[:, :STREAM_LEN], *first
+
+
+@pytest.fixture(scope="module")
+def stream_run():
+    return _simulate_stream(seed=0)
+
+
+def test_first_token_distribution_is_target(stream_run):
+    stream, _, _ = stream_run
+    assert chi2_pvalue(np.bincount(stream[:, 0], minlength=V), P_ROWS[0]) > 0.01
+
+
+def test_first_two_tokens_joint_is_product_of_targets(stream_run):
+    stream, _, _ = stream_run
+    joint = np.bincount(stream[:, 0] * V + stream[:, 1], minlength=V * V)
+    assert chi2_pvalue(joint, np.outer(P_ROWS[0], P_ROWS[1])) > 0.01
+
+
+@pytest.mark.parametrize("position", [2, 3])
+def test_later_token_marginals_are_target(stream_run, position):
+    stream, _, _ = stream_run
+    assert chi2_pvalue(np.bincount(stream[:, position], minlength=V), P_ROWS[position]) > 0.01
+
+
+def test_acceptance_rate_matches_theory_and_beats_exact_match(stream_run):
+    _, n, drafts = stream_run
+    alpha = np.minimum(P_ROWS[:K], Q_ROWS[:K]).sum(-1)  # Leviathan: P(accept d_i | reached) = sum min(p, q)
+    rate = (n >= 1).mean()
+    assert abs(rate - alpha[0]) < 0.01, (rate, alpha[0])
+    expected_n = sum(np.prod(alpha[: i + 1]) for i in range(K))
+    assert abs(n.mean() - expected_n) < 0.02, (n.mean(), expected_n)
+
+    # The naive exact rule "sample x ~ p, accept iff x == d" accepts with probability sum p * q only.
+    x = np.array(sample(mx.broadcast_to(_log(P_ROWS[:1]), (N_RUNS, V)), mx.random.key(123)))
+    naive_rate = (x == drafts[:, 0]).mean()
+    naive_theory = (P_ROWS[0] * Q_ROWS[0]).sum()
+    assert abs(naive_rate - naive_theory) < 0.01, (naive_rate, naive_theory)
+    assert rate > naive_rate and alpha[0] >= naive_theory
+    print(
+        f"first-draft acceptance: speculative {rate:.4f} (theory {alpha[0]:.4f}), "
+        f"exact-match {naive_rate:.4f} (theory {naive_theory:.4f}); "
+        f"mean accepted {n.mean():.4f} (theory {expected_n:.4f})"
+    )
