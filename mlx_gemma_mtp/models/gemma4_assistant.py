@@ -88,7 +88,8 @@ class Drafter(nn.Module):
             )
 
     def __call__(
-        self, embeds: mx.array, hidden: mx.array, shared_kv: dict[str, KV], position: int
+        self, embeds: mx.array, hidden: mx.array, shared_kv: dict[str, KV], position: int,
+        masks: dict[str, mx.array] | None = None,
     ) -> tuple[mx.array, mx.array]:
         """One draft step.
 
@@ -97,15 +98,18 @@ class Drafter(nn.Module):
             hidden: target post-norm hidden (first step) or the previous step's `next_hidden`, (B, 1, H).
             shared_kv: {layer type: (K, V)} of the target's producer layers, only the visible entries, all at
                 positions <= `position`.
-            position: the round's constant RoPE position of the query.
+            position: the round's constant RoPE position of the query (of the first row when T > 1).
+            masks: {layer type: (T, S) bool} for T > 1 query rows at positions position.. (drafter training:
+                every row sees its own window); decoding passes None.
 
         Returns:
             (next_hidden (B, 1, H), y (B, 1, Hd)); pass `y` to `top_token`, `logits` or `candidates`.
         """
         x = self.pre_projection(mx.concatenate([embeds, hidden], axis=-1))  # embedding first (pitfall 17)
-        for i, layer in enumerate(self.model.layers):
-            k, v = shared_kv[self.args.text.layer_types[i]]
-            x, _ = layer(x, None, position, None, (k, v, 0))  # keys 0.. all precede the query: no mask
+        for layer, layer_type in zip(self.model.layers, self.args.text.layer_types):
+            k, v = shared_kv[layer_type]
+            mask = None if masks is None else masks[layer_type]
+            x, _ = layer(x, None, position, None, (k, v, 0), mask)  # decoding: all keys precede the query
         y = self.model.norm(x)
         return self.post_projection(y), y
 

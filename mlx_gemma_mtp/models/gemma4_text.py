@@ -85,8 +85,12 @@ class Attention(nn.Module):
         v = self.v_norm(v_raw).transpose(0, 2, 1, 3)
         return k, v
 
-    def __call__(self, x, offset: int, cache: KVCache | None = None, shared: tuple | None = None):
-        """Returns (output, (keys, values, k_start)): what this layer attended to, for consumers/the drafter."""
+    def __call__(self, x, offset: int, cache: KVCache | None = None, shared: tuple | None = None,
+                 explicit_mask: mx.array | None = None):
+        """Returns (output, (keys, values, k_start)): what this layer attended to, for consumers/the drafter.
+
+        `explicit_mask` (T, S) replaces the causal/window mask (drafter training attends per-row windows).
+        """
         B, T, _ = x.shape
         q = self.q_norm(self.q_proj(x).reshape(B, T, self.n_heads, self.head_dim))
         q = self.rope(q.transpose(0, 2, 1, 3), offset=offset)  # (B, n_heads, T, d)
@@ -98,7 +102,9 @@ class Attention(nn.Module):
                 k_start = cache.start
             shared = (k, v, k_start)
         k, v, k_start = shared
-        mask = attention_mask(offset, T, k_start, k.shape[2], self.window)
+        mask = explicit_mask
+        if mask is None:
+            mask = attention_mask(offset, T, k_start, k.shape[2], self.window)
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)  # scale 1.0: pitfall 2
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, T, -1)), shared
 
@@ -183,8 +189,8 @@ class DecoderLayer(nn.Module):
             y = self.post_feedforward_layernorm_1(y) + self.post_feedforward_layernorm_2(moe)
         return self.post_feedforward_layernorm(y)
 
-    def __call__(self, x, per_layer_input, offset, cache=None, shared=None):
-        a, shared = self.self_attn(self.input_layernorm(x), offset, cache, shared)
+    def __call__(self, x, per_layer_input, offset, cache=None, shared=None, explicit_mask=None):
+        a, shared = self.self_attn(self.input_layernorm(x), offset, cache, shared, explicit_mask)
         x = x + self.post_attention_layernorm(a)
         x = x + self.feed_forward(x)
         if per_layer_input is not None:
