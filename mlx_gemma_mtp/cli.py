@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .convert import add_convert_parser, add_eval_quant_parser
 from .sampling import SamplerConfig
 
 
@@ -73,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mlx-gemma-mtp", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     add_generate_parser(sub)
+    add_convert_parser(sub)
+    add_eval_quant_parser(sub)
     args = parser.parse_args(argv)
     try:
         args.func(args)

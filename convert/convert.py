@@ -1,0 +1,363 @@
+"""HF Gemma 4 checkpoint (+ MTP drafter) -> one MLX bundle folder, streamed tensor by tensor.
+
+Reference: mlx-lm `convert.py` / `utils.py: save_model, quantize_model` (sharded safetensors with an index,
+`config["quantization"]` with per-path overrides); spec §6. Keys go through the loader's own `sanitize`
+(`Model.sanitize`, `Drafter.sanitize`), so the bundle holds exactly the names `load` expects. Tensors are read
+lazily one at a time, cast/quantized with `mx.quantize` and appended to output shards capped at
+`max_shard_size` (convert/shards.py): peak memory is about one tensor plus its output, never a whole shard or
+model. Vision/audio towers are never read. Everything is written to a temporary folder next to the output and
+renamed into place only on success.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shutil
+import sys
+import tempfile
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from ..load import DRAFTER_DIR, load_safetensors, read_config, resolve, safetensors_files, safetensors_header
+from ..models.config import ModelArgs
+from ..models.gemma4_assistant import Drafter, DrafterArgs
+from ..models.gemma4_text import Model, canonical_key
+from .quantize import (
+    DTYPES,
+    RECIPES,
+    SUPPORTED_BITS,
+    SUPPORTED_GROUP_SIZES,
+    Plan,
+    apply_plan,
+    check_options,
+    drafter_plan,
+    quantizable_modules,
+    quantization_config,
+    target_plan,
+    transform,
+)
+from .shards import ShardWriter
+
+DEFAULT_MAX_SHARD_BYTES = 2 * 10**9
+COPY_PATTERNS = (
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template*",
+    "*.jinja",
+    "generation_config.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+)
+
+
+@dataclass
+class Source:
+    """A validated checkpoint: its folder, config, lazily-initialised module tree and weight files."""
+
+    path: Path
+    config: dict
+    module: nn.Module  # never evaluated: gives names, shapes, module types and `sanitize`
+    files: list[Path]
+    keep: Callable[[str], bool]
+
+
+def _args(path: Path, config: dict, parse):
+    if "quantization" in config or "quantization_config" in config:
+        raise ValueError(
+            f"{path / 'config.json'}: the checkpoint is already quantized; convert from the "
+            "original (bf16/float) Hugging Face checkpoint"
+        )
+    try:
+        return parse(config)
+    except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"{path / 'config.json'}: {e}") from e
+
+
+def target_source(path: Path) -> Source:
+    """Validate a Gemma 4 target checkpoint without reading tensor data."""
+    config = read_config(path)
+    if config.get("model_type") == "gemma4_assistant":
+        raise ValueError(
+            f"{path} holds a Gemma 4 drafter; pass its target as hf_path and this as draft_hf_path"
+        )
+    model = Model(_args(path, config, ModelArgs.from_dict))
+    source = Source(path, config, model, safetensors_files(path), lambda k: canonical_key(k) is not None)
+    check_weights(source)
+    return source
+
+
+def drafter_source(path: Path, target_args: ModelArgs) -> Source:
+    """Validate a `gemma4_assistant` checkpoint and that it matches the target."""
+    config = read_config(path)
+    args = _args(path, config, DrafterArgs.from_dict)
+    try:
+        args.validate_against(target_args)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
+    source = Source(path, config, Drafter(args), safetensors_files(path), lambda k: True)
+    check_weights(source)
+    return source
+
+
+def _expected_shapes(module: nn.Module) -> dict[str, tuple]:
+    return {k: tuple(v.shape) for k, v in tree_flatten(module.parameters())}
+
+
+def _shape_mismatch(where: Path, got: dict[str, tuple], expected: dict[str, tuple]) -> None:
+    missing = sorted(expected.keys() - got.keys())
+    unexpected = sorted(got.keys() - expected.keys())
+    wrong = [
+        f"{k} {got[k]} (config wants {expected[k]})"
+        for k in sorted(got.keys() & expected.keys())
+        if got[k] != expected[k]
+    ]
+    problems = [
+        f"{name}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
+        for name, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+        if keys
+    ]
+    if problems:
+        raise ValueError(f"{where}: weights do not match config.json ({'; '.join(problems)})")
+
+
+def check_weights(source: Source) -> None:
+    """Headers only: every shard is readable and the sanitized names/shapes are exactly the model's."""
+    got = {}
+    for file in source.files:
+        for name, info in safetensors_header(file).items():
+            if name == "__metadata__" or not source.keep(name):
+                continue
+            # lazy placeholders: sanitize runs on shapes, no tensor data is read or allocated
+            placeholder = mx.zeros(info["shape"])
+            got.update({k: tuple(v.shape) for k, v in source.module.sanitize({name: placeholder}).items()})
+    _shape_mismatch(source.path, got, _expected_shapes(source.module))
+
+
+def stream_weights(source: Source, folder: Path, plan: Plan, dtype: mx.Dtype, max_shard_size: int) -> int:
+    """Read, sanitize, cast/quantize and write the source's tensors one at a time; returns bytes written."""
+    quantizable = set(quantizable_modules(source.module))
+    with ShardWriter(folder, max_shard_size) as writer:
+        for file in source.files:
+            lazy = load_safetensors([file], source.keep)  # tensor data is read when evaluated
+            for name in list(lazy):
+                # pop: an evaluated array held here would keep its data, growing to the whole shard
+                for key, w in source.module.sanitize({name: lazy.pop(name)}).items():
+                    writer.add(transform(key, w, plan, quantizable, dtype))
+                mx.clear_cache()  # return freed buffers to the system: peak stays at about one tensor
+        return writer.finish()
+
+
+def verify_written(folder: Path, module: nn.Module, plan: Plan) -> None:
+    """The written names and shapes are exactly what `load` builds from the config (quantized as planned)."""
+    apply_plan(module, plan)  # lazy: only shapes are used
+    got = {}
+    for file in safetensors_files(folder):
+        got.update({k: tuple(v["shape"]) for k, v in safetensors_header(file).items() if k != "__metadata__"})
+    _shape_mismatch(folder, got, _expected_shapes(module))
+
+
+def output_config(config: dict, dtype: str, quantization: dict | None) -> dict:
+    """The source config with the output dtype and, when quantized, mlx-lm's `quantization` entry."""
+    config = copy.deepcopy(config)
+    for section in (config, config.get("text_config")):
+        for key in ("dtype", "torch_dtype"):
+            if isinstance(section, dict) and key in section:
+                section[key] = dtype
+    if quantization is not None:
+        config["quantization"] = config["quantization_config"] = quantization
+    return config
+
+
+def copy_support_files(src: Path, dst: Path) -> None:
+    """Tokenizer, chat template and generation config (hub snapshots hold symlinks: copy their targets)."""
+    for pattern in COPY_PATTERNS:
+        for file in src.glob(pattern):
+            if file.is_file() and not (dst / file.name).exists():
+                shutil.copyfile(file, dst / file.name)
+
+
+def write_part(
+    source: Source, folder: Path, plan: Plan, quantization: dict | None, dtype: str, max_shard_size: int
+) -> None:
+    """One model (target or drafter) into `folder`: shards + index, verified; then config, support files."""
+    folder.mkdir(exist_ok=True)
+    total = stream_weights(source, folder, plan, DTYPES[dtype], max_shard_size)
+    verify_written(folder, source.module, plan)
+    config = output_config(source.config, dtype, quantization)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    copy_support_files(source.path, folder)
+    bits = {b for _, b in plan.values()}
+    print(
+        f"[convert] {'drafter' if isinstance(source.module, Drafter) else 'target'} {source.path}: "
+        f"{total / 1e6:.1f} MB written, {len(plan)} layers quantized"
+        f"{f' ({sorted(bits)} bits)' if bits else ''}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def _check_output(out: Path, force: bool, sources: list[Path]) -> None:
+    for src in sources:
+        if out == src.resolve() or out in src.resolve().parents:
+            raise ValueError(
+                f"mlx_path {out} would overwrite the source checkpoint {src}; choose another folder"
+            )
+    if out.exists() and not force:
+        raise ValueError(f"{out} already exists; pass --force (force=True) to replace it")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} exists and is not a folder; remove it or choose another mlx_path")
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Move the finished bundle into place; an existing `out` is removed only once the new one is there."""
+    if not out.exists():
+        tmp.rename(out)
+        return
+    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+    out.rename(old)
+    try:
+        tmp.rename(out)
+    except BaseException:
+        old.rename(out)
+        raise
+    shutil.rmtree(old)
+
+
+def convert(
+    hf_path: str | Path,
+    mlx_path: str | Path,
+    draft_hf_path: str | Path | None = None,
+    quantize: bool = False,
+    q_bits: int = 4,
+    q_group_size: int = 64,
+    recipe: str = "mixed",
+    draft_q_bits: int | None = None,
+    dtype: str = "bfloat16",
+    force: bool = False,
+    report: bool = False,
+    max_shard_size: int = DEFAULT_MAX_SHARD_BYTES,
+) -> Path:
+    """Convert a Hugging Face Gemma 4 checkpoint (and its MTP drafter) into an MLX bundle folder.
+
+    Args:
+        hf_path: local folder or hub id of the target (`gemma4` or `gemma4_text`).
+        mlx_path: output folder; refused when it exists unless `force`, replaced only after success.
+        draft_hf_path: folder or hub id of the `gemma4_assistant` drafter; default `hf_path/drafter` if any.
+        quantize: quantize the target with `q_bits` / `q_group_size` by `recipe` ("uniform" or "mixed").
+        draft_q_bits: quantize the drafter too (default: keep it in `dtype`).
+        dtype: float type of the non-quantized weights ("bfloat16", "float16", "float32").
+        report: afterwards, measure KL / top-1 / MTP acceptance against the source (`quality_report.json`).
+        max_shard_size: cap in bytes of each written safetensors shard.
+
+    Returns:
+        The bundle folder, loadable with `mlx_gemma_mtp.load`.
+    """
+    check_options(q_bits, q_group_size, recipe, dtype, draft_q_bits)
+    if max_shard_size < 1:
+        raise ValueError(f"max_shard_size={max_shard_size}: must be a positive number of bytes")
+    out = Path(mlx_path).expanduser().resolve()
+    if out.exists() and not force:  # fail fast, before any download
+        _check_output(out, force, [])
+    target = target_source(resolve(hf_path))
+    draft_path = resolve(draft_hf_path) if draft_hf_path is not None else target.path / DRAFTER_DIR
+    has_drafter = draft_hf_path is not None or draft_path.is_dir()
+    drafter = drafter_source(draft_path, target.module.args) if has_drafter else None
+    if draft_q_bits is not None and drafter is None:
+        raise ValueError(
+            f"draft_q_bits={draft_q_bits} but {target.path} has no {DRAFTER_DIR}/; pass draft_hf_path"
+        )
+    _check_output(out, force, [target.path] + ([drafter.path] if drafter else []))
+
+    t_plan = target_plan(target.module, recipe, q_bits, q_group_size) if quantize else {}
+    d_plan = drafter_plan(drafter.module, draft_q_bits, q_group_size) if draft_q_bits else {}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        write_part(
+            target,
+            tmp,
+            t_plan,
+            quantization_config(t_plan, q_bits, q_group_size) if quantize else None,
+            dtype,
+            max_shard_size,
+        )
+        if drafter is not None:
+            d_quant = quantization_config(d_plan, draft_q_bits, q_group_size) if draft_q_bits else None
+            write_part(drafter, tmp / DRAFTER_DIR, d_plan, d_quant, dtype, max_shard_size)
+        _replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if report:
+        from .report import format_report, quality_report
+
+        print(format_report(quality_report(out, target.path)))
+    return out
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """`convert`'s options; names equal `convert()`'s keyword arguments."""
+    p.add_argument("--hf-path", required=True, help="local folder or hub id of the Gemma 4 target")
+    p.add_argument(
+        "--draft-hf-path",
+        default=None,
+        help=f"folder or hub id of the gemma4_assistant drafter (default: HF_PATH/{DRAFTER_DIR} if any)",
+    )
+    p.add_argument("--mlx-path", required=True, help="output bundle folder")
+    p.add_argument("-q", "--quantize", action="store_true", help="quantize the target")
+    p.add_argument(
+        "--q-bits", type=int, default=4, help=f"bits per weight, one of {SUPPORTED_BITS} (default 4)"
+    )
+    p.add_argument(
+        "--q-group-size", type=int, default=64, help=f"one of {SUPPORTED_GROUP_SIZES} (default 64)"
+    )
+    p.add_argument(
+        "--recipe",
+        default="mixed",
+        help=f"one of {RECIPES}: mixed keeps embedding, PLE, edge layers' V/down at 8 bits (default)",
+    )
+    p.add_argument(
+        "--draft-q-bits", type=int, default=None, help="quantize the drafter (default: keep it float)"
+    )
+    p.add_argument("--dtype", default="bfloat16", help=f"type of unquantized weights, one of {tuple(DTYPES)}")
+    p.add_argument("--force", action="store_true", help="replace MLX_PATH if it exists (after success)")
+    p.add_argument(
+        "--report", action="store_true", help="write quality_report.json (KL, top-1, MTP acceptance)"
+    )
+
+
+def run_convert(args: argparse.Namespace) -> None:
+    convert(**{k: v for k, v in vars(args).items() if k not in ("func", "command")})
+
+
+def add_convert_parser(sub) -> None:
+    """Register `mlx-gemma-mtp convert`."""
+    p = sub.add_parser(
+        "convert", help="convert a Hugging Face Gemma 4 checkpoint (+ drafter) to an MLX bundle"
+    )
+    add_arguments(p)
+    p.set_defaults(func=run_convert)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m mlx_gemma_mtp.convert`: the same options as `mlx-gemma-mtp convert`."""
+    parser = argparse.ArgumentParser(
+        prog="python -m mlx_gemma_mtp.convert", description="Convert a Gemma 4 checkpoint (+ drafter) to MLX."
+    )
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        run_convert(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
