@@ -1,0 +1,285 @@
+"""The menu-bar app's worker: one background thread owns the model; jobs go in, small messages come out.
+
+No rumps or AppKit here, so all of it runs (and is tested) on Linux. The UI thread puts jobs on `jobs` with
+`submit`, drains `results` on a timer, and stops a generation by setting `cancel`: the worker checks it after
+every streamed response and then closes the generator, so no further draft/verify round runs. Loading,
+generating and freeing all happen on this one thread (MLX streams are per thread). Any failure comes back as
+an `Error` message with its traceback; the thread then serves the next job.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import queue
+import re
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+
+import mlx_gemma_mtp as mtp
+
+# --- jobs (UI -> worker) ---
+
+
+@dataclass(frozen=True)
+class Select:
+    """Use the model in `path` from now on (a new chat); it loads now if `preload`, else on the next Ask."""
+
+    path: str
+    preload: bool = False
+
+
+@dataclass(frozen=True)
+class Ask:
+    """One chat turn: the whole conversation so far plus `prompt` goes to the model."""
+
+    prompt: str
+    max_tokens: int = 512
+    temperature: float = 0.0
+    num_draft_tokens: int | str | None = "auto"  # as stream_generate takes it
+
+
+@dataclass(frozen=True)
+class NewChat:
+    pass
+
+
+@dataclass(frozen=True)
+class Unload:
+    pass
+
+
+@dataclass(frozen=True)
+class Convert:
+    """Convert an HF checkpoint (hub id or folder), with an optional drafter, into `out_dir`."""
+
+    source: str
+    out_dir: str
+    draft: str | None = None
+    quantize: bool = False
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    pass
+
+
+# --- messages (worker -> UI) ---
+
+
+@dataclass(frozen=True)
+class Progress:
+    text: str
+
+
+@dataclass(frozen=True)
+class Loaded:
+    path: str
+    has_drafter: bool
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Unloaded:
+    pass
+
+
+@dataclass(frozen=True)
+class Chunk:
+    text: str  # new text since the previous chunk (may be empty while the detokenizer waits)
+    generation_tokens: int
+    generation_tps: float
+
+
+@dataclass(frozen=True)
+class RunStats:
+    finish_reason: str  # "stop", "length" or "cancelled"
+    prompt_tokens: int = 0
+    prompt_tps: float = 0.0
+    generation_tokens: int = 0
+    generation_tps: float = 0.0
+    peak_memory: float = 0.0  # GB
+    draft: mtp.DraftStats | None = None  # a snapshot; None when decoding was plain
+
+    def headline(self) -> str:
+        return f"{self.finish_reason}: {self.generation_tokens} tokens, {self.generation_tps:.1f} tok/s"
+
+    def summary(self) -> str:
+        lines = [self.headline(),
+                 f"Prompt: {self.prompt_tokens} tokens at {self.prompt_tps:.1f} tok/s",
+                 f"Peak memory: {self.peak_memory:.2f} GB"]
+        if self.draft is None:
+            return "\n".join(lines + ["Speculative decoding: off"])
+        d = self.draft
+        per_position = "  ".join(f"{i + 1}: {a:.0%}" for i, a in enumerate(d.acceptance_per_position)) or "-"
+        return "\n".join(lines + [f"MTP rounds: {d.rounds}, drafted {d.drafted}, "
+                                  + f"accepted {d.accepted} ({d.acceptance_rate:.0%})",
+                                  f"Mean accepted length: {d.mean_accepted_length:.2f} drafts per round",
+                                  f"Acceptance per draft position: {per_position}"])
+
+
+@dataclass(frozen=True)
+class Done:
+    text: str  # the whole answer
+    stats: RunStats
+
+    @property
+    def cancelled(self) -> bool:
+        return self.stats.finish_reason == "cancelled"
+
+
+@dataclass(frozen=True)
+class Converted:
+    path: str
+
+
+@dataclass(frozen=True)
+class Error:
+    message: str  # one readable line for an alert
+    details: str  # the traceback text
+    job: str = ""  # the failed job's class name ("Ask", "Select", ...)
+
+
+def _stats(r: mtp.GenerationResponse | None, finish_reason: str) -> RunStats:
+    if r is None:
+        return RunStats(finish_reason)
+    return RunStats(finish_reason, r.prompt_tokens, r.prompt_tps, r.generation_tokens, r.generation_tps,
+                    r.peak_memory, copy.deepcopy(r.draft))
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def parse_convert_request(text: str, models_folder: str | Path) -> Convert:
+    """Parse "owner/model [owner/drafter] [--quantize]" (hub ids or local folders) into a Convert job."""
+    words = text.split()
+    quantize = "--quantize" in words
+    names = [w for w in words if w != "--quantize"]
+    if not 1 <= len(names) <= 2:
+        raise ValueError(f"{text!r}: expected 'owner/model', optionally a drafter id after it and --quantize")
+    for name in names:
+        if not (HUB_ID.match(name) or Path(name).expanduser().is_dir()):
+            raise ValueError(f"{name!r} is neither a hub id of the form 'owner/name' nor an existing folder")
+    stem = Path(names[0].rstrip("/")).name + ("-mlx-q" if quantize else "-mlx")
+    draft = names[1] if len(names) > 1 else None
+    return Convert(names[0], str(Path(models_folder).expanduser() / stem), draft, quantize)
+
+
+class Worker:
+    """Owns the model on one daemon thread. Use `submit(job)`, read `results`, set `cancel` to stop."""
+
+    def __init__(self, results: queue.Queue | None = None):
+        self.jobs: queue.Queue = queue.Queue()
+        self.results: queue.Queue = results if results is not None else queue.Queue()
+        self.cancel = threading.Event()
+        self.bundle: mtp.Bundle | None = None
+        self.path: str | None = None
+        self.history: list[dict] = []  # chat messages, re-sent each turn
+        self._thread = threading.Thread(target=self._run, name="mlx-gemma-mtp-worker", daemon=True)
+
+    def start(self) -> Worker:
+        self._thread.start()
+        return self
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def submit(self, job) -> None:
+        if isinstance(job, Ask):
+            self.cancel.clear()  # a Stop pressed after this point cancels this job
+        self.jobs.put(job)
+
+    def stop(self, timeout: float = 2.0) -> None:
+        self.cancel.set()
+        self.jobs.put(Shutdown())
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        handlers = {Select: self._select, Ask: self._ask, NewChat: self._new_chat, Unload: self._unload,
+                    Convert: self._convert}
+        while not isinstance(job := self.jobs.get(), Shutdown):
+            try:
+                handlers[type(job)](job)
+            except Exception as e:  # reported to the user; the thread lives on for the next job
+                message = str(e) or type(e).__name__
+                self.results.put(Error(message, traceback.format_exc(), type(job).__name__))
+        self.bundle = None  # the process or this worker is going away: no collection needed
+
+    def _free(self) -> None:
+        if self.bundle is not None:
+            self.bundle = None
+            gc.collect()  # the model's arrays go now, not at some later collection
+        mx.clear_cache()
+
+    def _ensure_loaded(self) -> mtp.Bundle:
+        if self.bundle is None:
+            if self.path is None:
+                raise ValueError("No model selected: pick one in Model ▸ (or Add Folder…).")
+            self.results.put(Progress(f"Loading {Path(self.path).name}…"))
+            tic = time.perf_counter()
+            try:
+                self.bundle = mtp.load(self.path)
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise RuntimeError(f"Could not load {Path(self.path).name}: {e}") from e
+            self.results.put(Loaded(self.path, self.bundle.drafter is not None, time.perf_counter() - tic))
+        return self.bundle
+
+    def _select(self, job: Select) -> None:
+        path = str(Path(job.path).expanduser())
+        if path != self.path:
+            self._free()
+            self.path, self.history = path, []
+        if job.preload:
+            self._ensure_loaded()
+
+    def _new_chat(self, _job: NewChat) -> None:
+        self.history = []
+
+    def _unload(self, _job: Unload) -> None:
+        self._free()
+        self.results.put(Unloaded())
+
+    def _sampler(self, bundle: mtp.Bundle, temperature: float) -> mtp.SamplerConfig:
+        if temperature == 0:
+            return mtp.SamplerConfig()
+        gen = bundle.generation  # the checkpoint authors' top-p / top-k go with sampling
+        return mtp.SamplerConfig(temperature=temperature, top_p=gen.top_p or 1.0, top_k=gen.top_k or 0)
+
+    def _ask(self, job: Ask) -> None:
+        bundle = self._ensure_loaded()
+        k = job.num_draft_tokens
+        if isinstance(k, int) and k > 0 and bundle.drafter is None:
+            raise ValueError(f"{self.path} has no drafter/ folder: choose Speculative ▸ Auto or Off.")
+        messages = self.history + [{"role": "user", "content": job.prompt}]
+        pieces, last = [], None
+        cancelled = self.cancel.is_set()  # Stop may have been pressed while the model loaded
+        if not cancelled:
+            stream = mtp.stream_generate(bundle, messages, max_tokens=job.max_tokens,
+                                         sampler=self._sampler(bundle, job.temperature), num_draft_tokens=k)
+            try:
+                for r in stream:
+                    if cancelled := self.cancel.is_set():
+                        break
+                    last = r
+                    pieces.append(r.text)
+                    self.results.put(Chunk(r.text, r.generation_tokens, r.generation_tps))
+            finally:
+                stream.close()  # no further draft/verify round runs
+        finish = "cancelled" if cancelled or last is None else last.finish_reason
+        answer = "".join(pieces)
+        if finish != "cancelled" or answer:  # a stopped answer stays in the chat as far as it was shown
+            self.history = messages + [{"role": "assistant", "content": answer}]
+        self.results.put(Done(answer, _stats(last, finish)))
+
+    def _convert(self, job: Convert) -> None:
+        from mlx_gemma_mtp.convert import convert  # imported only when used
+
+        what = job.source + (f" with drafter {job.draft}" if job.draft else "")
+        self.results.put(Progress(f"Converting {what}…"))
+        convert(job.source, job.out_dir, draft_hf_path=job.draft, quantize=job.quantize)
+        self.results.put(Converted(job.out_dir))

@@ -1,0 +1,204 @@
+"""The menu-bar app's worker thread, driven through its queues with a tiny real bundle written by the test."""
+
+from __future__ import annotations
+
+import queue
+import shutil
+
+import pytest
+
+import mlx_gemma_mtp
+from apps.menubar.worker import (
+    Ask,
+    Chunk,
+    Convert,
+    Converted,
+    Done,
+    Error,
+    Loaded,
+    NewChat,
+    Progress,
+    Select,
+    Unload,
+    Unloaded,
+    Worker,
+    parse_convert_request,
+)
+
+TIMEOUT = 60
+
+
+def collect(worker: Worker, until=(Done, Error, Unloaded, Converted)) -> list:
+    """Messages up to and including the first one of a type in `until`."""
+    out = []
+    while True:
+        out.append(worker.results.get(timeout=TIMEOUT))
+        if isinstance(out[-1], until):
+            return out
+
+
+@pytest.fixture
+def bundle_dir(pair_dir):
+    return pair_dir("e2b", True, "text")[0]
+
+
+@pytest.fixture
+def worker():
+    w = Worker().start()
+    yield w
+    w.stop()
+    assert not w.is_alive()
+
+
+@pytest.mark.parametrize("num_draft_tokens", [2, 0])
+def test_job_streams_chunks_in_order_then_done(worker, bundle_dir, num_draft_tokens):
+    worker.submit(Select(str(bundle_dir)))
+    worker.submit(Ask("Hello", max_tokens=12, num_draft_tokens=num_draft_tokens))
+    messages = collect(worker)
+    assert isinstance(messages[0], Progress) and isinstance(messages[1], Loaded)  # loaded lazily, on the Ask
+    assert messages[1].has_drafter
+    chunks, done = messages[2:-1], messages[-1]
+    assert all(isinstance(m, Chunk) for m in chunks) and isinstance(done, Done)
+    assert [c.generation_tokens for c in chunks] == list(range(1, len(chunks) + 1))
+    # the streamed text is exactly what the library generates for the same chat
+    expected = mlx_gemma_mtp.generate(mlx_gemma_mtp.load(bundle_dir), [{"role": "user", "content": "Hello"}],
+                                      max_tokens=12, num_draft_tokens=num_draft_tokens)
+    assert "".join(c.text for c in chunks) == done.text == expected
+    stats = done.stats
+    assert stats.finish_reason in ("stop", "length") and not done.cancelled
+    assert stats.generation_tokens == len(chunks) and stats.prompt_tokens > 0
+    if num_draft_tokens:
+        assert stats.draft is not None and stats.draft.rounds > 0
+        assert len(stats.draft.acceptance_per_position) == num_draft_tokens
+        assert "Acceptance per draft position: 1:" in stats.summary()
+    else:
+        assert stats.draft is None and "off" in stats.summary()
+
+
+def test_chat_history_is_resent_each_turn(worker, bundle_dir):
+    worker.submit(Select(str(bundle_dir)))
+    worker.submit(Ask("Hello", max_tokens=4, num_draft_tokens=0))
+    first = collect(worker)[-1]
+    worker.submit(Ask("And then?", max_tokens=4, num_draft_tokens=0))
+    second = collect(worker)[-1]
+    assert [m["role"] for m in worker.history] == ["user", "assistant", "user", "assistant"]
+    assert worker.history[1]["content"] == first.text and worker.history[3]["content"] == second.text
+    assert second.stats.prompt_tokens > first.stats.prompt_tokens
+    worker.submit(NewChat())
+    worker.submit(Ask("Hello", max_tokens=4, num_draft_tokens=0))
+    assert collect(worker)[-1].stats.prompt_tokens == first.stats.prompt_tokens
+
+
+class CancelAfterFirstChunk(queue.Queue):
+    """Sets the cancel event the moment the first Chunk is queued (once): a deterministic mid-stream Stop."""
+
+    cancel = None
+
+    def put(self, item, block=True, timeout=None):
+        super().put(item, block, timeout)
+        if isinstance(item, Chunk) and self.cancel is not None:
+            self.cancel.set()
+            self.cancel = None
+
+
+@pytest.mark.parametrize("num_draft_tokens", [3, 0])
+def test_cancel_mid_stream_stops_within_a_round(bundle_dir, num_draft_tokens):
+    results = CancelAfterFirstChunk()
+    worker = Worker(results).start()
+    try:
+        worker.submit(Select(str(bundle_dir), preload=True))
+        assert isinstance(collect(worker, until=(Loaded, Error))[-1], Loaded)
+        results.cancel = worker.cancel
+        worker.submit(Ask("Hello", max_tokens=150, num_draft_tokens=num_draft_tokens))
+        messages = collect(worker)
+        chunks, done = [m for m in messages if isinstance(m, Chunk)], messages[-1]
+        assert isinstance(done, Done) and done.cancelled and done.stats.finish_reason == "cancelled"
+        # the response after the Stop is not passed on and the generator is closed: no further round runs
+        assert len(chunks) == 1 and done.stats.generation_tokens == 1 and done.text == chunks[0].text
+        # a later job is not cancelled by the earlier Stop
+        worker.submit(Ask("Hello", max_tokens=3, num_draft_tokens=num_draft_tokens))
+        done = collect(worker)[-1]
+        assert isinstance(done, Done) and not done.cancelled
+    finally:
+        worker.stop()
+
+
+def test_cancel_before_generation_starts(worker, bundle_dir):
+    worker.submit(Select(str(bundle_dir), preload=True))
+    collect(worker, until=(Loaded,))
+    worker.submit(Ask("Hello", max_tokens=50))
+    worker.cancel.set()  # Stop pressed while the job waited (or the model loaded)
+    done = collect(worker)[-1]
+    assert isinstance(done, Done) and done.cancelled and done.stats.generation_tokens == 0
+    assert worker.history == []  # nothing was said, so the turn is dropped
+
+
+@pytest.mark.parametrize("breakage", ["empty", "corrupt_config"])
+def test_broken_bundle_gives_error_and_the_thread_serves_the_next_job(worker, bundle_dir, tmp_path, breakage):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    if breakage == "corrupt_config":
+        (broken / "config.json").write_text("{not json")
+    worker.submit(Select(str(broken), preload=True))
+    error = collect(worker, until=(Error, Loaded))[-1]
+    assert isinstance(error, Error) and str(broken) in error.message and "config.json" in error.message
+    assert "Traceback" in error.details and error.job == "Select"
+    assert worker.is_alive() and worker.bundle is None
+    worker.submit(Ask("Hello", max_tokens=2))  # the broken model fails again, as an Error, on the Ask
+    assert isinstance(collect(worker)[-1], Error)
+    worker.submit(Select(str(bundle_dir)))
+    worker.submit(Ask("Hello", max_tokens=2))
+    assert isinstance(collect(worker)[-1], Done)
+
+
+def test_on_without_drafter_and_no_model_are_errors(worker, tmp_path, bundle_dir):
+    worker.submit(Ask("Hello"))
+    assert "No model selected" in collect(worker)[-1].message
+    plain = tmp_path / "plain"
+    shutil.copytree(bundle_dir, plain, ignore=shutil.ignore_patterns("drafter"))
+    worker.submit(Select(str(plain)))
+    worker.submit(Ask("Hello", max_tokens=2, num_draft_tokens=3))
+    assert "no drafter" in collect(worker)[-1].message
+    worker.submit(Ask("Hello", max_tokens=2, num_draft_tokens="auto"))  # auto falls back to plain decoding
+    done = collect(worker)[-1]
+    assert isinstance(done, Done) and done.stats.draft is None
+
+
+def test_unload_frees_the_model(worker, bundle_dir):
+    worker.submit(Select(str(bundle_dir), preload=True))
+    collect(worker, until=(Loaded,))
+    assert worker.bundle is not None
+    worker.submit(Unload())
+    assert isinstance(collect(worker)[-1], Unloaded)
+    assert worker.bundle is None
+    worker.submit(Ask("Hello", max_tokens=2))  # reloads lazily
+    kinds = [type(m) for m in collect(worker)]
+    assert Loaded in kinds and kinds[-1] is Done
+
+
+def test_convert_runs_the_converter_in_the_worker(worker, bundle_dir, tmp_path):
+    job = parse_convert_request(f"{bundle_dir} --quantize", tmp_path)  # a local HF folder works like a hub id
+    assert job == Convert(str(bundle_dir), str(tmp_path / f"{bundle_dir.name}-mlx-q"), None, True)
+    worker.submit(job)
+    messages = collect(worker)
+    assert isinstance(messages[0], Progress) and messages[-1] == Converted(job.out_dir)
+    worker.submit(Select(job.out_dir))
+    worker.submit(Ask("Hello", max_tokens=4, num_draft_tokens=2))
+    done = collect(worker)[-1]
+    assert isinstance(done, Done) and done.stats.draft is not None  # the bundle kept its drafter
+    worker.submit(job)  # the converter refuses to overwrite: an Error, and the worker lives on
+    error = collect(worker)[-1]
+    assert isinstance(error, Error) and error.job == "Convert" and job.out_dir in error.message
+    assert worker.is_alive()
+
+
+def test_parse_convert_request(tmp_path):
+    job = parse_convert_request("google/gemma-4-E2B-it google/gemma-4-E2B-it-assistant", tmp_path)
+    assert job == Convert("google/gemma-4-E2B-it", str(tmp_path / "gemma-4-E2B-it-mlx"),
+                          "google/gemma-4-E2B-it-assistant", False)
+
+
+@pytest.mark.parametrize("text", ["", "gemma", "a/b c/d e/f", "not a/hub id"])
+def test_parse_convert_request_rejects_bad_input(text, tmp_path):
+    with pytest.raises(ValueError):
+        parse_convert_request(text, tmp_path)
