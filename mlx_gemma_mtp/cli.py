@@ -7,6 +7,7 @@ import sys
 
 from .convert import add_convert_parser, add_eval_quant_parser
 from .sampling import SamplerConfig
+from .train_drafter import add_train_drafter_parser
 
 
 def _draft_tokens(value: str) -> int | str:
@@ -76,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     add_generate_parser(sub)
     add_convert_parser(sub)
     add_eval_quant_parser(sub)
+    add_train_drafter_parser(sub)
     args = parser.parse_args(argv)
     try:
         args.func(args)
