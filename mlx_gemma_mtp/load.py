@@ -107,7 +107,10 @@ def safetensors_header(file: Path) -> dict:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{file}: corrupt safetensors header ({e})") from e
-    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    try:  # valid JSON of the wrong shape is corrupt too
+        end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
+    except (AttributeError, KeyError, TypeError, IndexError, ValueError) as e:
+        raise ValueError(f"{file}: corrupt safetensors header (bad tensor entry: {e!r})") from e
     if 8 + n + end > size:
         raise ValueError(f"{file}: truncated, tensor data ends at {8 + n + end} bytes but the file has {size}")
     return header
@@ -119,7 +122,10 @@ def load_safetensors(files: list[Path], keep: Callable[[str], bool] = lambda k: 
     for file in files:
         names = [k for k in safetensors_header(file) if k != "__metadata__" and keep(k)]
         if names:
-            data = mx.load(str(file))
+            try:
+                data = mx.load(str(file))
+            except RuntimeError as e:  # MLX's own checks (dtype, shape vs data offsets)
+                raise ValueError(f"{file}: corrupt safetensors file ({e})") from e
             weights.update({k: data[k] for k in names})
     return weights
 
@@ -187,7 +193,10 @@ def load_drafter(path: Path, target_args: ModelArgs, dtype: mx.Dtype | None = No
 
 def read_generation_defaults(path: Path, config: dict) -> GenerationDefaults:
     file = path / "generation_config.json"
-    gen = json.loads(file.read_text()) if file.is_file() else {}
+    try:
+        gen = json.loads(file.read_text()) if file.is_file() else {}
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file} is not valid JSON: {e}") from e
     eos = gen.get("eos_token_id", config.get("eos_token_id", config.get("text_config", {}).get("eos_token_id")))
     eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
     return GenerationDefaults(eos, gen.get("temperature"), gen.get("top_p"), gen.get("top_k"))

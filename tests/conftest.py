@@ -64,3 +64,36 @@ def pair_dir(tmp_path_factory):
         return made[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def hf_target():
+    """Factory: kind -> the float32 HF text model (seed 0) that `target_dir` saves (the parity reference)."""
+    made = {}
+
+    def get(kind: str = "e2b"):
+        if kind not in made:
+            made[kind] = oracle.make_target(kind, seed=0, layout="text")
+        return made[kind]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def target_dir(tmp_path_factory, hf_target):
+    """Factory: (kind, layout, max_shard_size) -> folder with a saved HF target (no drafter, no tokenizer).
+
+    The text weights do not depend on the layout, so `hf_target(kind)` is the reference for every folder.
+    """
+    made = {}
+
+    def get(kind: str = "e2b", layout: str = "text", max_shard_size: str | None = "50KB") -> Path:
+        key = (kind, layout, max_shard_size)
+        if key not in made:
+            model = hf_target(kind) if layout == "text" else oracle.make_target(kind, seed=0, layout=layout)
+            path = tmp_path_factory.mktemp(f"target-{kind}-{layout}")
+            oracle.save_target(model, str(path), max_shard_size=max_shard_size)
+            made[key] = path
+        return made[key]
+
+    return get
