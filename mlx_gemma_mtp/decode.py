@@ -69,14 +69,19 @@ def _prompt_ids(bundle: Bundle, prompt: Prompt) -> list[int]:
         if bundle.tokenizer is None:
             raise ValueError(f"{bundle.path} has no tokenizer files; pass the prompt as a list of token ids")
         if isinstance(prompt, str):
-            return bundle.tokenizer.encode(prompt)
-        return list(bundle.tokenizer.apply_chat_template(prompt, add_generation_prompt=True))
-    if not prompt or not all(isinstance(t, int) for t in prompt):
+            ids = list(bundle.tokenizer.encode(prompt))
+        else:
+            ids = list(bundle.tokenizer.apply_chat_template(prompt, add_generation_prompt=True))
+    elif prompt and all(isinstance(t, int) for t in prompt):
+        ids = list(prompt)
+    else:
         raise ValueError("prompt must be a non-empty string, list of chat messages or list of token ids")
+    if not ids:
+        raise ValueError("the prompt encodes to no tokens")
     vocab = bundle.target.args.vocab_size
-    if bad := [t for t in prompt if not 0 <= t < vocab]:
-        raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
-    return list(prompt)
+    if bad := [t for t in ids if not 0 <= t < vocab]:  # the tokenizer must fit the model too
+        raise ValueError(f"prompt token ids {bad[:5]} are outside the model's vocabulary [0, {vocab})")
+    return ids
 
 
 def _tokens(bundle, ids, max_tokens, sampler, num_draft_tokens, stats, prefill_step_size, proposer) -> Iterator:

@@ -202,7 +202,7 @@ def test_bad_draft_requests(pair):
         tokens(bundle(target), PROMPT, num_draft_tokens=3)
     with pytest.raises(ValueError, match="num_draft_tokens"):
         tokens(bundle(target, drafter), PROMPT, num_draft_tokens=99)
-    with pytest.raises(ValueError, match="outside the vocabulary"):
+    with pytest.raises(ValueError, match="outside the model.s vocabulary"):
         tokens(bundle(target, drafter), [VOCAB + 5])
 
 
