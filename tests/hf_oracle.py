@@ -54,9 +54,8 @@ DEFAULT_ROPE_PARAMETERS = {
 # Released targets stop on <eos>=1 and <end_of_turn>=106 (spec §5.4); 106 fits in the toy vocab of 256.
 EOS_TOKEN_IDS = [1, 106]
 
-# --- KV-sharing patch (spec §9.1-9.3) -----------------------------------------------------------------------
+# --- KV-sharing patch (spec §9.1-9.3); HF's original property is kept for tests of its defects -------------
 
-# HF 5.23.0's property, kept for tests that demonstrate its defects.
 HF_KV_SHARING_MODES = Gemma4TextConfig.__dict__["kv_sharing_modes"]
 
 
@@ -113,7 +112,7 @@ _COMMON_TEXT = {
     "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2, "dtype": "float32",
 }
 _NO_PLE = {"hidden_size_per_layer_input": 0, "vocab_size_per_layer_input": 0}
-_PLE = {"hidden_size_per_layer_input": 8, "vocab_size_per_layer_input": 256, "attention_k_eq_v": False}
+_PLE = {"hidden_size_per_layer_input": 16, "vocab_size_per_layer_input": 256, "attention_k_eq_v": False}
 _K_EQ_V = {"num_key_value_heads": 2, "num_global_key_value_heads": 1, "attention_k_eq_v": True,
            "num_kv_shared_layers": 0, **_NO_PLE}
 _KIND_TEXT = {
@@ -192,9 +191,10 @@ def _global_attention_keys(text_cfg) -> dict:
 # Embedding std relative to 1/sqrt(H): with larger values the current token's own embedding dominates the tied
 # LM head and greedy decoding collapses into repeating tokens (tuned: >= 13 distinct of 48 for every kind).
 EMBED_STD_FACTOR = 0.15
-# Gain on the final norm weight: rescales all logits uniformly (greedy order unchanged) so that they reach
-# ~10, where softcapping (30 * tanh(x / 30)) is clearly non-linear but not saturated.
-FINAL_NORM_GAIN = 16.0
+# Gain on the final norm weight: rescales all logits uniformly (greedy order unchanged) to max ~4, where
+# softcapping (30 * tanh(x / 30)) moves them by ~0.02 (far above fp32 noise) without saturating; larger logits
+# only scale up the absolute fp32 differences that parity tests bound (1e-4).
+FINAL_NORM_GAIN = 6.0
 
 
 @torch.no_grad()
