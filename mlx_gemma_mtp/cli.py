@@ -10,6 +10,9 @@ from .sampling import SamplerConfig
 from .train_drafter import add_train_drafter_parser
 
 
+DEMO_PROMPT = 'import os\n\n\ndef walk_files(top):\n    """Yield the path of every file under top."""\n'
+
+
 def _draft_tokens(value: str) -> int | str:
     if value == "auto":
         return value
@@ -21,9 +24,10 @@ def _draft_tokens(value: str) -> int | str:
 
 def add_generate_parser(sub) -> None:
     p = sub.add_parser("generate", help="generate text from a Gemma 4 checkpoint (MTP when a drafter is given)")
-    p.add_argument("--model", required=True, help="local folder or hub id of a Gemma 4 checkpoint or bundle")
+    p.add_argument("--model", default=None,
+                   help="local folder or hub id of a Gemma 4 checkpoint or bundle (default: the offline demo pair)")
     p.add_argument("--draft", default=None, help="folder or hub id of the matching gemma4_assistant drafter")
-    p.add_argument("--prompt", default="Write a haiku about speculative decoding.")
+    p.add_argument("--prompt", default=None, help="default: a question, or a code prefix for the demo pair")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--temp", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=None, help="default: the checkpoint's generation_config")
@@ -53,7 +57,16 @@ def format_stats(r) -> str:
 def run_generate(args) -> None:
     from . import load, stream_generate
 
-    bundle = load(args.model, draft=args.draft)
+    model = args.model
+    if model is None:
+        from .demo import demo_path
+
+        model = demo_path()
+        args.prompt = args.prompt or DEMO_PROMPT
+        print(f"Running the offline demo pair (a small Gemma 4-architecture model trained on Python's standard "
+              f"library, with its MTP drafter). For a real Gemma 4: --model google/gemma-4-E2B-it "
+              f"--draft google/gemma-4-E2B-it-assistant", file=sys.stderr)
+    bundle = load(model, draft=args.draft)
     defaults = bundle.generation
     sampler = SamplerConfig(
         temperature=args.temp,
@@ -62,6 +75,7 @@ def run_generate(args) -> None:
         min_p=args.min_p,
         seed=args.seed,
     )
+    args.prompt = args.prompt or "Write a haiku about speculative decoding."
     use_chat = not args.no_chat_template and bundle.tokenizer is not None and bundle.tokenizer.has_chat_template
     prompt = [{"role": "user", "content": args.prompt}] if use_chat else args.prompt
     last = None
