@@ -43,7 +43,9 @@ def _timed(fn: Callable[[], mx.array], reps: int = 5) -> float:
 
 def measure_costs(target: Model, drafter: Drafter, max_tokens: int, context: int = 128) -> DraftCosts:
     """Time a drafter step and target verifies of 1..max_tokens tokens after a `context`-token prefix."""
-    key = (id(target), id(drafter), max_tokens, str(mx.default_device()))
+    # costs depend on the shapes, dtypes and the device, not on the weights' values
+    dtypes = (target.model.embed_tokens.weight.dtype, drafter.pre_projection.weight.dtype)
+    key = (repr(target.args), repr(drafter.args), str(dtypes), max_tokens, str(mx.default_device()))
     if key in _COSTS:
         return _COSTS[key]
     ids = mx.arange(context + 1) % target.args.vocab_size

@@ -57,16 +57,16 @@ def format_stats(r) -> str:
 def run_generate(args) -> None:
     from . import load, stream_generate
 
-    model = args.model
+    model, dtype = args.model, None
     if model is None:
-        from .demo import demo_path
+        from .demo import demo_dtype, demo_path
 
-        model = demo_path()
+        model, dtype = demo_path(), demo_dtype()
         args.prompt = args.prompt or DEMO_PROMPT
         print(f"Running the offline demo pair (a small Gemma 4-architecture model trained on Python's standard "
               f"library, with its MTP drafter). For a real Gemma 4: --model google/gemma-4-E2B-it "
               f"--draft google/gemma-4-E2B-it-assistant", file=sys.stderr)
-    bundle = load(model, draft=args.draft)
+    bundle = load(model, draft=args.draft, dtype=dtype)
     defaults = bundle.generation
     sampler = SamplerConfig(
         temperature=args.temp,

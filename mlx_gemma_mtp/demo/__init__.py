@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import mlx.core as mx
+
 PAIR_DIR = Path(__file__).parent / "pair"
 
 
@@ -16,3 +18,8 @@ def demo_path() -> Path:
             "or pass --model with a Gemma 4 checkpoint"
         )
     return PAIR_DIR
+
+
+def demo_dtype() -> mx.Dtype | None:
+    """The demo ships float16 weights; MLX's CPU backend has no fast half-precision matmul, so use float32 there."""
+    return mx.float32 if mx.default_device().type == mx.cpu else None

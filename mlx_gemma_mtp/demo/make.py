@@ -25,6 +25,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten
 
+from ..load import load
 from ..models.config import FULL, SLIDING, ModelArgs
 from ..models.gemma4_text import Model
 
@@ -200,7 +201,7 @@ def distill(out: Path, train_files: list[Path], a) -> None:
         seed=a.seed,
     )
     try:
-        train_drafter(out, corpus, out / "drafter", config=config)
+        train_drafter(load(out, dtype=mx.float32), corpus, out / "drafter", config=config)
     finally:
         corpus.unlink()
         shutil.rmtree(out / "drafter.checkpoints", ignore_errors=True)
