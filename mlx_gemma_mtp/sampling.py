@@ -30,6 +30,9 @@ class SamplerConfig:
     top_k: int = 0
     min_p: float = 0.0
     seed: int | None = None
+    # T > 0 acceptance of drafts: "leviathan" (min(1, p/q), residual resampling; accepts sum min(p, q)) or
+    # "match" (the target samples its own token, a draft is kept iff equal; mlx-lm/mlx-vlm's rule, for comparison)
+    speculative_rule: str = "leviathan"
 
     def __post_init__(self):
         checks = (
@@ -38,6 +41,8 @@ class SamplerConfig:
             ("top_k", self.top_k, self.top_k >= 0, ">= 0 (0 disables it)"),
             ("min_p", self.min_p, 0 <= self.min_p < 1, "in [0, 1) (0 disables it)"),
         )
+        checks += (("speculative_rule", self.speculative_rule, self.speculative_rule in ("leviathan", "match"),
+                    "'leviathan' or 'match'"),)
         for name, value, ok, rule in checks:
             if not ok:  # NaN fails every comparison, so it is rejected too
                 raise ValueError(f"SamplerConfig.{name}={value!r} is invalid; it must be {rule}.")
@@ -186,3 +191,15 @@ def speculative_accept(
     drafts = mx.concatenate([d, resampled[..., k:]], axis=-1)
     tokens = mx.where(mx.arange(k + 1) < n[..., None], drafts, resampled)
     return n, tokens
+
+
+def match_accept(target_logprobs: mx.array, draft_tokens: mx.array, key: mx.array | None = None):
+    """The exact-match rule: the target samples a token at every verify row; drafts are kept while equal to it.
+
+    Exact as well (every emitted token is a target sample) but accepts only sum_v p(v) q(v) per draft, never more
+    than `speculative_accept`'s sum_v min(p(v), q(v)). Same shapes and return value as `greedy_accept`.
+    """
+    _check_shapes(target_logprobs, draft_tokens)
+    target = sample(target_logprobs, key)  # (..., K+1)
+    n = _accepted_prefix(draft_tokens.astype(mx.int32) == target[..., :-1])
+    return n, target

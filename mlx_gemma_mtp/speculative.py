@@ -20,7 +20,7 @@ from .cache import trim_cache
 from .models.config import SLIDING
 from .models.gemma4_assistant import Drafter
 from .models.gemma4_text import KV, Model, TargetOutput
-from .sampling import SamplerConfig, greedy_accept, log_probs, sample, speculative_accept
+from .sampling import SamplerConfig, greedy_accept, log_probs, match_accept, sample, speculative_accept
 
 # Drafter query position = position of the hidden state + DRAFT_POSITION_OFFSET. HF's convention (1: the
 # position of the token being fed, i.e. one past the last K/V entry) is the one the released assistants were
@@ -112,6 +112,8 @@ def accept(out: TargetOutput, drafts: mx.array, q: mx.array | None, sampler: Sam
         return greedy_accept(logits, drafts)
     if drafts.size == 0:
         return mx.array(0), sample(log_probs(logits, sampler))
+    if sampler.speculative_rule == "match":
+        return match_accept(log_probs(logits, sampler), drafts)
     return speculative_accept(log_probs(logits, sampler), q, drafts)
 
 

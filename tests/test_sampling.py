@@ -11,7 +11,14 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_gemma_mtp.sampling import SamplerConfig, greedy_accept, log_probs, sample, speculative_accept
+from mlx_gemma_mtp.sampling import (
+    SamplerConfig,
+    greedy_accept,
+    log_probs,
+    match_accept,
+    sample,
+    speculative_accept,
+)
 
 # ------------------------------------------------------------------------------------------------------------
 # chi-square survival function without scipy (Numerical Recipes: series for P, Lentz continued fraction for Q)
@@ -345,3 +352,20 @@ def test_acceptance_rate_matches_theory_and_beats_exact_match(stream_run):
         f"exact-match {naive_rate:.4f} (theory {naive_theory:.4f}); "
         f"mean accepted {n.mean():.4f} (theory {expected_n:.4f})"
     )
+
+
+def test_match_accept_is_the_exact_match_rule():
+    """`match_accept` keeps drafts while they equal the target's own samples: first token ~ p_0, acceptance
+    sum p*q (below Leviathan's sum min(p, q) on the same rows)."""
+    n_runs = 50_000
+    log_p, log_q = _log(P_ROWS[: K + 1]), _log(Q_ROWS[:K])
+    key_draft, key_accept = mx.random.split(mx.random.key(7))
+    drafts = sample(mx.broadcast_to(log_q, (n_runs, K, V)), key_draft)
+    n, tokens = match_accept(mx.broadcast_to(log_p, (n_runs, K + 1, V)), drafts, key_accept)
+    n, tokens = np.array(n), np.array(tokens)
+    assert chi2_pvalue(np.bincount(tokens[:, 0], minlength=V), P_ROWS[0]) > 0.01
+    rate, theory = (n >= 1).mean(), (P_ROWS[0] * Q_ROWS[0]).sum()
+    assert abs(rate - theory) < 0.01, (rate, theory)
+    assert theory < np.minimum(P_ROWS[0], Q_ROWS[0]).sum()
+    with pytest.raises(ValueError, match="speculative_rule"):
+        SamplerConfig(temperature=1.0, speculative_rule="sometimes")
