@@ -12,6 +12,7 @@ marked "forced". Without `--model`, a random Gemma 4 E2B-style pair of the given
 from __future__ import annotations
 
 import argparse
+import sysconfig
 from pathlib import Path
 
 import mlx.core as mx
@@ -23,7 +24,7 @@ from .models.config import FULL, SLIDING, ModelArgs
 from .models.gemma4_assistant import Drafter, DrafterArgs
 from .models.gemma4_text import Model
 from .sampling import SamplerConfig
-from .speculative import draft
+from .speculative import DraftStats, draft
 
 
 def random_pair(hidden: int, vocab: int = 8192, layers: int = 10, seed: int = 0) -> Bundle:
@@ -64,52 +65,106 @@ def forced_proposer(bundle: Bundle, reference: list[int], rate: float, seed: int
     return propose
 
 
-def run(bundle: Bundle, prompt: list[int], max_tokens: int, k, proposer=None) -> tuple[float, object, list[int]]:
-    responses = list(stream_generate(bundle, prompt, max_tokens, num_draft_tokens=k, proposer=proposer))
-    last = responses[-1]
-    return last.generation_tps, last.draft, [r.token for r in responses]
+def run(bundle: Bundle, prompts: list[list[int]], max_tokens: int, k, sampler: SamplerConfig, proposer=None):
+    """(tokens/s over all prompts, merged DraftStats, outputs)."""
+    tokens, seconds, stats, outputs = 0, 0.0, DraftStats(), []
+    for i, prompt in enumerate(prompts):
+        propose = proposer(i) if proposer else None
+        responses = list(stream_generate(bundle, prompt, max_tokens, sampler, k, proposer=propose))
+        last = responses[-1]
+        tokens += last.generation_tokens
+        seconds += last.generation_tokens / last.generation_tps
+        stats.merge(last.draft)
+        outputs.append([r.token for r in responses])
+    return tokens / seconds, stats, outputs
+
+
+def demo_prompts(bundle: Bundle, count: int, length: int) -> list[list[int]]:
+    """Held-out stdlib files of the demo pair (never seen in training), cut to `length` tokens."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    names = (bundle.path / "held_out.txt").read_text().split()
+    prompts = []
+    for name in names:
+        ids = bundle.tokenizer.encode((root / name).read_text(encoding="utf-8", errors="replace"))
+        if len(ids) > 2 * length:
+            prompts.append(ids[length : 2 * length])  # skip the licence/docstring header
+        if len(prompts) == count:
+            break
+    return prompts
+
+
+def load_bundle(args) -> tuple[Bundle, str]:
+    if args.demo:
+        from .demo import demo_dtype, demo_path
+
+        return load(demo_path(), dtype=demo_dtype()), "demo pair (held-out stdlib code)"
+    if args.model:
+        return load(args.model, draft=args.draft), args.model
+    return random_pair(args.random_hidden), f"random E2B-style pair, hidden {args.random_hidden}"
+
+
+def print_costs(costs) -> None:
+    print(f"T_draft = {costs.draft_step * 1e3:.2f} ms; T_verify(T) for T=1..9 (ms): "
+          + " ".join(f"{t * 1e3:.2f}" for t in costs.verify[1:]))
+    print("T_verify(T)/T_verify(1): " + " ".join(f"{t / costs.verify[1]:.2f}" for t in costs.verify[1:]))
+
+
+def row(label, tps, plain_tps, stats, overhead="") -> str:
+    acc = " ".join(f"{a:.2f}" for a in stats.acceptance_per_position) if stats else ""
+    mean = f"{stats.mean_accepted_length:.2f}" if stats else ""
+    return f"{label:<22}{tps:>9.1f}{tps / plain_tps:>10.2f}{mean:>10}{overhead:>10}  {acc}"
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m mlx_gemma_mtp.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="target (or bundle) folder / hub id; default: a random pair")
     p.add_argument("--draft", default=None)
+    p.add_argument("--demo", action="store_true", help="the shipped demo pair on held-out stdlib code")
     p.add_argument("--random-hidden", type=int, default=512)
+    p.add_argument("--prompts", type=int, default=4)
     p.add_argument("--prompt-tokens", type=int, default=256)
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--k", type=int, nargs="+", default=[1, 2, 3, 4, 6, 8])
+    p.add_argument("--temp", type=float, default=0.0, help="> 0: also compares the 'match' acceptance rule")
     p.add_argument("--force-acceptance", type=float, default=None, metavar="R")
     args = p.parse_args(argv)
 
-    bundle = load(args.model, draft=args.draft) if args.model else random_pair(args.random_hidden)
+    bundle, name = load_bundle(args)
     if bundle.drafter is None:
         raise SystemExit("error: the benchmark needs a drafter (--draft, or a bundle with drafter/)")
     vocab = bundle.target.args.vocab_size
-    prompt = [(i * 7919 + 13) % vocab for i in range(args.prompt_tokens)]
-    run(bundle, prompt, 8, 0)  # warm-up
-    plain_tps, _, reference = run(bundle, prompt, args.max_tokens, 0)
-    reference = prompt + reference
+    if args.demo:
+        prompts = demo_prompts(bundle, args.prompts, args.prompt_tokens)
+    else:
+        prompts = [[(i * 7919 + 13 * j) % vocab for i in range(args.prompt_tokens)] for j in range(args.prompts)]
+    greedy = SamplerConfig()
+    sampler = SamplerConfig(temperature=args.temp, seed=0) if args.temp > 0 else greedy
+    run(bundle, prompts[:1], 8, 0, greedy)  # warm-up
+    plain_tps, _, reference = run(bundle, prompts, args.max_tokens, 0, sampler)
     costs = measure_costs(bundle.target, bundle.drafter, 9)
-    forced = args.force_acceptance
-    print(f"{'model':>8}: {args.model or f'random E2B-style pair, hidden {args.random_hidden}'}"
-          f" | prompt {len(prompt)} tokens | {args.max_tokens} new tokens | device {mx.default_device()}")
-    print(f"T_draft = {costs.draft_step * 1e3:.2f} ms; T_verify(T) for T=1..9 (ms): "
-          + " ".join(f"{t * 1e3:.2f}" for t in costs.verify[1:]))
-    print("T_verify(T)/T_verify(1): " + " ".join(f"{t / costs.verify[1]:.2f}" for t in costs.verify[1:]))
-    print(f"\n{'mode':<14}{'tok/s':>9}{'vs plain':>10}{'mean acc':>10}{'overhead':>10}  acceptance per position")
-    print(f"{'plain':<14}{plain_tps:>9.1f}{1.0:>10.2f}")
+    print(f"model: {name} | {len(prompts)} prompts x {len(prompts[0])} tokens | {args.max_tokens} new tokens | "
+          f"temperature {args.temp} | device {mx.default_device()}")
+    print_costs(costs)
+    print(f"\n{'mode':<22}{'tok/s':>9}{'vs plain':>10}{'mean acc':>10}{'overhead':>10}  acceptance per position")
+    print(f"{'plain':<22}{plain_tps:>9.1f}{1.0:>10.2f}")
+    rules = ["leviathan", "match"] if args.temp > 0 else ["greedy"]
     for k in args.k + ["auto"]:
-        proposer = forced_proposer(bundle, reference, forced) if forced is not None and k != "auto" else None
-        tps, stats, out = run(bundle, prompt, args.max_tokens, k, proposer)
-        overhead = ""
-        if k != "auto" and stats.rounds:
-            per_round = (args.max_tokens / tps) / stats.rounds
-            overhead = f"{per_round / (costs.verify[k + 1] + k * costs.draft_step):.2f}"
-        assert out == reference[len(prompt) :], "MTP output differs from plain decoding"
-        label = f"K={k}" + (" forced" if proposer else "")
-        acc = " ".join(f"{a:.2f}" for a in stats.acceptance_per_position)
-        print(f"{label:<14}{tps:>9.1f}{tps / plain_tps:>10.2f}{stats.mean_accepted_length:>10.2f}{overhead:>10}  {acc}")
-    print("\nall MTP outputs are identical to plain greedy decoding")
+        forced = args.force_acceptance is not None and k != "auto"
+        proposer = (lambda i: forced_proposer(bundle, prompts[i] + reference[i], args.force_acceptance)) if forced \
+            else None
+        for rule in rules:
+            cfg = sampler if rule == "greedy" else SamplerConfig(temperature=args.temp, seed=0, speculative_rule=rule)
+            tps, stats, outputs = run(bundle, prompts, args.max_tokens, k, cfg, proposer)
+            if cfg.greedy:
+                assert outputs == reference, "MTP output differs from plain greedy decoding"
+            overhead = ""
+            if k != "auto" and stats.rounds:
+                per_round = (sum(map(len, outputs)) / tps) / stats.rounds
+                overhead = f"{per_round / (costs.verify[k + 1] + k * costs.draft_step):.2f}"
+            label = f"K={k}" + (" forced" if forced else "") + ("" if rule == "greedy" else f" {rule}")
+            print(row(label, tps, plain_tps, stats, overhead))
+    if sampler.greedy:
+        print("\nall MTP outputs are identical to plain greedy decoding")
 
 
 if __name__ == "__main__":

@@ -63,9 +63,9 @@ def run_generate(args) -> None:
 
         model, dtype = demo_path(), demo_dtype()
         args.prompt = args.prompt or DEMO_PROMPT
-        print(f"Running the offline demo pair (a small Gemma 4-architecture model trained on Python's standard "
-              f"library, with its MTP drafter). For a real Gemma 4: --model google/gemma-4-E2B-it "
-              f"--draft google/gemma-4-E2B-it-assistant", file=sys.stderr)
+        print("Running the offline demo pair (a small Gemma 4-architecture model trained on Python's standard "
+              "library, with its MTP drafter). For a real Gemma 4: --model google/gemma-4-E2B-it "
+              "--draft google/gemma-4-E2B-it-assistant", file=sys.stderr)
     bundle = load(model, draft=args.draft, dtype=dtype)
     defaults = bundle.generation
     sampler = SamplerConfig(

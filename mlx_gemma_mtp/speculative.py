@@ -50,6 +50,20 @@ class DraftStats:
             self.drafted_per_position[i] += 1
             self.accepted_per_position[i] += i < num_accepted
 
+    def merge(self, other: DraftStats | None) -> DraftStats:
+        """Add another generation's counters (e.g. over several prompts); returns self."""
+        if other is not None:
+            self.rounds += other.rounds
+            for i, (d, a) in enumerate(zip(other.drafted_per_position, other.accepted_per_position)):
+                if i == len(self.drafted_per_position):
+                    self.drafted_per_position.append(0)
+                    self.accepted_per_position.append(0)
+                self.drafted_per_position[i] += d
+                self.accepted_per_position[i] += a
+            self.drafted += other.drafted
+            self.accepted += other.accepted
+        return self
+
     @property
     def acceptance_per_position(self) -> list[float]:
         return [a / d if d else 0.0 for a, d in zip(self.accepted_per_position, self.drafted_per_position)]

@@ -241,18 +241,6 @@ def make_optimizer(cfg: DrafterTrainConfig) -> optim.Optimizer:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _merge(total: DraftStats, stats: DraftStats) -> None:
-    total.rounds += stats.rounds
-    total.drafted += stats.drafted
-    total.accepted += stats.accepted
-    for i, (d, a) in enumerate(zip(stats.drafted_per_position, stats.accepted_per_position)):
-        if i == len(total.drafted_per_position):
-            total.drafted_per_position.append(0)
-            total.accepted_per_position.append(0)
-        total.drafted_per_position[i] += d
-        total.accepted_per_position[i] += a
-
-
 def evaluate(bundle: Bundle, drafter: Drafter, held_out: np.ndarray, cfg: DrafterTrainConfig, step: int
              ) -> EvalResult:
     """Teacher-forced loss and top-1 agreement per draft step, and acceptance of real greedy MTP decoding (the
@@ -275,7 +263,7 @@ def evaluate(bundle: Bundle, drafter: Drafter, held_out: np.ndarray, cfg: Drafte
         responses = stream_generate(with_drafter, prompt, max_tokens=cfg.eval_tokens,
                                     num_draft_tokens=min(cfg.unroll, MAX_DRAFT_TOKENS))
         *_, last = responses
-        _merge(stats, last.draft)
+        stats.merge(last.draft)
     return EvalResult(step, loss.tolist(), top1.tolist(), stats.acceptance_per_position,
                       stats.mean_accepted_length)
 
