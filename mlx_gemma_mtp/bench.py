@@ -24,7 +24,7 @@ from .models.config import FULL, SLIDING, ModelArgs
 from .models.gemma4_assistant import Drafter, DrafterArgs
 from .models.gemma4_text import Model
 from .sampling import SamplerConfig
-from .speculative import DraftStats, draft
+from .speculative import DraftStats, drafter_proposer
 
 
 def random_pair(hidden: int, vocab: int = 8192, layers: int = 10, seed: int = 0) -> Bundle:
@@ -54,10 +54,10 @@ def random_pair(hidden: int, vocab: int = 8192, layers: int = 10, seed: int = 0)
 def forced_proposer(bundle: Bundle, reference: list[int], rate: float, seed: int = 0):
     """Real drafter work, but each draft is replaced by the reference token with probability `rate`."""
     key = [mx.random.key(seed)]
-    greedy = SamplerConfig()
+    real = drafter_proposer(bundle.target, bundle.drafter, SamplerConfig())
 
     def propose(last, hidden, kv, position, k):
-        tokens, _ = draft(bundle.target, bundle.drafter, last, hidden, kv, position, k, greedy)
+        tokens, _ = real(last, hidden, kv, position, k)
         ref = mx.array((reference + [0] * (k + 1))[position + 1 : position + 1 + k], dtype=mx.int32)
         key[0], sub = mx.random.split(key[0])
         return mx.where(mx.random.uniform(shape=(k,), key=sub) < rate, ref, tokens), None

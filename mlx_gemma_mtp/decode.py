@@ -74,6 +74,8 @@ def _prompt_ids(bundle: Bundle, prompt: Prompt) -> list[int]:
             ids = list(bundle.tokenizer.apply_chat_template(prompt, add_generation_prompt=True))
     elif prompt and all(isinstance(t, int) for t in prompt):
         ids = list(prompt)
+    elif prompt and all(isinstance(t, (list, tuple)) for t in prompt):
+        raise ValueError("batch size is 1: pass one prompt (a list of token ids), not a list of prompts")
     else:
         raise ValueError("prompt must be a non-empty string, list of chat messages or list of token ids")
     if not ids:

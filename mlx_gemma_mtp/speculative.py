@@ -22,9 +22,10 @@ from .models.gemma4_assistant import Drafter
 from .models.gemma4_text import KV, Model, TargetOutput
 from .sampling import SamplerConfig, greedy_accept, log_probs, match_accept, sample, speculative_accept
 
-# Drafter query position = position of the hidden state + DRAFT_POSITION_OFFSET. HF's convention (1: the
-# position of the token being fed, i.e. one past the last K/V entry) is the one the released assistants were
-# trained and evaluated with in transformers, and the parity oracle uses it; mlx-vlm and vLLM use 0.
+# Default drafter query position = position of the hidden state + DRAFT_POSITION_OFFSET. HF's convention (1: the
+# position of the token being fed, i.e. one past the last K/V entry) is the one the released assistants ship with
+# in transformers' reference implementation, and the parity oracle uses it; mlx-vlm and vLLM use 0. Only the
+# acceptance rate depends on it (RoPE sees a uniform one-step shift); `drafter_proposer` takes either.
 DRAFT_POSITION_OFFSET = 1
 
 
@@ -131,12 +132,19 @@ def accept(out: TargetOutput, drafts: mx.array, q: mx.array | None, sampler: Sam
     return speculative_accept(log_probs(logits, sampler), q, drafts)
 
 
+# (last token, hidden, visible kv, position of the last token, K) -> (drafts (K,), q (K, V) or None)
 Proposer = Callable[[mx.array, mx.array, dict, int, int], tuple[mx.array, mx.array | None]]
 
 
-def drafter_proposer(target: Model, drafter: Drafter, sampler: SamplerConfig) -> Proposer:
-    """(last, hidden, kv, position, K) -> (drafts (K,), q (K, V) or None): the real drafter."""
-    return lambda last, hidden, kv, position, k: draft(target, drafter, last, hidden, kv, position, k, sampler)
+def drafter_proposer(target: Model, drafter: Drafter, sampler: SamplerConfig,
+                     position_offset: int = DRAFT_POSITION_OFFSET) -> Proposer:
+    """The real drafter, querying at (position of the hidden state) + `position_offset` (1: HF, 0: mlx-vlm)."""
+
+    def propose(last, hidden, kv, last_position, k):
+        position = last_position - 1 + position_offset
+        return draft(target, drafter, last, hidden, kv, position, k, sampler)
+
+    return propose
 
 
 def mtp_generate_step(
@@ -156,8 +164,7 @@ def mtp_generate_step(
     remaining = max_tokens
     while remaining > 0:
         K = max(0, min(draft_length(remaining), remaining - 1))  # never draft past the budget
-        position = cache[0].offset - 1 + DRAFT_POSITION_OFFSET
-        drafts, q = propose(last, hidden, kv, position, K)
+        drafts, q = propose(last, hidden, kv, cache[0].offset, K)  # `last` sits at the cache's offset
         out = target.forward(mx.concatenate([last, drafts])[None], cache, rows=K + 1, return_hidden=True,
                              return_shared_kv=True)
         n, tokens = accept(out, drafts, q, sampler)

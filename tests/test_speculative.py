@@ -247,3 +247,37 @@ def test_sampling_with_mtp_matches_target_distribution(pair):
     critical = dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
     assert chi2 < critical, (chi2, critical, dof)
     assert accepted > 0, "drafts must sometimes be accepted for this test to mean anything"
+
+
+def test_long_generation_rolls_back_after_sliding_eviction():
+    """Past ~512 tokens the sliding caches really evict old entries; partial rejections there stay exact."""
+    target = make_target(seed=5, layers=(SLIDING, SLIDING, FULL, SLIDING, FULL), shared=2, window=4)
+    b = bundle(target)
+    prompt = [(7 * i + 3) % VOCAB for i in range(400)]
+    plain = tokens(b, prompt, max_tokens=200, num_draft_tokens=0)
+    mixed = oracle_proposer(prompt + plain + [0] * 16, corrupt=lambda i: i % 5 == 2)
+    rs = list(stream_generate(b, prompt, max_tokens=200, num_draft_tokens=6, proposer=mixed))
+    assert [r.token for r in rs] == plain
+    assert 0 < rs[-1].draft.accepted < rs[-1].draft.drafted  # partial rejections happened
+
+
+def test_position_convention_is_a_parameter(pair, monkeypatch):
+    """Both conventions decode exactly; the drafter's query position differs by one (HF: the last token's)."""
+    import mlx_gemma_mtp.speculative as spec
+
+    target, drafter = pair
+    b = bundle(target, drafter)
+    plain = tokens(b, PROMPT, max_tokens=24, num_draft_tokens=0)
+    queried = []
+    real_draft = spec.draft
+    monkeypatch.setattr(spec, "draft", lambda *a: queried.append(a[5]) or real_draft(*a))
+    for offset in (0, 1):
+        queried.clear()
+        propose = spec.drafter_proposer(target, drafter, SamplerConfig(), position_offset=offset)
+        assert tokens(b, PROMPT, max_tokens=24, num_draft_tokens=3, proposer=propose) == plain
+        assert queried[0] == len(PROMPT) - 1 + offset  # first round: the hidden state is the last prompt token
+
+
+def test_batch_prompts_are_refused(pair):
+    with pytest.raises(ValueError, match="batch size is 1"):
+        tokens(bundle(*pair), [PROMPT, PROMPT])
