@@ -28,8 +28,8 @@ def write_tokenizer(path: Path, vocab_size: int = 256) -> None:
         "The quick brown fox jumps over the lazy dog. Hello world! " * 3,
         "for i in range(10):\n    print(i * i)\n",
     ] * 20
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    # no full byte alphabet: every id must fit the tiny models' vocabulary (bytes unseen in the corpus -> <unk>)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False)
     tok.train_from_iterator(corpus, trainer)
     path.mkdir(parents=True, exist_ok=True)
     tok.save(str(path / "tokenizer.json"))
