@@ -25,7 +25,9 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten
 
+from ..decode import stream_generate
 from ..load import load
+from ..train_drafter import DrafterTrainConfig, train_drafter
 from ..models.config import FULL, SLIDING, ModelArgs
 from ..models.gemma4_text import Model
 
@@ -153,7 +155,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--drafter-steps", type=int, default=300)
+    p.add_argument("--stage1-steps", type=int, default=200, help="drafter distillation on the corpus")
+    p.add_argument("--drafter-steps", type=int, default=300, help="drafter distillation on target continuations")
+    p.add_argument("--continuations", type=int, default=300, help="target continuations for stage 2")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true")
     p.add_argument("--target-from", type=Path, default=None,
@@ -188,23 +192,47 @@ def main(argv: list[str] | None = None) -> None:
     print(f"demo pair written to {a.out} ({size:.1f} MB) in {(time.perf_counter() - tic) / 60:.1f} min")
 
 
-def distill(out: Path, train_files: list[Path], a) -> None:
-    """Distill a 4-layer drafter with the cluster head (train_drafter) into out/drafter; no checkpoints shipped."""
-    from ..train_drafter import DrafterTrainConfig, train_drafter
+def drafter_config(a, steps: int, learning_rate: float) -> DrafterTrainConfig:
+    return DrafterTrainConfig(
+        steps=steps, batch_size=8, seq_len=128, learning_rate=learning_rate, warmup=50, unroll=4,
+        hidden_size=128, intermediate_size=512, num_attention_heads=4, ordered_embeddings=True,
+        num_centroids=64, centroid_top_k=8, eval_every=max(1, steps // 4), checkpoint_every=0, seed=a.seed,
+    )
 
+
+def distill(out: Path, train_files: list[Path], a) -> None:
+    """Distill a 4-layer drafter with the cluster head (train_drafter) into out/drafter, in two stages: on the
+    stdlib corpus, then on the target's own greedy continuations (what greedy decoding shows the drafter: a weak
+    target's continuations differ a lot from human code, and later draft steps learn from the inputs they see)."""
     corpus = out.parent / (out.name + "-corpus.txt")
     corpus.write_text("\n".join(read(train_files)))
-    config = DrafterTrainConfig(
-        steps=a.drafter_steps, batch_size=8, seq_len=128, learning_rate=2e-3, warmup=50, unroll=4,
-        hidden_size=128, intermediate_size=512, num_attention_heads=4, ordered_embeddings=True,
-        num_centroids=64, centroid_top_k=8, eval_every=max(1, a.drafter_steps // 4), checkpoint_every=0,
-        seed=a.seed,
-    )
+    own = out.parent / (out.name + "-continuations.jsonl")
+    stage1 = out / "drafter-stage1"
     try:
-        train_drafter(load(out, dtype=mx.float32), corpus, out / "drafter", config=config)
+        train_drafter(load(out, dtype=mx.float32), corpus, stage1, config=drafter_config(a, a.stage1_steps, 2e-3))
+        bundle = load(out, draft=stage1, dtype=mx.float32)
+        write_continuations(bundle, encode_corpus(out, read(train_files)), own, a.continuations, a.seed)
+        train_drafter(bundle, own, out / "drafter", init_drafter=stage1,
+                      config=drafter_config(a, a.drafter_steps, 1e-3))
     finally:
-        corpus.unlink()
-        shutil.rmtree(out / "drafter.checkpoints", ignore_errors=True)
+        for f in (corpus, own):
+            f.unlink(missing_ok=True)
+        for d in (stage1, out / "drafter-stage1.checkpoints", out / "drafter.checkpoints"):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def write_continuations(bundle, data: np.ndarray, path: Path, count: int, seed: int) -> None:
+    """`count` greedy continuations (128 tokens) of random 64-token corpus windows, as pre-tokenized JSONL.
+
+    Generated with MTP (its output is exactly the target's greedy output, only faster)."""
+    rng = np.random.default_rng(seed + 1)
+    with open(path, "w") as f:
+        for i, start in enumerate(rng.integers(0, len(data) - 64, count)):
+            prompt = data[start : start + 64].tolist()
+            new = [r.token for r in stream_generate(bundle, prompt, 128, num_draft_tokens=4)]
+            f.write(json.dumps({"tokens": prompt + new}) + "\n")
+            print(f"\rcontinuations {i + 1}/{count}", end="", flush=True)
+    print()
 
 
 if __name__ == "__main__":
