@@ -2,16 +2,23 @@
 
 Expected tokens of a round with K drafts: 1 + sum_{i<=K} prod_{j<=i} a_j, with a_j the acceptance of draft
 position j given the earlier ones were accepted (tracked online, with a prior). Cost of that round:
-T_verify(K+1) + K * T_draft, measured once per model shape, dtype and device (cached in memory) because the curve
+T_verify(K+1) + K * T_draft, measured once per model shape, dtype and device (cached in memory and in
+~/.cache/mlx_gemma_mtp/draft_costs.json, or $MLX_GEMMA_MTP_CACHE) because the curve
 differs a lot across devices and dtypes. K = 0 (plain decoding) wins when speculation does not pay; such rounds
 still probe a K > 0 now and then so that the acceptance estimates stay current.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import mlx.core as mx
 
@@ -48,6 +55,9 @@ def measure_costs(target: Model, drafter: Drafter, max_tokens: int, context: int
     key = (repr(target.args), repr(drafter.args), str(dtypes), max_tokens, str(mx.default_device()))
     if key in _COSTS:
         return _COSTS[key]
+    if (saved := _read_disk_cache().get(_disk_key(key))) is not None:
+        _COSTS[key] = DraftCosts(saved["draft_step"], saved["verify"])
+        return _COSTS[key]
     ids = mx.arange(context + 1) % target.args.vocab_size
     cache = target.make_cache(max_rollback=max_tokens)
     out = target.forward(ids[None], cache, return_hidden=True, return_shared_kv=True)
@@ -63,7 +73,40 @@ def measure_costs(target: Model, drafter: Drafter, max_tokens: int, context: int
     step = _timed(lambda: draft(target, drafter, ids[-1:], out.hidden, kv, context, 1, SamplerConfig())[0])
     costs = DraftCosts(step, [0.0] + [_timed(lambda T=T: verify(T)) for T in range(1, max_tokens + 1)])
     _COSTS[key] = costs
+    _write_disk_cache(_disk_key(key), costs)
     return costs
+
+
+def _cache_file() -> Path:
+    root = os.environ.get("MLX_GEMMA_MTP_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return Path(root) / "mlx_gemma_mtp" / "draft_costs.json"
+
+
+def _disk_key(key: tuple) -> str:
+    return hashlib.sha256(repr(key).encode()).hexdigest()
+
+
+def _read_disk_cache() -> dict:
+    """Costs measured by earlier runs on this machine; a missing or unreadable file is an empty cache."""
+    try:
+        return json.loads(_cache_file().read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        warnings.warn(f"ignoring unreadable draft-cost cache {_cache_file()}: {e}", stacklevel=2)
+        return {}
+
+
+def _write_disk_cache(key: str, costs: DraftCosts) -> None:
+    file = _cache_file()
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        entries = {**_read_disk_cache(), key: dataclasses.asdict(costs)}
+        tmp = file.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(entries))
+        tmp.replace(file)  # atomic: concurrent runs never see half a file
+    except OSError as e:  # a read-only home must not break generation; the costs stay cached in memory
+        warnings.warn(f"could not save draft costs to {file}: {e}", stacklevel=2)
 
 
 class AutoDraftLength:
@@ -73,6 +116,9 @@ class AutoDraftLength:
         self.costs, self.stats, self.max_k = costs, stats, max_k
         self.prior, self.weight = prior, weight
         self.plain_rounds = 0
+        # per-round time beyond the model work (host sync, slicing, the caller's per-token work), learned online
+        # from the wall time between calls; it favours longer drafts when rounds are cheap to verify
+        self.overhead, self._last_call, self._last_k = 0.0, None, 0
 
     def acceptance(self) -> list[float]:
         """Conditional acceptance per position, shrunk towards the prior while few rounds are seen."""
@@ -89,18 +135,30 @@ class AutoDraftLength:
         for a in acceptance[:k]:
             survive *= a
             tokens += survive
-        return tokens / (self.costs.verify[k + 1] + k * self.costs.draft_step)
+        return tokens / (self.model_cost(k) + self.overhead)
+
+    def model_cost(self, k: int) -> float:
+        return self.costs.verify[k + 1] + k * self.costs.draft_step
+
+    def _observe_round(self) -> None:
+        now = time.perf_counter()
+        if self._last_call is not None:
+            excess = now - self._last_call - self.model_cost(self._last_k)
+            self.overhead = 0.8 * self.overhead + 0.2 * max(0.0, excess)
+        self._last_call = now
 
     def best(self) -> int:
         acceptance = self.acceptance()
         return max(range(self.max_k + 1), key=lambda k: self.expected_rate(k, acceptance))
 
     def __call__(self, remaining: int) -> int:
+        self._observe_round()
         k = self.best()
         if k == 0:
             self.plain_rounds += 1
             if self.plain_rounds % PROBE_EVERY == 0:
-                return 1
+                k = 1
+        self._last_k = k
         return k
 
 

@@ -97,3 +97,17 @@ def target_dir(tmp_path_factory, hf_target):
         return made[key]
 
     return get
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cost_cache(tmp_path_factory):
+    """Keep auto draft-length cost measurements out of the user's ~/.cache during tests."""
+    import os
+
+    old = os.environ.get("MLX_GEMMA_MTP_CACHE")
+    os.environ["MLX_GEMMA_MTP_CACHE"] = str(tmp_path_factory.mktemp("cost-cache"))
+    yield
+    if old is None:
+        os.environ.pop("MLX_GEMMA_MTP_CACHE")
+    else:
+        os.environ["MLX_GEMMA_MTP_CACHE"] = old

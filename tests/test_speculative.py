@@ -281,3 +281,21 @@ def test_position_convention_is_a_parameter(pair, monkeypatch):
 def test_batch_prompts_are_refused(pair):
     with pytest.raises(ValueError, match="batch size is 1"):
         tokens(bundle(*pair), [PROMPT, PROMPT])
+
+
+def test_draft_costs_are_measured_once_and_cached_on_disk(pair, monkeypatch, tmp_path):
+    import mlx_gemma_mtp.autodraft as auto
+
+    target, drafter = pair
+    monkeypatch.setenv("MLX_GEMMA_MTP_CACHE", str(tmp_path))
+    monkeypatch.setattr(auto, "_COSTS", {})
+    costs = auto.measure_costs(target, drafter, 3)
+    assert len(costs.verify) == 4 and all(t > 0 for t in costs.verify[1:]) and costs.draft_step > 0
+    monkeypatch.setattr(auto, "_COSTS", {})  # a new process: read back from disk, no timing
+    monkeypatch.setattr(auto, "_timed", lambda *a, **k: pytest.fail("re-measured despite the disk cache"))
+    assert auto.measure_costs(target, drafter, 3) == costs
+    auto._cache_file().write_text("{not json")
+    monkeypatch.setattr(auto, "_COSTS", {})
+    monkeypatch.setattr(auto, "_timed", lambda *a, **k: 1e-3)
+    with pytest.warns(UserWarning, match="unreadable draft-cost cache"):
+        assert auto.measure_costs(target, drafter, 3).draft_step == 1e-3
