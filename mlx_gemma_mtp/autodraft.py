@@ -52,7 +52,7 @@ def measure_costs(target: Model, drafter: Drafter, max_tokens: int, context: int
     """Time a drafter step and target verifies of 1..max_tokens tokens after a `context`-token prefix."""
     # costs depend on the shapes, dtypes and the device, not on the weights' values
     dtypes = (target.model.embed_tokens.weight.dtype, drafter.pre_projection.weight.dtype)
-    key = (repr(target.args), repr(drafter.args), str(dtypes), max_tokens, str(mx.default_device()))
+    key = (repr(target.args), repr(drafter.args), str(dtypes), max_tokens, context, str(mx.default_device()))
     if key in _COSTS:
         return _COSTS[key]
     if (saved := _read_disk_cache().get(_disk_key(key))) is not None:

@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> None:
     sampler = SamplerConfig(temperature=args.temp, seed=0) if args.temp > 0 else greedy
     run(bundle, prompts[:1], 8, 0, greedy)  # warm-up
     plain_tps, _, reference = run(bundle, prompts, args.max_tokens, 0, sampler)
-    costs = measure_costs(bundle.target, bundle.drafter, 9)
+    # costs at the run's typical context length, so that the round overhead compares like with like
+    costs = measure_costs(bundle.target, bundle.drafter, 9, context=len(prompts[0]) + args.max_tokens // 2)
     print(f"model: {name} | {len(prompts)} prompts x {len(prompts[0])} tokens | {args.max_tokens} new tokens | "
           f"temperature {args.temp} | device {mx.default_device()}")
     print_costs(costs)
