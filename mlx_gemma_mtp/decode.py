@@ -55,13 +55,19 @@ def prefill(model: Model, prompt: mx.array, cache: list, step: int, want_draft_i
 
 def generate_step(model: Model, cache: list, first_token: mx.array, sampler: SamplerConfig
                   ) -> Generator[tuple[int, bool], None, None]:
-    """Plain decoding after the first token; the next step is queued before the current token is read."""
-    y = first_token
+    """Plain decoding after the first token; each step is queued before the previous token is read, so building
+    the next graph overlaps the computation of the current one (mlx-lm's pattern)."""
+
+    def step(y):
+        token = _choose(model.forward(y[None], cache).logits[:, -1], sampler)
+        mx.async_eval(token)
+        return token
+
+    y = step(first_token)
     while True:
-        next_y = _choose(model.forward(y[None], cache).logits[:, -1], sampler)
-        mx.async_eval(next_y)
-        yield next_y.item(), False
-        y = next_y
+        following = step(y)
+        yield y.item(), False
+        y = following
 
 
 def _prompt_ids(bundle: Bundle, prompt: Prompt) -> list[int]:

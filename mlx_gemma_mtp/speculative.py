@@ -165,6 +165,7 @@ def mtp_generate_step(
     while remaining > 0:
         K = max(0, min(draft_length(remaining), remaining - 1))  # never draft past the budget
         drafts, q = propose(last, hidden, kv, cache[0].offset, K)  # `last` sits at the cache's offset
+        mx.async_eval(drafts)  # the drafter computes while the verify graph is being built (no host sync)
         out = target.forward(mx.concatenate([last, drafts])[None], cache, rows=K + 1, return_hidden=True,
                              return_shared_kv=True)
         n, tokens = accept(out, drafts, q, sampler)
