@@ -39,11 +39,13 @@ class DraftStats:
     drafted_per_position: list[int] = field(default_factory=list)
     accepted_per_position: list[int] = field(default_factory=list)
 
+    def _grow(self, positions: int) -> None:
+        missing = positions - len(self.drafted_per_position)
+        self.drafted_per_position += [0] * max(0, missing)
+        self.accepted_per_position += [0] * max(0, missing)
+
     def record(self, num_drafts: int, num_accepted: int) -> None:
-        grow = num_drafts - len(self.drafted_per_position)
-        if grow > 0:
-            self.drafted_per_position += [0] * grow
-            self.accepted_per_position += [0] * grow
+        self._grow(num_drafts)
         self.rounds += 1
         self.drafted += num_drafts
         self.accepted += num_accepted
@@ -54,13 +56,11 @@ class DraftStats:
     def merge(self, other: DraftStats | None) -> DraftStats:
         """Add another generation's counters (e.g. over several prompts); returns self."""
         if other is not None:
-            self.rounds += other.rounds
+            self._grow(len(other.drafted_per_position))
             for i, (d, a) in enumerate(zip(other.drafted_per_position, other.accepted_per_position)):
-                if i == len(self.drafted_per_position):
-                    self.drafted_per_position.append(0)
-                    self.accepted_per_position.append(0)
                 self.drafted_per_position[i] += d
                 self.accepted_per_position[i] += a
+            self.rounds += other.rounds
             self.drafted += other.drafted
             self.accepted += other.accepted
         return self
