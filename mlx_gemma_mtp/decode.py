@@ -94,7 +94,7 @@ def _prompt_ids(bundle: Bundle, prompt: Prompt) -> list[int]:
 
 def _tokens(bundle, ids, max_tokens, sampler, num_draft_tokens, stats, prefill_step_size, proposer) -> Iterator:
     target, drafter = bundle.target, bundle.drafter
-    use_mtp = num_draft_tokens != 0 and (drafter is not None or proposer is not None)
+    use_mtp = num_draft_tokens != 0  # resolved: 0 whenever there is nothing to draft with
     cache = target.make_cache(max_rollback=MAX_DRAFT_TOKENS)
     first = prefill(target, mx.array(ids), cache, prefill_step_size, use_mtp)
     token = _choose(first.logits[:, -1], sampler)
@@ -107,15 +107,20 @@ def _tokens(bundle, ids, max_tokens, sampler, num_draft_tokens, stats, prefill_s
         yield from generate_step(target, cache, token, sampler)
 
 
-def _check_draft_request(bundle: Bundle, num_draft_tokens, proposer) -> None:
+def _resolve_draft_request(bundle: Bundle, num_draft_tokens, proposer) -> int | str:
+    """The draft length to use: an int (0 = plain decoding) or "auto". None and "auto" mean plain decoding
+    without a drafter; "auto" measures the drafter, so a custom proposer alone needs an int."""
     if num_draft_tokens in (None, "auto"):
-        if proposer is not None and bundle.drafter is None and num_draft_tokens == "auto":
+        if bundle.drafter is not None:
+            return "auto"
+        if proposer is not None:
             raise ValueError("num_draft_tokens='auto' measures the drafter; with a custom proposer pass an int")
-        return
+        return 0
     if not isinstance(num_draft_tokens, int) or not 0 <= num_draft_tokens <= MAX_DRAFT_TOKENS:
         raise ValueError(f"num_draft_tokens={num_draft_tokens!r}: use 'auto' or an int in [0, {MAX_DRAFT_TOKENS}]")
     if num_draft_tokens > 0 and bundle.drafter is None and proposer is None:
         raise ValueError(f"num_draft_tokens={num_draft_tokens} needs a drafter: load(model, draft=...)")
+    return num_draft_tokens
 
 
 def stream_generate(
@@ -139,14 +144,13 @@ def stream_generate(
             `num_draft_tokens`.
     """
     sampler = sampler or SamplerConfig()
-    _check_draft_request(bundle, num_draft_tokens, proposer)
+    num_draft_tokens = _resolve_draft_request(bundle, num_draft_tokens, proposer)
     if max_tokens < 1:
         raise ValueError(f"max_tokens={max_tokens}: must be >= 1")
     ids = _prompt_ids(bundle, prompt)
     if sampler.seed is not None:
         mx.random.seed(sampler.seed)
-    speculative = num_draft_tokens != 0 and (bundle.drafter is not None or proposer is not None)
-    stats = DraftStats() if speculative else None
+    stats = DraftStats() if num_draft_tokens != 0 else None
     eos = set(bundle.generation.eos_token_ids) | set(getattr(bundle.tokenizer, "eos_token_ids", None) or [])
     text = _TextStream(bundle.tokenizer, stop or [])
     mx.reset_peak_memory()

@@ -299,3 +299,17 @@ def test_draft_costs_are_measured_once_and_cached_on_disk(pair, monkeypatch, tmp
     monkeypatch.setattr(auto, "_timed", lambda *a, **k: 1e-3)
     with pytest.warns(UserWarning, match="unreadable draft-cost cache"):
         assert auto.measure_costs(target, drafter, 3).draft_step == 1e-3
+
+
+def test_default_draft_length_with_a_proposer_and_no_drafter(pair):
+    """Without a drafter, None/'auto' mean plain decoding; with a custom proposer they are refused clearly
+    ('auto' measures the drafter), instead of crashing inside the cost measurement."""
+    target, _ = pair
+    b = bundle(target)
+    plain = tokens(b, PROMPT, max_tokens=8, num_draft_tokens=0)
+    rs = list(stream_generate(b, PROMPT, max_tokens=8, num_draft_tokens="auto"))
+    assert [r.token for r in rs] == plain and rs[-1].draft is None
+    wrong = oracle_proposer(PROMPT + plain + [0] * 8, corrupt=lambda i: True)
+    for k in (None, "auto"):
+        with pytest.raises(ValueError, match="custom proposer pass an int"):
+            tokens(b, PROMPT, num_draft_tokens=k, proposer=wrong)
