@@ -121,13 +121,13 @@ class AutoDraftLength:
         self.overhead, self._last_call, self._last_k = 0.0, None, 0
 
     def acceptance(self) -> list[float]:
-        """Conditional acceptance per position, shrunk towards the prior while few rounds are seen."""
-        s = self.stats
-        out = []
+        """Conditional acceptance per position (given the earlier drafts were accepted), shrunk towards the
+        prior while few rounds are seen."""
+        s, out = self.stats, []
         for i in range(self.max_k):
-            drafted = s.drafted_per_position[i] if i < len(s.drafted_per_position) else 0
+            reached = s.reached_per_position[i] if i < len(s.reached_per_position) else 0
             accepted = s.accepted_per_position[i] if i < len(s.accepted_per_position) else 0
-            out.append((accepted + self.prior * self.weight) / (drafted + self.weight))
+            out.append((accepted + self.prior * self.weight) / (reached + self.weight))
         return out
 
     def expected_rate(self, k: int, acceptance: list[float]) -> float:

@@ -38,11 +38,15 @@ class DraftStats:
     accepted: int = 0
     drafted_per_position: list[int] = field(default_factory=list)
     accepted_per_position: list[int] = field(default_factory=list)
+    # rounds that drafted position i and accepted every draft before it: the denominator of the acceptance of
+    # position i *given* the earlier ones (accepted / drafted is the unconditional survival rate)
+    reached_per_position: list[int] = field(default_factory=list)
 
     def _grow(self, positions: int) -> None:
         missing = positions - len(self.drafted_per_position)
         self.drafted_per_position += [0] * max(0, missing)
         self.accepted_per_position += [0] * max(0, missing)
+        self.reached_per_position += [0] * max(0, missing)
 
     def record(self, num_drafts: int, num_accepted: int) -> None:
         self._grow(num_drafts)
@@ -52,14 +56,17 @@ class DraftStats:
         for i in range(num_drafts):
             self.drafted_per_position[i] += 1
             self.accepted_per_position[i] += i < num_accepted
+            self.reached_per_position[i] += i <= num_accepted
 
     def merge(self, other: DraftStats | None) -> DraftStats:
         """Add another generation's counters (e.g. over several prompts); returns self."""
         if other is not None:
             self._grow(len(other.drafted_per_position))
-            for i, (d, a) in enumerate(zip(other.drafted_per_position, other.accepted_per_position)):
+            counters = zip(other.drafted_per_position, other.accepted_per_position, other.reached_per_position)
+            for i, (d, a, r) in enumerate(counters):
                 self.drafted_per_position[i] += d
                 self.accepted_per_position[i] += a
+                self.reached_per_position[i] += r
             self.rounds += other.rounds
             self.drafted += other.drafted
             self.accepted += other.accepted
@@ -68,6 +75,11 @@ class DraftStats:
     @property
     def acceptance_per_position(self) -> list[float]:
         return [a / d if d else 0.0 for a, d in zip(self.accepted_per_position, self.drafted_per_position)]
+
+    @property
+    def conditional_acceptance_per_position(self) -> list[float]:
+        """P(draft i accepted | drafts before it accepted), the a_i of the expected-length formula."""
+        return [a / r if r else 0.0 for a, r in zip(self.accepted_per_position, self.reached_per_position)]
 
     @property
     def acceptance_rate(self) -> float:
