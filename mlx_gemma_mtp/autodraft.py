@@ -26,10 +26,12 @@ from .models.gemma4_assistant import Drafter
 from .cache import trim_cache
 from .models.gemma4_text import Model
 from .sampling import SamplerConfig
-from .speculative import DraftStats, draft, visible_kv
+from .drafting import cache_windows, draft, draft_step
+from .speculative import DraftStats
 
 _COSTS: dict[tuple, DraftCosts] = {}
 PROBE_EVERY = 16  # plain rounds between probes when K = 0 is chosen
+COSTS_VERSION = 2  # bump when the drafter step or the verify changes cost: cached measurements become stale
 
 
 @dataclass
@@ -52,7 +54,8 @@ def measure_costs(target: Model, drafter: Drafter, max_tokens: int, context: int
     """Time a drafter step and target verifies of 1..max_tokens tokens after a `context`-token prefix."""
     # costs depend on the shapes, dtypes and the device, not on the weights' values
     dtypes = (target.model.embed_tokens.weight.dtype, drafter.pre_projection.weight.dtype)
-    key = (repr(target.args), repr(drafter.args), str(dtypes), max_tokens, context, str(mx.default_device()))
+    key = (COSTS_VERSION, repr(target.args), repr(drafter.args), str(dtypes), max_tokens, context,
+           str(mx.default_device()))
     if key in _COSTS:
         return _COSTS[key]
     if (saved := _read_disk_cache().get(_disk_key(key))) is not None:
@@ -60,9 +63,9 @@ def measure_costs(target: Model, drafter: Drafter, max_tokens: int, context: int
         return _COSTS[key]
     ids = mx.arange(context + 1) % target.args.vocab_size
     cache = target.make_cache(max_rollback=max_tokens)
-    out = target.forward(ids[None], cache, return_hidden=True, return_shared_kv=True)
-    mx.eval(out.hidden, out.shared_kv)
-    kv = visible_kv(out.shared_kv, 0, target.args.sliding_window)
+    out = target.forward(ids[None], cache, return_hidden=True)
+    mx.eval(out.hidden, [c.keys for c in cache])
+    windows, step = cache_windows(target, cache), draft_step(target, drafter)
 
     def verify(T):
         logits = target.forward(ids[None, :T], cache, rows=T).logits
@@ -70,8 +73,8 @@ def measure_costs(target: Model, drafter: Drafter, max_tokens: int, context: int
         trim_cache(cache, T)  # keep the context fixed between timings
         return logits
 
-    step = _timed(lambda: draft(target, drafter, ids[-1:], out.hidden, kv, context, 1, SamplerConfig())[0])
-    costs = DraftCosts(step, [0.0] + [_timed(lambda T=T: verify(T)) for T in range(1, max_tokens + 1)])
+    step_time = _timed(lambda: draft(step, ids[-1:], out.hidden, windows, context, 1, SamplerConfig())[0])
+    costs = DraftCosts(step_time, [0.0] + [_timed(lambda T=T: verify(T)) for T in range(1, max_tokens + 1)])
     _COSTS[key] = costs
     _write_disk_cache(_disk_key(key), costs)
     return costs
@@ -121,13 +124,16 @@ class AutoDraftLength:
         self.overhead, self._last_call, self._last_k = 0.0, None, 0
 
     def acceptance(self) -> list[float]:
-        """Conditional acceptance per position (given the earlier drafts were accepted), shrunk towards the
-        prior while few rounds are seen."""
-        s, out = self.stats, []
+        """Conditional acceptance per position (given the earlier drafts were accepted), each shrunk towards the
+        estimate of the position before it (the first towards `prior`) while few rounds reached it. A fixed prior
+        for every position would trap the policy at short drafts: positions it never drafts keep the prior, and
+        a low prior never makes them worth drafting."""
+        s, out, prior = self.stats, [], self.prior
         for i in range(self.max_k):
             reached = s.reached_per_position[i] if i < len(s.reached_per_position) else 0
             accepted = s.accepted_per_position[i] if i < len(s.accepted_per_position) else 0
-            out.append((accepted + self.prior * self.weight) / (reached + self.weight))
+            prior = (accepted + prior * self.weight) / (reached + self.weight)
+            out.append(prior)
         return out
 
     def expected_rate(self, k: int, acceptance: list[float]) -> float:

@@ -43,14 +43,13 @@ def _choose(logits: mx.array, sampler: SamplerConfig) -> mx.array:
     return mx.argmax(logits, axis=-1) if sampler.greedy else sample(log_probs(logits, sampler))
 
 
-def prefill(model: Model, prompt: mx.array, cache: list, step: int, want_draft_inputs: bool) -> TargetOutput:
+def prefill(model: Model, prompt: mx.array, cache: list, step: int, want_hidden: bool) -> TargetOutput:
     """Feed `prompt` (T,) into `cache`: all but the last token in chunks without logits, then the last one."""
     for start in range(0, prompt.size - 1, step):
         model.forward(prompt[None, start : min(start + step, prompt.size - 1)], cache, rows=0)
         mx.eval([c.keys for c in cache])
         mx.clear_cache()
-    return model.forward(prompt[None, -1:], cache, return_hidden=want_draft_inputs,
-                         return_shared_kv=want_draft_inputs)
+    return model.forward(prompt[None, -1:], cache, return_hidden=want_hidden)
 
 
 def generate_step(model: Model, cache: list, first_token: mx.array, sampler: SamplerConfig
@@ -102,7 +101,7 @@ def _tokens(bundle, ids, max_tokens, sampler, num_draft_tokens, stats, prefill_s
     if use_mtp:
         policy = draft_length_policy(num_draft_tokens, target, drafter, stats, MAX_DRAFT_TOKENS)
         proposer = proposer or drafter_proposer(target, drafter, sampler)
-        yield from mtp_generate_step(target, proposer, cache, first, token, policy, sampler, stats, max_tokens - 1)
+        yield from mtp_generate_step(target, proposer, cache, first.hidden, token, policy, sampler, stats, max_tokens - 1)
     else:
         yield from generate_step(target, cache, token, sampler)
 

@@ -6,7 +6,8 @@ for the shape of the loop. Each round builds the drafts and the verify pass as o
 accepted count once: one host sync per round.
 
 Round state (spec §5.1): `last` is the newest token (not yet in the cache), `hidden` the target's post-norm hidden
-state of the position before it, `kv` the producer K/V the drafter may see, all at positions <= that position.
+state of the position before it; the drafter sees the producer K/V of positions <= that position
+(`drafting.cache_windows`).
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 
 from .cache import trim_cache
-from .models.config import SLIDING
+from .drafting import KVWindow, cache_windows, draft, draft_step
 from .models.gemma4_assistant import Drafter
-from .models.gemma4_text import KV, Model, TargetOutput
+from .models.gemma4_text import Model, TargetOutput
 from .sampling import SamplerConfig, greedy_accept, log_probs, match_accept, sample, speculative_accept
 
 # Default drafter query position = position of the hidden state + DRAFT_POSITION_OFFSET. HF's convention (1: the
@@ -91,47 +92,6 @@ class DraftStats:
         return self.accepted / self.rounds if self.rounds else 0.0
 
 
-def visible_kv(shared_kv: dict[str, KV], drop: int, window: int) -> dict[str, KV]:
-    """The producer K/V the drafter may see: rejected drafts removed (pitfall 23) and, on sliding layers, the
-    last `window + 1` entries (HF's flipped bidirectional window, spec §4.3)."""
-    out = {}
-    for layer_type, (k, v) in shared_kv.items():
-        end = k.shape[2] - drop
-        start = max(0, end - window - 1) if layer_type == SLIDING else 0
-        out[layer_type] = (k[..., start:end, :], v[..., start:end, :])
-    return out
-
-
-def _draft_token(drafter: Drafter, y: mx.array, sampler: SamplerConfig) -> tuple[mx.array, mx.array | None]:
-    """Next draft token (1,) and, when sampling, the draft distribution q (V,) it was sampled from."""
-    if sampler.greedy:
-        return drafter.top_token(y)[0], None
-    ids, logits = drafter.candidates(y)
-    q = log_probs(logits[0, 0], sampler)  # same processing as the target: the Leviathan rule needs it
-    choice = sample(q)
-    if ids is None:
-        return choice[None], q
-    vocab_q = mx.full((drafter.args.text.vocab_size,), -mx.inf, dtype=mx.float32)
-    vocab_q[ids[0, 0]] = q  # zero probability outside the candidate clusters
-    return ids[0, 0][choice][None], vocab_q
-
-
-def draft(
-    target: Model, drafter: Drafter, last: mx.array, hidden: mx.array, kv: dict[str, KV], position: int,
-    num_drafts: int, sampler: SamplerConfig,
-) -> tuple[mx.array, mx.array | None]:
-    """`num_drafts` tokens (K,) from the drafter at one constant query position, and their q rows (K, V)."""
-    if num_drafts == 0:
-        return mx.zeros((0,), mx.int32), None
-    tokens, qs, token = [], [], last
-    for _ in range(num_drafts):
-        hidden, y = drafter(target.model.embed(token[None]), hidden, kv, position)
-        token, q = _draft_token(drafter, y, sampler)
-        tokens.append(token)
-        qs.append(q)
-    return mx.concatenate(tokens), None if sampler.greedy else mx.stack(qs)
-
-
 def accept(out: TargetOutput, drafts: mx.array, q: mx.array | None, sampler: SamplerConfig):
     """(n accepted, tokens (K+1,)): drafts[:n] then the target's token; greedy or exact speculative sampling."""
     logits = out.logits[0]
@@ -144,49 +104,50 @@ def accept(out: TargetOutput, drafts: mx.array, q: mx.array | None, sampler: Sam
     return speculative_accept(log_probs(logits, sampler), q, drafts)
 
 
-# (last token, hidden, visible kv, position of the last token, K) -> (drafts (K,), q (K, V) or None)
-Proposer = Callable[[mx.array, mx.array, dict, int, int], tuple[mx.array, mx.array | None]]
+# (last token, hidden, {layer type: KVWindow}, position of the last token, K) -> (drafts (K,), q (K, V) or None)
+Proposer = Callable[[mx.array, mx.array, dict[str, KVWindow], int, int], tuple[mx.array, mx.array | None]]
 
 
 def drafter_proposer(target: Model, drafter: Drafter, sampler: SamplerConfig,
                      position_offset: int = DRAFT_POSITION_OFFSET) -> Proposer:
     """The real drafter, querying at (position of the hidden state) + `position_offset` (1: HF, 0: mlx-vlm)."""
 
-    def propose(last, hidden, kv, last_position, k):
+    step = draft_step(target, drafter)
+
+    def propose(last, hidden, windows, last_position, k):
         position = last_position - 1 + position_offset
-        return draft(target, drafter, last, hidden, kv, position, k, sampler)
+        return draft(step, last, hidden, windows, position, k, sampler)
 
     return propose
 
 
 def mtp_generate_step(
-    target: Model, propose: Proposer, cache: list, first: TargetOutput, first_token: mx.array,
+    target: Model, propose: Proposer, cache: list, first_hidden: mx.array, first_token: mx.array,
     draft_length: Callable[[int], int], sampler: SamplerConfig, stats: DraftStats, max_tokens: int,
 ) -> Generator[tuple[int, bool], None, None]:
     """Yield (token, from_draft) after the first token (which the caller already emitted), `max_tokens` at most.
 
     Args:
         propose: the draft source, normally `drafter_proposer(...)` (benchmarks and tests substitute oracles).
-        first: the target output of the last prompt token (hidden + shared K/V of positions up to it).
+        cache: the target's cache holding the prompt (all but `first_token`).
+        first_hidden: the target's post-norm hidden state of the last prompt token, (1, 1, H).
         first_token: the token sampled from it, (1,).
         draft_length: tokens still wanted -> K for the next round (0: a plain decoding round).
     """
-    window = target.args.sliding_window
-    last, hidden, kv = first_token, first.hidden, visible_kv(first.shared_kv, 0, window)
+    last, hidden = first_token, first_hidden
     remaining = max_tokens
     while remaining > 0:
         K = max(0, min(draft_length(remaining), remaining - 1))  # never draft past the budget
-        drafts, q = propose(last, hidden, kv, cache[0].offset, K)  # `last` sits at the cache's offset
+        # `last` sits at the cache's offset; the cache holds exactly the accepted tokens before it
+        drafts, q = propose(last, hidden, cache_windows(target, cache), cache[0].offset, K)
         mx.async_eval(drafts)  # the drafter computes while the verify graph is being built (no host sync)
-        out = target.forward(mx.concatenate([last, drafts])[None], cache, rows=K + 1, return_hidden=True,
-                             return_shared_kv=True)
+        out = target.forward(mx.concatenate([last, drafts])[None], cache, rows=K + 1, return_hidden=True)
         n, tokens = accept(out, drafts, q, sampler)
         mx.eval(n, tokens)  # the round's one host sync
         n, tokens = n.item(), tokens.tolist()
         trim_cache(cache, K - n)
         stats.record(K, n)
         last, hidden = mx.array(tokens[n : n + 1]), out.hidden[:, n : n + 1]
-        kv = visible_kv(out.shared_kv, K - n, window)
         remaining -= n + 1
         for i in range(n + 1):
             yield tokens[i], i < n

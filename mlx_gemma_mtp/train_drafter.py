@@ -166,7 +166,7 @@ class Teacher:
 
 
 def drafter_masks(rows: int, keys: int, window: int) -> dict[str, mx.array]:
-    """Row p sees full-layer keys 0..p and sliding-layer keys p-W..p, as `speculative.visible_kv` does."""
+    """Row p sees full-layer keys 0..p and sliding-layer keys p-W..p, as `drafting.visible_kv` does."""
     p, k = mx.arange(rows)[:, None], mx.arange(keys)[None]
     return {FULL: k <= p, SLIDING: (k <= p) & (k >= p - window)}
 

@@ -50,3 +50,14 @@ def test_expected_rate_matches_the_formula():
     a = policy.acceptance()
     expected_k2 = (1 + a[0] + a[0] * a[1]) / (1.4 + 2 * 0.1)
     assert policy.expected_rate(2, a) == pytest.approx(expected_k2)
+
+
+def test_unexplored_positions_follow_the_last_explored_one():
+    """Only K=1 rounds so far, all accepted: later positions are assumed as good, so the policy tries longer
+    drafts instead of staying at K=1 forever."""
+    stats = DraftStats()
+    for _ in range(50):
+        stats.record(1, 1)
+    policy = AutoDraftLength(DraftCosts(0.1, [0.0] + [1.0 + 0.05 * t for t in range(9)]), stats, 8)
+    assert policy.acceptance()[1] == pytest.approx(policy.acceptance()[0])
+    assert policy.best() > 1

@@ -270,7 +270,8 @@ def test_position_convention_is_a_parameter(pair, monkeypatch):
     plain = tokens(b, PROMPT, max_tokens=24, num_draft_tokens=0)
     queried = []
     real_draft = spec.draft
-    monkeypatch.setattr(spec, "draft", lambda *a: queried.append(a[5]) or real_draft(*a))
+    monkeypatch.setattr(spec, "draft", lambda step, last, hidden, windows, position, *a: queried.append(position)
+                        or real_draft(step, last, hidden, windows, position, *a))
     for offset in (0, 1):
         queried.clear()
         propose = spec.drafter_proposer(target, drafter, SamplerConfig(), position_offset=offset)

@@ -1,0 +1,139 @@
+"""Drafting K tokens with the Gemma 4 assistant: what it may see each round, and its step compiled.
+
+A drafter step is ~100 small ops (4 layers of norms, projections, RoPE, attention, the clustered head); launching
+them one by one costs more than their arithmetic on both CPU and Metal. `mx.compile` fuses them, but a compiled
+graph is specialised to its input shapes and the full-attention K/V grows every round. So the drafter reads
+fixed-size *windows* over the producer caches' buffers: `BUCKET`-rounded views, with the visible entries given as a
+[lo, hi) range that becomes the attention mask. The shapes then change once per `BUCKET` tokens of context (a
+retrace of a few ms; the fused kernels are reused), not every round.
+
+Visibility (spec §4.3, pitfall 23): the entries up to the hidden state's position, never a rejected draft's; on
+sliding layers only the last `window + 1` of them (HF's flipped bidirectional window).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from .cache import KVCache
+from .models.config import SLIDING
+from .models.gemma4_assistant import Drafter
+from .models.gemma4_text import KV, Model
+from .sampling import SamplerConfig, log_probs, sample
+
+BUCKET = 128  # divides the caches' growth step (256), so a bucketed view always fits in the buffer
+
+
+@dataclass
+class KVWindow:
+    """A view over one producer cache's buffers; entries [lo, hi) of it are visible to the drafter."""
+
+    keys: mx.array  # (B, n_kv_heads, S, head_dim), S a multiple of BUCKET (or the whole buffer)
+    values: mx.array
+    lo: int
+    hi: int
+
+    def exact(self) -> KV:
+        """Only the visible entries (the eager drafter call and the parity tests take these)."""
+        return self.keys[..., self.lo : self.hi, :], self.values[..., self.lo : self.hi, :]
+
+
+def visible_kv(shared_kv: dict[str, KV], drop: int, window: int) -> dict[str, KV]:
+    """From a target forward's producer K/V: the last `drop` entries (rejected drafts) removed and, on sliding
+    layers, the last `window + 1` entries kept."""
+    out = {}
+    for layer_type, (k, v) in shared_kv.items():
+        end = k.shape[2] - drop
+        start = max(0, end - window - 1) if layer_type == SLIDING else 0
+        out[layer_type] = (k[..., start:end, :], v[..., start:end, :])
+    return out
+
+
+def cache_windows(target: Model, cache: list[KVCache]) -> dict[str, KVWindow]:
+    """What the drafter may see after the cache was rolled back to the accepted tokens."""
+    window = target.args.sliding_window
+    out = {}
+    for layer_type, producer in target.producers.items():
+        c = cache[producer]  # producers never share K/V, so each owns a cache
+        lo, hi = (max(0, c.length - window - 1) if layer_type == SLIDING else 0), c.length
+        size = min(c.keys.shape[2], -(-(hi - lo) // BUCKET) * BUCKET)
+        start = max(0, hi - size)
+        view = slice(start, start + size)
+        out[layer_type] = KVWindow(c.keys[..., view, :], c.values[..., view, :], lo - start, hi - start)
+    return out
+
+
+class DraftStep:
+    """The drafter's decoding step, compiled: (token (1,), hidden (1, 1, H), windows, position) -> next hidden
+    and either the greedy token (1,) or `y` for the sampling head."""
+
+    def __init__(self, target: Model, drafter: Drafter):
+        self.target, self.drafter = target, drafter
+        # `inputs`: the weights are read at each call, so a drafter being trained is never seen stale
+        state = [drafter.state, target.model.embed_tokens.state]
+        self._greedy = mx.compile(self._greedy_step, inputs=state)
+        self._hidden = mx.compile(self._body, inputs=state)
+
+    def _body(self, token, hidden, keys, values, lo, hi, position):
+        kv, masks = {}, {}
+        for layer_type in keys:
+            idx = mx.arange(keys[layer_type].shape[2])
+            masks[layer_type] = ((idx >= lo[layer_type]) & (idx < hi[layer_type]))[None]  # (1, S)
+            kv[layer_type] = (keys[layer_type], values[layer_type])
+        return self.drafter(self.target.model.embed(token[None]), hidden, kv, position, masks)
+
+    def _greedy_step(self, *args):
+        hidden, y = self._body(*args)
+        return hidden, self.drafter.top_token(y)[0]
+
+    def __call__(self, token: mx.array, hidden: mx.array, windows: dict[str, KVWindow], position: int,
+                 greedy: bool) -> tuple[mx.array, mx.array]:
+        args = (
+            token, hidden,
+            {t: w.keys for t, w in windows.items()}, {t: w.values for t, w in windows.items()},
+            {t: mx.array(w.lo) for t, w in windows.items()}, {t: mx.array(w.hi) for t, w in windows.items()},
+            mx.array(position),  # an array: a Python int would be baked into the graph (a retrace per round)
+        )
+        return (self._greedy if greedy else self._hidden)(*args)
+
+
+def draft_step(target: Model, drafter: Drafter) -> DraftStep:
+    """The pair's compiled step, built once and kept on the drafter (compiling costs a JIT pass)."""
+    step = getattr(drafter, "_draft_step", None)
+    if step is None or step.target is not target:
+        step = DraftStep(target, drafter)
+        drafter._draft_step = step  # a plain attribute: not a parameter, never saved
+    return step
+
+
+def _sampled_token(drafter: Drafter, y: mx.array, sampler: SamplerConfig) -> tuple[mx.array, mx.array]:
+    """A draft token (1,) sampled from q, and q (V,) itself (log-probabilities; -inf outside the candidates)."""
+    ids, logits = drafter.candidates(y)
+    q = log_probs(logits[0, 0], sampler)  # same processing as the target: the Leviathan rule needs it
+    choice = sample(q)
+    if ids is None:
+        return choice[None], q
+    vocab_q = mx.full((drafter.args.text.vocab_size,), -mx.inf, dtype=mx.float32)
+    vocab_q[ids[0, 0]] = q  # zero probability outside the candidate clusters
+    return ids[0, 0][choice][None], vocab_q
+
+
+def draft(
+    step: DraftStep, last: mx.array, hidden: mx.array, windows: dict[str, KVWindow], position: int,
+    num_drafts: int, sampler: SamplerConfig,
+) -> tuple[mx.array, mx.array | None]:
+    """`num_drafts` tokens (K,) from the drafter at one constant query position, and their q rows (K, V)."""
+    if num_drafts == 0:
+        return mx.zeros((0,), mx.int32), None
+    tokens, qs, token = [], [], last
+    for _ in range(num_drafts):
+        if sampler.greedy:
+            hidden, token = step(token, hidden, windows, position, greedy=True)
+        else:
+            hidden, y = step(token, hidden, windows, position, greedy=False)
+            token, q = _sampled_token(step.drafter, y, sampler)
+            qs.append(q)
+        tokens.append(token)
+    return mx.concatenate(tokens), mx.stack(qs) if qs else None
