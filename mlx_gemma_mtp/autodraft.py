@@ -2,9 +2,10 @@
 
 Expected tokens of a round with K drafts: 1 + sum_{i<=K} prod_{j<=i} a_j, with a_j the acceptance of draft
 position j given the earlier ones were accepted (tracked online, with a prior). Cost of that round:
-T_verify(K+1) + K * T_draft, measured once per model shape, dtype and device (cached in memory and in
-~/.cache/mlx_gemma_mtp/draft_costs.json, or $MLX_GEMMA_MTP_CACHE) because the curve
-differs a lot across devices and dtypes. K = 0 (plain decoding) wins when speculation does not pay; such rounds
+T_draft(K) + T_verify(K+1) (drafting K tokens is one compiled call, so T_draft(K) can be below K * T_draft(1)),
+measured once per model shape, dtype, device and greedy/sampled drafting (cached in memory and in
+~/.cache/mlx_gemma_mtp/draft_costs.json, or $MLX_GEMMA_MTP_CACHE) because the curve differs a lot across devices
+and dtypes. K = 0 (plain decoding) wins when speculation does not pay; such rounds
 still probe a K > 0 now and then so that the acceptance estimates stay current.
 """
 
@@ -31,41 +32,53 @@ from .speculative import DraftStats
 
 _COSTS: dict[tuple, DraftCosts] = {}
 PROBE_EVERY = 16  # plain rounds between probes when K = 0 is chosen
-COSTS_VERSION = 2  # bump when the drafter step or the verify changes cost: cached measurements become stale
+COSTS_VERSION = 3  # bump when the drafter step or the verify changes cost: cached measurements become stale
 
 
 @dataclass
 class DraftCosts:
-    draft_step: float  # seconds per drafter step
+    draft: list[float]  # draft[K] = seconds to draft K tokens (one call, as a round does); draft[0] = 0
     verify: list[float]  # verify[T] = seconds for a target forward of T tokens (index 0 unused)
 
+    @property
+    def draft_step(self) -> float:
+        return self.draft[1]
 
-def _timed(fn: Callable[[], mx.array], reps: int = 5) -> float:
-    mx.eval(fn())  # warm-up (kernel compilation, allocations)
+
+def _timed_pair(first: Callable[[], mx.array], second: Callable[[], mx.array], reps: int = 5) -> tuple[float, float]:
+    """Minimum times of `first` and `second`, run alternately as in a decoding round (each evicts the other's
+    weights from the CPU caches; timing either alone in a tight loop would flatter it)."""
+    mx.eval(first(), second())  # warm-up (kernel compilation, allocations)
     times = []
     for _ in range(reps):
-        tic = time.perf_counter()
-        mx.eval(fn())
-        times.append(time.perf_counter() - tic)
-    return min(times)  # other processes only ever add time: the minimum is the machine's cost
+        t0 = time.perf_counter()
+        mx.eval(first())
+        t1 = time.perf_counter()
+        mx.eval(second())
+        times.append((t1 - t0, time.perf_counter() - t1))
+    # other processes only ever add time: the minimum is the machine's cost
+    return min(t for t, _ in times), min(t for _, t in times)
 
 
-def measure_costs(target: Model, drafter: Drafter, max_tokens: int, context: int = 128) -> DraftCosts:
-    """Time a drafter step and target verifies of 1..max_tokens tokens after a `context`-token prefix."""
+def measure_costs(target: Model, drafter: Drafter, max_drafts: int, context: int = 128, greedy: bool = True,
+                  refresh: bool = False) -> DraftCosts:
+    """Time drafting K = 0..max_drafts tokens (greedy or sampled) and the verify of K + 1 tokens that follows it,
+    after a `context`-token prefix. `refresh`: measure again even if a cached measurement exists."""
     # costs depend on the shapes, dtypes and the device, not on the weights' values
     dtypes = (target.model.embed_tokens.weight.dtype, drafter.pre_projection.weight.dtype)
-    key = (COSTS_VERSION, repr(target.args), repr(drafter.args), str(dtypes), max_tokens, context,
+    key = (COSTS_VERSION, repr(target.args), repr(drafter.args), str(dtypes), max_drafts, context, greedy,
            str(mx.default_device()))
-    if key in _COSTS:
+    if not refresh and key in _COSTS:
         return _COSTS[key]
-    if (saved := _read_disk_cache().get(_disk_key(key))) is not None:
-        _COSTS[key] = DraftCosts(saved["draft_step"], saved["verify"])
+    if not refresh and (saved := _read_disk_cache().get(_disk_key(key))) is not None:
+        _COSTS[key] = DraftCosts(saved["draft"], saved["verify"])
         return _COSTS[key]
     ids = mx.arange(context + 1) % target.args.vocab_size
-    cache = target.make_cache(max_rollback=max_tokens)
+    cache = target.make_cache(max_rollback=max_drafts + 1)
     out = target.forward(ids[None], cache, return_hidden=True)
     mx.eval(out.hidden, [c.keys for c in cache])
     windows, step = cache_windows(target, cache), draft_step(target, drafter)
+    sampler = SamplerConfig() if greedy else SamplerConfig(temperature=1.0, seed=0)
 
     def verify(T):
         logits = target.forward(ids[None, :T], cache, rows=T).logits
@@ -73,8 +86,13 @@ def measure_costs(target: Model, drafter: Drafter, max_tokens: int, context: int
         trim_cache(cache, T)  # keep the context fixed between timings
         return logits
 
-    step_time = _timed(lambda: draft(step, ids[-1:], out.hidden, windows, context, 1, SamplerConfig())[0])
-    costs = DraftCosts(step_time, [0.0] + [_timed(lambda T=T: verify(T)) for T in range(1, max_tokens + 1)])
+    costs = DraftCosts([0.0], [0.0])
+    for k in range(max_drafts + 1):
+        drafting = lambda k=k: draft(step, ids[-1:], out.hidden, windows, context, k, sampler)[0]  # noqa: E731
+        draft_time, verify_time = _timed_pair(drafting, lambda k=k: verify(k + 1))
+        costs.verify.append(verify_time)
+        if k:
+            costs.draft.append(draft_time)
     _COSTS[key] = costs
     _write_disk_cache(_disk_key(key), costs)
     return costs
@@ -144,7 +162,7 @@ class AutoDraftLength:
         return tokens / (self.model_cost(k) + self.overhead)
 
     def model_cost(self, k: int) -> float:
-        return self.costs.verify[k + 1] + k * self.costs.draft_step
+        return self.costs.verify[k + 1] + self.costs.draft[k]
 
     def _observe_round(self) -> None:
         now = time.perf_counter()
@@ -168,9 +186,10 @@ class AutoDraftLength:
         return k
 
 
-def draft_length_policy(num_draft_tokens, target: Model, drafter: Drafter, stats: DraftStats, max_k: int):
+def draft_length_policy(num_draft_tokens, target: Model, drafter: Drafter, stats: DraftStats, max_k: int,
+                        greedy: bool = True):
     """A fixed K for an int, an `AutoDraftLength` for "auto" or None."""
     if isinstance(num_draft_tokens, int):
         return lambda remaining: num_draft_tokens
     max_k = min(max_k, 8)
-    return AutoDraftLength(measure_costs(target, drafter, max_k + 1), stats, max_k)
+    return AutoDraftLength(measure_costs(target, drafter, max_k, greedy=greedy), stats, max_k)

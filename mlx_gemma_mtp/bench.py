@@ -1,8 +1,11 @@
 """Side-by-side benchmark of plain decoding and MTP decoding in one run: `python -m mlx_gemma_mtp.bench`.
 
 Prints plain tokens/s, MTP tokens/s per draft length K and "auto", their ratio to plain, acceptance per position,
-the measured cost of a drafter step and of target verifies of T = 1..9 tokens, and the round overhead
-T_round / (T_verify(K+1) + K * T_draft) (1.0 = the loop adds nothing beyond the model work).
+the measured cost of drafting K tokens and of target verifies of T = 1..9 tokens, and the round overhead
+T_round / (T_verify(K+1) + T_draft(K)) (1.0 = the loop adds nothing beyond the model work). T_draft(K) is the K
+draft steps as the loop runs them (one compiled call), so T_draft(K)/K is the per-step cost K * T_draft stands
+for; drafts and verifies are timed alternately, as in a round, because each evicts the other's weights from the
+CPU caches.
 
 Random weights accept nothing, so `--force-acceptance R` substitutes, with probability R per draft, the target's own
 greedy continuation for the drafter's token (the drafter still runs, so its cost is measured); such rows are
@@ -109,8 +112,9 @@ def load_bundle(args) -> tuple[Bundle, str]:
 
 
 def print_costs(costs) -> None:
-    print(f"T_draft = {costs.draft_step * 1e3:.2f} ms; T_verify(T) for T=1..9 (ms): "
-          + " ".join(f"{t * 1e3:.2f}" for t in costs.verify[1:]))
+    print(f"T_draft = {costs.draft_step * 1e3:.2f} ms per step; T_draft(K)/K for K=1..{len(costs.draft) - 1} (ms): "
+          + " ".join(f"{t / k * 1e3:.2f}" for k, t in enumerate(costs.draft) if k))
+    print(f"T_verify(T) for T=1..{len(costs.verify) - 1} (ms): " + " ".join(f"{t * 1e3:.2f}" for t in costs.verify[1:]))
     print("T_verify(T)/T_verify(1): " + " ".join(f"{t / costs.verify[1]:.2f}" for t in costs.verify[1:]))
 
 
@@ -148,7 +152,9 @@ def main(argv: list[str] | None = None) -> None:
     run(bundle, prompts[:1], 8, 0, greedy)  # warm-up
     plain_tps, _, reference = best_of(args.repeats, bundle, prompts, args.max_tokens, 0, sampler)
     # costs at the run's typical context length, so that the round overhead compares like with like
-    costs = measure_costs(bundle.target, bundle.drafter, 9, context=len(prompts[0]) + args.max_tokens // 2)
+    # measured now, not read from the cost cache: the overhead column compares with this run's machine state
+    costs = measure_costs(bundle.target, bundle.drafter, 8, context=len(prompts[0]) + args.max_tokens // 2,
+                          greedy=sampler.greedy, refresh=True)
     print(f"model: {name} | {len(prompts)} prompts x {len(prompts[0])} tokens | {args.max_tokens} new tokens | "
           f"temperature {args.temp} | device {mx.default_device()}")
     print_costs(costs)
@@ -167,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
             overhead = ""
             if k != "auto" and stats.rounds:
                 per_round = (sum(map(len, outputs)) / tps) / stats.rounds
-                overhead = f"{per_round / (costs.verify[k + 1] + k * costs.draft_step):.2f}"
+                overhead = f"{per_round / (costs.verify[k + 1] + costs.draft[k]):.2f}"
             label = f"K={k}" + (" forced" if forced else "") + ("" if rule == "greedy" else f" {rule}")
             print(row(label, tps, plain_tps, stats, overhead))
     if sampler.greedy:

@@ -66,17 +66,18 @@ def cache_windows(target: Model, cache: list[KVCache]) -> dict[str, KVWindow]:
 
 
 class DraftStep:
-    """The drafter's decoding step, compiled: (token (1,), hidden (1, 1, H), windows, position) -> next hidden
-    and either the greedy token (1,) or `y` for the sampling head."""
+    """The drafter's decoding steps, compiled. Greedy: all K steps as one graph per K (no host work between
+    steps); sampling: the step body (sampling and the candidate head stay eager)."""
 
     def __init__(self, target: Model, drafter: Drafter):
         self.target, self.drafter = target, drafter
         # `inputs`: the weights are read at each call, so a drafter being trained is never seen stale
-        state = [drafter.state, target.model.embed_tokens.state]
-        self._greedy = mx.compile(self._greedy_step, inputs=state)
-        self._hidden = mx.compile(self._body, inputs=state)
+        self._state = [drafter.state, target.model.embed_tokens.state]
+        self._body = mx.compile(self._step, inputs=self._state)
+        self._greedy: dict[int, callable] = {}
 
-    def _body(self, token, hidden, keys, values, lo, hi, position):
+    def _step(self, token, hidden, keys, values, lo, hi, position):
+        """(token (1,), hidden (1, 1, H)) -> (next hidden (1, 1, H), y (1, 1, Hd))."""
         kv, masks = {}, {}
         for layer_type in keys:
             idx = mx.arange(keys[layer_type].shape[2])
@@ -84,19 +85,36 @@ class DraftStep:
             kv[layer_type] = (keys[layer_type], values[layer_type])
         return self.drafter(self.target.model.embed(token[None]), hidden, kv, position, masks)
 
-    def _greedy_step(self, *args):
-        hidden, y = self._body(*args)
-        return hidden, self.drafter.top_token(y)[0]
+    def _greedy_steps(self, num_drafts: int):
+        def steps(token, hidden, *context):
+            tokens = []
+            for _ in range(num_drafts):
+                hidden, y = self._step(token, hidden, *context)
+                token = self.drafter.top_token(y)[0]
+                tokens.append(token)
+            return mx.concatenate(tokens)
 
-    def __call__(self, token: mx.array, hidden: mx.array, windows: dict[str, KVWindow], position: int,
-                 greedy: bool) -> tuple[mx.array, mx.array]:
-        args = (
-            token, hidden,
+        if num_drafts not in self._greedy:
+            self._greedy[num_drafts] = mx.compile(steps, inputs=self._state)
+        return self._greedy[num_drafts]
+
+    @staticmethod
+    def context(windows: dict[str, KVWindow], position: int) -> tuple:
+        """The per-round inputs: K/V windows, their visible ranges and the query position, as arrays (a Python
+        int would be baked into the graph: a retrace every round)."""
+        return (
             {t: w.keys for t, w in windows.items()}, {t: w.values for t, w in windows.items()},
             {t: mx.array(w.lo) for t, w in windows.items()}, {t: mx.array(w.hi) for t, w in windows.items()},
-            mx.array(position),  # an array: a Python int would be baked into the graph (a retrace per round)
+            mx.array(position),
         )
-        return (self._greedy if greedy else self._hidden)(*args)
+
+    def greedy(self, last: mx.array, hidden: mx.array, context: tuple, num_drafts: int) -> mx.array:
+        """`num_drafts` greedy draft tokens (K,)."""
+        return self._greedy_steps(num_drafts)(last, hidden, *context)
+
+    def body(self, token: mx.array, hidden: mx.array, context: tuple) -> tuple[mx.array, mx.array]:
+        """One step: (next hidden, y) for the sampling head."""
+        return self._body(token, hidden, *context)
 
 
 def draft_step(target: Model, drafter: Drafter) -> DraftStep:
@@ -127,13 +145,13 @@ def draft(
     """`num_drafts` tokens (K,) from the drafter at one constant query position, and their q rows (K, V)."""
     if num_drafts == 0:
         return mx.zeros((0,), mx.int32), None
+    context = step.context(windows, position)
+    if sampler.greedy:
+        return step.greedy(last, hidden, context, num_drafts), None
     tokens, qs, token = [], [], last
     for _ in range(num_drafts):
-        if sampler.greedy:
-            hidden, token = step(token, hidden, windows, position, greedy=True)
-        else:
-            hidden, y = step(token, hidden, windows, position, greedy=False)
-            token, q = _sampled_token(step.drafter, y, sampler)
-            qs.append(q)
+        hidden, y = step.body(token, hidden, context)
+        token, q = _sampled_token(step.drafter, y, sampler)
         tokens.append(token)
-    return mx.concatenate(tokens), mx.stack(qs) if qs else None
+        qs.append(q)
+    return mx.concatenate(tokens), mx.stack(qs)

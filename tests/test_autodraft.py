@@ -30,7 +30,7 @@ def _policy(accept_rates, verify, draft_step, max_k=8, rounds=2000):
         survive *= a
         accepted.append(round(survive))
     stats.reached_per_position, stats.accepted_per_position = reached, accepted
-    return AutoDraftLength(DraftCosts(draft_step, [0.0] + verify), stats, max_k)
+    return AutoDraftLength(DraftCosts([draft_step * k for k in range(max_k + 1)], [0.0] + verify), stats, max_k)
 
 
 def test_high_acceptance_and_flat_verify_pick_long_drafts():
@@ -58,6 +58,7 @@ def test_unexplored_positions_follow_the_last_explored_one():
     stats = DraftStats()
     for _ in range(50):
         stats.record(1, 1)
-    policy = AutoDraftLength(DraftCosts(0.1, [0.0] + [1.0 + 0.05 * t for t in range(9)]), stats, 8)
+    costs = DraftCosts([0.1 * k for k in range(9)], [0.0] + [1.0 + 0.05 * t for t in range(9)])
+    policy = AutoDraftLength(costs, stats, 8)
     assert policy.acceptance()[1] == pytest.approx(policy.acceptance()[0])
     assert policy.best() > 1

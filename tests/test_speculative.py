@@ -291,15 +291,18 @@ def test_draft_costs_are_measured_once_and_cached_on_disk(pair, monkeypatch, tmp
     monkeypatch.setenv("MLX_GEMMA_MTP_CACHE", str(tmp_path))
     monkeypatch.setattr(auto, "_COSTS", {})
     costs = auto.measure_costs(target, drafter, 3)
-    assert len(costs.verify) == 4 and all(t > 0 for t in costs.verify[1:]) and costs.draft_step > 0
+    assert len(costs.verify) == 5 and all(t > 0 for t in costs.verify[1:])
+    assert len(costs.draft) == 4 and costs.draft[0] == 0 and all(t > 0 for t in costs.draft[1:])
     monkeypatch.setattr(auto, "_COSTS", {})  # a new process: read back from disk, no timing
-    monkeypatch.setattr(auto, "_timed", lambda *a, **k: pytest.fail("re-measured despite the disk cache"))
+    monkeypatch.setattr(auto, "_timed_pair", lambda *a, **k: pytest.fail("re-measured despite the disk cache"))
     assert auto.measure_costs(target, drafter, 3) == costs
+    monkeypatch.setattr(auto, "_timed_pair", lambda *a, **k: (2e-3, 1e-3))
+    assert auto.measure_costs(target, drafter, 3, greedy=False).draft_step == 2e-3  # its own entry
+    assert auto.measure_costs(target, drafter, 3, refresh=True).verify[1:] == [1e-3] * 4
     auto._cache_file().write_text("{not json")
     monkeypatch.setattr(auto, "_COSTS", {})
-    monkeypatch.setattr(auto, "_timed", lambda *a, **k: 1e-3)
     with pytest.warns(UserWarning, match="unreadable draft-cost cache"):
-        assert auto.measure_costs(target, drafter, 3).draft_step == 1e-3
+        assert auto.measure_costs(target, drafter, 3).draft_step == 2e-3
 
 
 def test_default_draft_length_with_a_proposer_and_no_drafter(pair):

@@ -1,0 +1,72 @@
+"""The drafter's compiled decoding step and the K/V windows it reads, against the eager drafter on exact K/V."""
+
+import mlx.core as mx
+import pytest
+
+from mlx_gemma_mtp.bench import random_pair
+from mlx_gemma_mtp.cache import trim_cache
+from mlx_gemma_mtp.drafting import BUCKET, cache_windows, draft, draft_step, visible_kv
+from mlx_gemma_mtp.sampling import SamplerConfig
+
+
+@pytest.fixture(scope="module")
+def pair():
+    b = random_pair(64, vocab=512)
+    return b.target, b.drafter
+
+
+@pytest.mark.parametrize("context", [5, 129, 200, 300])  # inside and past the window (128), across buckets
+@pytest.mark.parametrize("drop", [0, 3])
+def test_windows_hold_exactly_the_visible_entries(pair, context, drop):
+    target, _ = pair
+    cache = target.make_cache(max_rollback=8)
+    out = target.forward((mx.arange(context + 4)[None] * 7) % 512, cache, return_shared_kv=True)
+    trim_cache(cache, drop)
+    expected = visible_kv(out.shared_kv, drop, target.args.sliding_window)
+    for layer_type, w in cache_windows(target, cache).items():
+        assert w.keys.shape[2] % BUCKET == 0 or w.keys.shape[2] == cache[target.producers[layer_type]].keys.shape[2]
+        for got, want in zip(w.exact(), expected[layer_type]):
+            assert got.shape == want.shape and mx.array_equal(got, want)
+
+
+def _eager_drafts(target, drafter, last, hidden, kv, position, k):
+    tokens = []
+    for _ in range(k):
+        hidden, y = drafter(target.model.embed(last[None]), hidden, kv, position)
+        last = drafter.top_token(y)[0]
+        tokens.append(last.item())
+    return tokens
+
+
+@pytest.mark.parametrize("context", [40, 260])
+def test_compiled_greedy_drafts_equal_the_eager_drafter(pair, context):
+    target, drafter = pair
+    cache = target.make_cache(max_rollback=8)
+    out = target.forward((mx.arange(context)[None] * 11) % 512, cache, return_hidden=True, return_shared_kv=True)
+    hidden, last = out.hidden, mx.array([17])
+    step = draft_step(target, drafter)
+    windows = cache_windows(target, cache)
+    eager = _eager_drafts(target, drafter, last, hidden, visible_kv(out.shared_kv, 0, 128), context, 6)
+    drafts, q = draft(step, last, hidden, windows, context, 6, SamplerConfig())
+    assert drafts.tolist() == eager and q is None
+    # the step body (sampling path) agrees numerically with the eager call
+    h_c, y_c = step.body(last, hidden, step.context(windows, context))
+    h_e, y_e = drafter(target.model.embed(last[None]), hidden, visible_kv(out.shared_kv, 0, 128), context)
+    assert mx.allclose(h_c, h_e, atol=1e-5) and mx.allclose(y_c, y_e, atol=1e-5)
+
+
+def test_compiled_step_sees_weight_updates(pair):
+    """A drafter being trained is read afresh at each call, not frozen into the compiled graph."""
+    target, drafter = pair
+    cache = target.make_cache(max_rollback=8)
+    out = target.forward(mx.arange(20)[None], cache, return_hidden=True)
+    step = draft_step(target, drafter)
+    ctx = step.context(cache_windows(target, cache), 20)
+    before = step.body(mx.array([3]), out.hidden, ctx)[0]
+    saved = drafter.post_projection.weight
+    try:
+        drafter.post_projection.weight = saved * 2
+        after = step.body(mx.array([3]), out.hidden, ctx)[0]
+        assert mx.allclose(after, before * 2, atol=1e-5)
+    finally:
+        drafter.post_projection.weight = saved
