@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import time
 import warnings
@@ -23,16 +24,16 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from .models.gemma4_assistant import Drafter
 from .cache import trim_cache
+from .drafting import cache_windows, draft, draft_step
+from .models.gemma4_assistant import Drafter
 from .models.gemma4_text import Model
 from .sampling import SamplerConfig
-from .drafting import cache_windows, draft, draft_step
-from .speculative import DraftStats
+from .speculative import DraftStats, accept
 
 _COSTS: dict[tuple, DraftCosts] = {}
 PROBE_EVERY = 16  # plain rounds between probes when K = 0 is chosen
-COSTS_VERSION = 3  # bump when the drafter step or the verify changes cost: cached measurements become stale
+COSTS_VERSION = 4  # bump when the drafter step or the verify changes cost: cached measurements become stale
 
 
 @dataclass
@@ -62,8 +63,8 @@ def _timed_pair(first: Callable[[], mx.array], second: Callable[[], mx.array], r
 
 def measure_costs(target: Model, drafter: Drafter, max_drafts: int, context: int = 128, greedy: bool = True,
                   refresh: bool = False) -> DraftCosts:
-    """Time drafting K = 0..max_drafts tokens (greedy or sampled) and the verify of K + 1 tokens that follows it,
-    after a `context`-token prefix. `refresh`: measure again even if a cached measurement exists."""
+    """Time drafting K = 0..max_drafts tokens (greedy or sampled) and the verify of K + 1 tokens that follows it
+    (forward and acceptance rule), after a `context`-token prefix. `refresh`: measure again even if a cached measurement exists."""
     # costs depend on the shapes, dtypes and the device, not on the weights' values
     dtypes = (target.model.embed_tokens.weight.dtype, drafter.pre_projection.weight.dtype)
     key = (COSTS_VERSION, repr(target.args), repr(drafter.args), str(dtypes), max_drafts, context, greedy,
@@ -80,16 +81,25 @@ def measure_costs(target: Model, drafter: Drafter, max_drafts: int, context: int
     windows, step = cache_windows(target, cache), draft_step(target, drafter)
     sampler = SamplerConfig() if greedy else SamplerConfig(temperature=1.0, seed=0)
 
+    V = target.args.vocab_size
+    uniform_q = mx.full((max_drafts, V), -math.log(V))
+
     def verify(T):
-        logits = target.forward(ids[None, :T], cache, rows=T).logits
-        mx.eval(logits)
+        """The target's side of a round: forward and the acceptance rule (sampled acceptance is not free)."""
+        out = target.forward(ids[None, :T], cache, rows=T, return_hidden=True)
+        drafts, q = ids[: T - 1], None if greedy else uniform_q[: T - 1]
+        n, tokens = accept(out, drafts, q, sampler)
+        mx.eval(n, tokens)
         trim_cache(cache, T)  # keep the context fixed between timings
-        return logits
+        return tokens
 
     costs = DraftCosts([0.0], [0.0])
+
+    def drafting(k):
+        return draft(step, ids[-1:], out.hidden, windows, context, k, sampler)[0]
+
     for k in range(max_drafts + 1):
-        drafting = lambda k=k: draft(step, ids[-1:], out.hidden, windows, context, k, sampler)[0]  # noqa: E731
-        draft_time, verify_time = _timed_pair(drafting, lambda k=k: verify(k + 1))
+        draft_time, verify_time = _timed_pair(lambda k=k: drafting(k), lambda k=k: verify(k + 1))
         costs.verify.append(verify_time)
         if k:
             costs.draft.append(draft_time)

@@ -149,7 +149,8 @@ def main(argv: list[str] | None = None) -> None:
         prompts = [[(i * 7919 + 13 * j) % vocab for i in range(args.prompt_tokens)] for j in range(args.prompts)]
     greedy = SamplerConfig()
     sampler = SamplerConfig(temperature=args.temp, seed=0) if args.temp > 0 else greedy
-    run(bundle, prompts[:1], 8, 0, greedy)  # warm-up
+    for k in (0, *args.k, "auto"):  # warm-up: compilation, and "auto" measures its draft costs (once per machine)
+        run(bundle, prompts[:1], 8, k, sampler)
     plain_tps, _, reference = best_of(args.repeats, bundle, prompts, args.max_tokens, 0, sampler)
     # costs at the run's typical context length, so that the round overhead compares like with like
     # measured now, not read from the cost cache: the overhead column compares with this run's machine state

@@ -27,8 +27,8 @@ import torch
 from mlx.utils import tree_flatten
 
 import mlx_gemma_mtp
-from mlx_gemma_mtp.load import GenerationDefaults
 from mlx_gemma_mtp.drafting import visible_kv
+from mlx_gemma_mtp.load import GenerationDefaults
 
 TOL = 1e-4  # float32 max-abs-diff; drafter logits |x| <~ 10, y and next_hidden |x| <~ 10
 WINDOW = 8  # sliding_window of every oracle config

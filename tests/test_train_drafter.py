@@ -19,9 +19,9 @@ from mlx_gemma_mtp import load
 from mlx_gemma_mtp.cli import main
 from mlx_gemma_mtp.distill_data import chunk, load_sequences
 from mlx_gemma_mtp.drafter_init import balanced_clusters, write_drafter
+from mlx_gemma_mtp.drafting import visible_kv
 from mlx_gemma_mtp.load import load_tokenizer
 from mlx_gemma_mtp.models.config import FULL, SLIDING
-from mlx_gemma_mtp.drafting import visible_kv
 from mlx_gemma_mtp.speculative import DRAFT_POSITION_OFFSET
 from mlx_gemma_mtp.train_drafter import DrafterTrainConfig, train_drafter
 
