@@ -179,6 +179,28 @@ def main(argv: list[str] | None = None) -> None:
             print(row(label, tps, plain_tps, stats, overhead))
     if sampler.greedy:
         print("\nall MTP outputs are identical to plain greedy decoding")
+    compare_mlx_vlm(bundle, prompts, args, plain_tps, reference)
+
+
+def compare_mlx_vlm(bundle: Bundle, prompts, args, plain_tps: float, reference: list[list[int]]) -> None:
+    """The same pair and prompts through mlx-vlm's MTP path, when mlx-vlm is installed (greedy only: its T > 0
+    rule is the exact-match one, and sampled outputs are not comparable token by token)."""
+    from . import bench_mlx_vlm
+
+    if (vlm_version := bench_mlx_vlm.version()) is None:
+        print("\nmlx-vlm: not installed, comparison skipped (pip install --no-deps mlx-vlm requests Pillow)")
+        return
+    why = "temperature > 0" if args.temp > 0 else bench_mlx_vlm.unsupported(bundle)
+    if why:
+        print(f"\nmlx-vlm {vlm_version}: comparison skipped ({why})")
+        return
+    print(f"\nmlx-vlm {vlm_version} MTP path, same pair and prompts (its drafter at the hidden state's position):")
+    for k in args.k:
+        result = bench_mlx_vlm.run_mlx_vlm(bundle, prompts, args.max_tokens, k, args.repeats)
+        same = all(out[: len(ref)] == ref for out, ref in zip(result.outputs, reference))
+        mean = result.accepted / result.rounds if result.rounds else 0.0
+        print(f"{f'mlx-vlm K={k}':<22}{result.tps:>9.1f}{result.tps / plain_tps:>10.2f}{mean:>10.2f}"
+              f"{'':>10}  outputs {'identical to' if same else 'DIFFER from'} plain greedy decoding")
 
 
 if __name__ == "__main__":

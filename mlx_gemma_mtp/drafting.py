@@ -13,6 +13,7 @@ sliding layers only the last `window + 1` of them (HF's flipped bidirectional wi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -66,15 +67,16 @@ def cache_windows(target: Model, cache: list[KVCache]) -> dict[str, KVWindow]:
 
 
 class DraftStep:
-    """The drafter's decoding steps, compiled. Greedy: all K steps as one graph per K (no host work between
-    steps); sampling: the step body (sampling and the candidate head stay eager)."""
+    """The drafter's decoding steps, compiled: all K steps of a round as one graph per (K, sampler), so that no
+    host work sits between steps. Sampling draws from MLX's global RNG, whose state the graph reads and
+    advances."""
 
     def __init__(self, target: Model, drafter: Drafter):
         self.target, self.drafter = target, drafter
         # `inputs`: the weights are read at each call, so a drafter being trained is never seen stale
         self._state = [drafter.state, target.model.embed_tokens.state]
         self._body = mx.compile(self._step, inputs=self._state)
-        self._greedy: dict[int, callable] = {}
+        self._rounds: dict[tuple[int, SamplerConfig], Callable] = {}
 
     def _step(self, token, hidden, keys, values, lo, hi, position):
         """(token (1,), hidden (1, 1, H)) -> (next hidden (1, 1, H), y (1, 1, Hd))."""
@@ -85,18 +87,24 @@ class DraftStep:
             kv[layer_type] = (keys[layer_type], values[layer_type])
         return self.drafter(self.target.model.embed(token[None]), hidden, kv, position, masks)
 
-    def _greedy_steps(self, num_drafts: int):
+    def _round(self, num_drafts: int, sampler: SamplerConfig) -> Callable:
         def steps(token, hidden, *context):
-            tokens = []
+            tokens, qs = [], []
             for _ in range(num_drafts):
                 hidden, y = self._step(token, hidden, *context)
-                token = self.drafter.top_token(y)[0]
+                if sampler.greedy:
+                    token = self.drafter.top_token(y)[0]
+                else:
+                    token, q = _sampled_token(self.drafter, y, sampler)
+                    qs.append(q)
                 tokens.append(token)
-            return mx.concatenate(tokens)
+            return mx.concatenate(tokens), mx.stack(qs) if qs else mx.zeros((0,))
 
-        if num_drafts not in self._greedy:
-            self._greedy[num_drafts] = mx.compile(steps, inputs=self._state)
-        return self._greedy[num_drafts]
+        key = (num_drafts, sampler)
+        if key not in self._rounds:
+            rng = [mx.random.state]
+            self._rounds[key] = mx.compile(steps, inputs=self._state + rng, outputs=rng)
+        return self._rounds[key]
 
     @staticmethod
     def context(windows: dict[str, KVWindow], position: int) -> tuple:
@@ -108,12 +116,14 @@ class DraftStep:
             mx.array(position),
         )
 
-    def greedy(self, last: mx.array, hidden: mx.array, context: tuple, num_drafts: int) -> mx.array:
-        """`num_drafts` greedy draft tokens (K,)."""
-        return self._greedy_steps(num_drafts)(last, hidden, *context)
+    def __call__(self, last: mx.array, hidden: mx.array, context: tuple, num_drafts: int,
+                 sampler: SamplerConfig) -> tuple[mx.array, mx.array | None]:
+        """`num_drafts` draft tokens (K,) and, when sampling, their draft distributions q (K, V)."""
+        tokens, q = self._round(num_drafts, sampler)(last, hidden, *context)
+        return tokens, None if sampler.greedy else q
 
     def body(self, token: mx.array, hidden: mx.array, context: tuple) -> tuple[mx.array, mx.array]:
-        """One step: (next hidden, y) for the sampling head."""
+        """One step: (next hidden, y), for tests and tools that need the drafter's hidden output."""
         return self._body(token, hidden, *context)
 
 
@@ -142,16 +152,8 @@ def draft(
     step: DraftStep, last: mx.array, hidden: mx.array, windows: dict[str, KVWindow], position: int,
     num_drafts: int, sampler: SamplerConfig,
 ) -> tuple[mx.array, mx.array | None]:
-    """`num_drafts` tokens (K,) from the drafter at one constant query position, and their q rows (K, V)."""
+    """`num_drafts` tokens (K,) from the drafter at one constant query position, and their q rows (K, V)
+    (log-probabilities) when sampling."""
     if num_drafts == 0:
         return mx.zeros((0,), mx.int32), None
-    context = step.context(windows, position)
-    if sampler.greedy:
-        return step.greedy(last, hidden, context, num_drafts), None
-    tokens, qs, token = [], [], last
-    for _ in range(num_drafts):
-        hidden, y = step.body(token, hidden, context)
-        token, q = _sampled_token(step.drafter, y, sampler)
-        tokens.append(token)
-        qs.append(q)
-    return mx.concatenate(tokens), mx.stack(qs)
+    return step(last, hidden, step.context(windows, position), num_drafts, sampler)

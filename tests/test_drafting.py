@@ -1,7 +1,9 @@
 """The drafter's compiled decoding step and the K/V windows it reads, against the eager drafter on exact K/V."""
 
 import mlx.core as mx
+import numpy as np
 import pytest
+from test_sampling import chi2_pvalue
 
 from mlx_gemma_mtp.bench import random_pair
 from mlx_gemma_mtp.cache import trim_cache
@@ -70,3 +72,24 @@ def test_compiled_step_sees_weight_updates(pair):
         assert mx.allclose(after, before * 2, atol=1e-5)
     finally:
         drafter.post_projection.weight = saved
+
+
+def test_sampled_drafts_follow_their_q(pair):
+    """T > 0: the exact acceptance rule needs every draft to be *sampled* from the q it returns. 4000 seeded draws
+    of the first draft (its q is the same every time) against q by chi-square; q has mass 1 on the candidates."""
+    target, drafter = pair
+    cache = target.make_cache(max_rollback=8)
+    out = target.forward((mx.arange(60)[None] * 5) % 512, cache, return_hidden=True)
+    step, cfg = draft_step(target, drafter), SamplerConfig(temperature=1.5, top_k=40)
+    windows = cache_windows(target, cache)
+    mx.random.seed(3)
+    counts, q0 = np.zeros(512), None
+    for _ in range(4000):
+        drafts, q = draft(step, mx.array([9]), out.hidden, windows, 60, 2, cfg)
+        counts[drafts[0].item()] += 1
+        q0 = q[0] if q0 is None else q0
+        assert q.shape == (2, 512) and mx.allclose(mx.exp(q).sum(axis=-1), mx.ones(2), atol=1e-5)
+    probs = np.exp(np.array(q0))
+    assert (probs > 0).sum() == 40  # top-k applied to the candidates, as the target's processing does
+    assert counts[probs == 0].sum() == 0
+    assert chi2_pvalue(counts[probs > 0], probs[probs > 0]) > 0.001
