@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import argparse
 import sysconfig
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import mlx.core as mx
 
 from . import load, stream_generate
-from .autodraft import measure_costs
+from .autodraft import DraftCosts, measure_costs
 from .load import Bundle, GenerationDefaults
 from .models.config import FULL, SLIDING, ModelArgs
 from .models.gemma4_assistant import Drafter, DrafterArgs
@@ -68,9 +71,62 @@ def forced_proposer(bundle: Bundle, reference: list[int], rate: float, seed: int
     return propose
 
 
-def best_of(repeats: int, *args, **kwargs):
-    """`run` repeated; the fastest (interference from other processes only ever slows a run down)."""
-    return max((run(*args, **kwargs) for _ in range(repeats)), key=lambda result: result[0])
+@dataclass
+class Mode:
+    """One row of the table: `measure()` -> (tokens/s, DraftStats or None, outputs) of one run over the prompts."""
+
+    label: str
+    k: int | str
+    measure: Callable[[], tuple[float, DraftStats | None, list[list[int]]]]
+    exact: bool = False  # ours at temperature 0: outputs must equal plain greedy decoding
+
+
+def our_modes(bundle: Bundle, prompts, reference, args, sampler: SamplerConfig) -> list[Mode]:
+    """Plain decoding, then every MTP row (each K and auto; both acceptance rules at T > 0)."""
+    modes = [Mode("plain", 0, lambda: run(bundle, prompts, args.max_tokens, 0, sampler))]
+    rules = ["leviathan", "match"] if args.temp > 0 else ["greedy"]
+    for k in args.k + ["auto"]:
+        forced = args.force_acceptance is not None and k != "auto"
+        proposer = (lambda i: forced_proposer(bundle, prompts[i] + reference[i], args.force_acceptance)) if forced \
+            else None
+        for rule in rules:
+            cfg = sampler if rule == "greedy" else SamplerConfig(temperature=args.temp, seed=0, speculative_rule=rule)
+            label = f"K={k}" + (" forced" if forced else "") + ("" if rule == "greedy" else f" {rule}")
+            measure = partial(run, bundle, prompts, args.max_tokens, k, cfg, proposer)
+            modes.append(Mode(label, k, measure, exact=cfg.greedy))
+    return modes
+
+
+def mlx_vlm_modes(bundle: Bundle, prompts, args) -> tuple[list[Mode], str]:
+    """The same pair through mlx-vlm's MTP path, one mode per K, and a line saying what was compared (or why
+    not). Greedy only: its T > 0 rule is the exact-match one, and sampled outputs differ token by token."""
+    from . import bench_mlx_vlm
+
+    if (version := bench_mlx_vlm.version()) is None:
+        return [], "mlx-vlm: not installed, comparison skipped (pip install --no-deps mlx-vlm requests Pillow)"
+    why = "temperature > 0" if args.temp > 0 else bench_mlx_vlm.unsupported(bundle)
+    if why:
+        return [], f"mlx-vlm {version}: comparison skipped ({why})"
+    pair = bench_mlx_vlm.MlxVlmPair(bundle, max(args.k))
+    modes = [Mode(f"mlx-vlm K={k}", k, partial(pair.run, prompts, args.max_tokens, k)) for k in args.k]
+    return modes, f"mlx-vlm {version}, its MTP path on the same pair and prompts (drafter at the hidden state's position):"
+
+
+def interleaved_best(modes: list[Mode], repeats: int) -> dict[str, tuple]:
+    """{label: (tokens/s, DraftStats, outputs)} of each mode's fastest run. The modes take turns in every
+    repetition, so a slow spell of the machine (other processes only ever add time) hits all of them alike."""
+    best = {}
+    for _ in range(repeats):
+        for mode in modes:
+            result = mode.measure()
+            if mode.label not in best or result[0] > best[mode.label][0]:
+                best[mode.label] = result
+    return best
+
+
+def min_costs(a: DraftCosts, b: DraftCosts) -> DraftCosts:
+    """Per entry the faster of two measurements."""
+    return DraftCosts([min(x, y) for x, y in zip(a.draft, b.draft)], [min(x, y) for x, y in zip(a.verify, b.verify)])
 
 
 def run(bundle: Bundle, prompts: list[list[int]], max_tokens: int, k, sampler: SamplerConfig, proposer=None):
@@ -119,8 +175,8 @@ def print_costs(costs) -> None:
 
 
 def row(label, tps, plain_tps, stats, overhead="") -> str:
-    acc = " ".join(f"{a:.2f}" for a in stats.acceptance_per_position) if stats else ""
-    mean = f"{stats.mean_accepted_length:.2f}" if stats else ""
+    acc = " ".join(f"{a:.2f}" for a in stats.acceptance_per_position) if stats and stats.rounds else ""
+    mean = f"{stats.mean_accepted_length:.2f}" if stats and stats.rounds else ""
     return f"{label:<22}{tps:>9.1f}{tps / plain_tps:>10.2f}{mean:>10}{overhead:>10}  {acc}"
 
 
@@ -151,56 +207,36 @@ def main(argv: list[str] | None = None) -> None:
     sampler = SamplerConfig(temperature=args.temp, seed=0) if args.temp > 0 else greedy
     for k in (0, *args.k, "auto"):  # warm-up: compilation, and "auto" measures its draft costs (once per machine)
         run(bundle, prompts[:1], 8, k, sampler)
-    plain_tps, _, reference = best_of(args.repeats, bundle, prompts, args.max_tokens, 0, sampler)
-    # costs at the run's typical context length, so that the round overhead compares like with like
-    # measured now, not read from the cost cache: the overhead column compares with this run's machine state
-    costs = measure_costs(bundle.target, bundle.drafter, 8, context=len(prompts[0]) + args.max_tokens // 2,
-                          greedy=sampler.greedy, refresh=True)
+    _, _, reference = run(bundle, prompts, args.max_tokens, 0, sampler)
+    # costs at the run's typical context length, measured around the timed runs (not read from the cost cache)
+    context = len(prompts[0]) + args.max_tokens // 2
+    before = measure_costs(bundle.target, bundle.drafter, 8, context, sampler.greedy, refresh=True)
+    ours = our_modes(bundle, prompts, reference, args, sampler)
+    theirs, theirs_line = mlx_vlm_modes(bundle, prompts, args)
+    results = interleaved_best(ours + theirs, args.repeats)
+    costs = min_costs(before, measure_costs(bundle.target, bundle.drafter, 8, context, sampler.greedy, refresh=True))
+
     print(f"model: {name} | {len(prompts)} prompts x {len(prompts[0])} tokens | {args.max_tokens} new tokens | "
-          f"temperature {args.temp} | device {mx.default_device()}")
+          f"temperature {args.temp} | device {mx.default_device()} | each mode the best of {args.repeats} runs")
     print_costs(costs)
     print(f"\n{'mode':<22}{'tok/s':>9}{'vs plain':>10}{'mean acc':>10}{'overhead':>10}  acceptance per position")
-    print(f"{'plain':<22}{plain_tps:>9.1f}{1.0:>10.2f}")
-    rules = ["leviathan", "match"] if args.temp > 0 else ["greedy"]
-    for k in args.k + ["auto"]:
-        forced = args.force_acceptance is not None and k != "auto"
-        proposer = (lambda i: forced_proposer(bundle, prompts[i] + reference[i], args.force_acceptance)) if forced \
-            else None
-        for rule in rules:
-            cfg = sampler if rule == "greedy" else SamplerConfig(temperature=args.temp, seed=0, speculative_rule=rule)
-            tps, stats, outputs = best_of(args.repeats, bundle, prompts, args.max_tokens, k, cfg, proposer)
-            if cfg.greedy:
-                assert outputs == reference, "MTP output differs from plain greedy decoding"
-            overhead = ""
-            if k != "auto" and stats.rounds:
-                per_round = (sum(map(len, outputs)) / tps) / stats.rounds
-                overhead = f"{per_round / (costs.verify[k + 1] + costs.draft[k]):.2f}"
-            label = f"K={k}" + (" forced" if forced else "") + ("" if rule == "greedy" else f" {rule}")
-            print(row(label, tps, plain_tps, stats, overhead))
+    plain_tps = results["plain"][0]
+    for mode in ours:
+        tps, stats, outputs = results[mode.label]
+        if mode.exact and outputs != reference:
+            raise SystemExit(f"error: {mode.label} output differs from plain greedy decoding (an exactness bug)")
+        overhead = ""
+        if isinstance(mode.k, int) and mode.k > 0 and stats.rounds:
+            per_round = (sum(map(len, outputs)) / tps) / stats.rounds
+            overhead = f"{per_round / (costs.verify[mode.k + 1] + costs.draft[mode.k]):.2f}"
+        print(row(mode.label, tps, plain_tps, stats, overhead))
     if sampler.greedy:
         print("\nall MTP outputs are identical to plain greedy decoding")
-    compare_mlx_vlm(bundle, prompts, args, plain_tps, reference)
-
-
-def compare_mlx_vlm(bundle: Bundle, prompts, args, plain_tps: float, reference: list[list[int]]) -> None:
-    """The same pair and prompts through mlx-vlm's MTP path, when mlx-vlm is installed (greedy only: its T > 0
-    rule is the exact-match one, and sampled outputs are not comparable token by token)."""
-    from . import bench_mlx_vlm
-
-    if (vlm_version := bench_mlx_vlm.version()) is None:
-        print("\nmlx-vlm: not installed, comparison skipped (pip install --no-deps mlx-vlm requests Pillow)")
-        return
-    why = "temperature > 0" if args.temp > 0 else bench_mlx_vlm.unsupported(bundle)
-    if why:
-        print(f"\nmlx-vlm {vlm_version}: comparison skipped ({why})")
-        return
-    print(f"\nmlx-vlm {vlm_version} MTP path, same pair and prompts (its drafter at the hidden state's position):")
-    for k in args.k:
-        result = bench_mlx_vlm.run_mlx_vlm(bundle, prompts, args.max_tokens, k, args.repeats)
-        same = all(out[: len(ref)] == ref for out, ref in zip(result.outputs, reference))
-        mean = result.accepted / result.rounds if result.rounds else 0.0
-        print(f"{f'mlx-vlm K={k}':<22}{result.tps:>9.1f}{result.tps / plain_tps:>10.2f}{mean:>10.2f}"
-              f"{'':>10}  outputs {'identical to' if same else 'DIFFER from'} plain greedy decoding")
+    print(f"\n{theirs_line}")
+    for mode in theirs:
+        tps, stats, outputs = results[mode.label]
+        same = all(out[: len(ref)] == ref for out, ref in zip(outputs, reference))
+        print(row(mode.label, tps, plain_tps, stats) + f"  (output {'identical to' if same else 'DIFFERS from'} plain)")
 
 
 if __name__ == "__main__":

@@ -6,8 +6,8 @@ mlx-vlm cannot read our folders as they are, so the pair is exported to a tempor
   becomes `{"model_type": "gemma4", "text_config": ..., "vision_config": {}}` (an empty vision config is built
   and then dropped, as the checkpoint has no vision weights) and the weights are renamed `model.*` ->
   `language_model.model.*` (its sanitize strips a bare leading `model.`);
-- drafter: our weights and config unchanged, plus `block_size = K + 1`: mlx-vlm drafts at most `block_size - 1`
-  tokens per round (default 3) until its recent acceptance reaches 65%.
+- drafter: our weights and config unchanged, plus `block_size`: mlx-vlm drafts at most `block_size - 1` tokens per
+  round (default 3) until its recent acceptance reaches 65%, so each run sets it to K + 1.
 Prompts go in as token ids (no chat template, no BOS added). mlx-vlm's `generate_step` ignores EOS, so outputs
 are compared over the tokens our plain decoding produced. mlx-vlm queries the drafter at the hidden state's own
 position (our `position_offset=0`).
@@ -21,7 +21,6 @@ import json
 import logging
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
@@ -29,6 +28,7 @@ from mlx.utils import tree_flatten
 
 from .drafter_init import drafter_config
 from .load import Bundle
+from .speculative import DraftStats
 
 
 def version() -> str | None:
@@ -67,16 +67,8 @@ def export_pair(bundle: Bundle, folder: Path, k: int) -> tuple[Path, Path]:
     return target_dir, drafter_dir
 
 
-@dataclass
-class VlmResult:
-    tps: float  # generated tokens / seconds after the first token, over all prompts (our `generation_tps`)
-    outputs: list[list[int]]
-    rounds: int
-    drafted: int
-    accepted: int
-
-
-def _generate(model, drafter, prompt: list[int], max_tokens: int, k: int) -> tuple[list[int], float, list, list]:
+def _generate(model, drafter, prompt: list[int], max_tokens: int, k: int) -> tuple[list[int], float]:
+    """(tokens, seconds after the first token): our `generation_tps` convention."""
     from mlx_vlm.generate import generate_step
 
     tokens, first = [], None
@@ -87,33 +79,35 @@ def _generate(model, drafter, prompt: list[int], max_tokens: int, k: int) -> tup
         first = first or time.perf_counter()
         if len(tokens) >= max_tokens:
             break
-    seconds = time.perf_counter() - first
-    return tokens, seconds, list(drafter.accept_lens), list(drafter.draft_lens)
+    return tokens, time.perf_counter() - first
 
 
-def run_mlx_vlm(bundle: Bundle, prompts: list[list[int]], max_tokens: int, k: int, repeats: int) -> VlmResult:
-    """mlx-vlm's MTP greedy decoding of `prompts` with K drafts per round; tokens/s is the best of `repeats`."""
-    from mlx_vlm.speculative import load_drafter
-    from mlx_vlm.utils import load_model
+class MlxVlmPair:
+    """The bundle's pair loaded by mlx-vlm (exported once, for drafts of up to `max_k` tokens)."""
 
-    with tempfile.TemporaryDirectory(prefix="mlx_vlm_pair_") as tmp:
-        target_dir, drafter_dir = export_pair(bundle, Path(tmp), k)
-        logging.disable(logging.WARNING)  # it warns that the (absent) vision tower is dropped: expected here
-        try:
-            model = load_model(target_dir)
-            drafter, _ = load_drafter(str(drafter_dir), kind="mtp")
-        finally:
-            logging.disable(logging.NOTSET)
-    _generate(model, drafter, prompts[0], 8, k)  # warm-up
-    best = None
-    for _ in range(repeats):
-        outputs, seconds, rounds, drafted, accepted = [], 0.0, 0, 0, 0
+    def __init__(self, bundle: Bundle, max_k: int):
+        from mlx_vlm.speculative import load_drafter
+        from mlx_vlm.utils import load_model
+
+        with tempfile.TemporaryDirectory(prefix="mlx_vlm_pair_") as tmp:
+            target_dir, drafter_dir = export_pair(bundle, Path(tmp), max_k)
+            logging.disable(logging.WARNING)  # it warns that the (absent) vision tower is dropped: expected here
+            try:
+                self.model = load_model(target_dir)
+                self.drafter, _ = load_drafter(str(drafter_dir), kind="mtp")
+            finally:
+                logging.disable(logging.NOTSET)
+            mx.eval(self.model.parameters(), self.drafter.parameters())  # read before the folder goes
+        _generate(self.model, self.drafter, [1, 2, 3], 8, max_k)  # warm-up
+
+    def run(self, prompts: list[list[int]], max_tokens: int, k: int) -> tuple[float, DraftStats, list[list[int]]]:
+        """Greedy MTP decoding of each prompt with K drafts per round: (tokens/s, its counters, outputs)."""
+        self.drafter.config.block_size = k + 1  # the per-round cap (see the module docstring)
+        outputs, seconds, stats = [], 0.0, DraftStats()
         for prompt in prompts:
-            tokens, s, accept_lens, draft_lens = _generate(model, drafter, prompt, max_tokens, k)
+            tokens, s = _generate(self.model, self.drafter, prompt, max_tokens, k)
             outputs.append(tokens)
             seconds += s
-            rounds, drafted, accepted = rounds + len(accept_lens), drafted + sum(draft_lens), accepted + sum(
-                accept_lens)
-        result = VlmResult(sum(map(len, outputs)) / seconds, outputs, rounds, drafted, accepted)
-        best = result if best is None or result.tps > best.tps else best
-    return best
+            for drafted, accepted in zip(self.drafter.draft_lens, self.drafter.accept_lens):
+                stats.record(drafted, accepted)
+        return sum(map(len, outputs)) / seconds, stats, outputs
