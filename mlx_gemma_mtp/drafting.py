@@ -25,6 +25,7 @@ from .models.gemma4_text import KV, Model
 from .sampling import SamplerConfig, log_probs, sample
 
 BUCKET = 128  # divides the caches' growth step (256), so a bucketed view always fits in the buffer
+MAX_GRAPHS = 32  # compiled draft rounds kept per pair (one per K and sampling setting), oldest dropped first
 
 
 @dataclass
@@ -76,7 +77,7 @@ class DraftStep:
         # `inputs`: the weights are read at each call, so a drafter being trained is never seen stale
         self._state = [drafter.state, target.model.embed_tokens.state]
         self._body = mx.compile(self._step, inputs=self._state)
-        self._rounds: dict[tuple[int, SamplerConfig], Callable] = {}
+        self._rounds: dict[tuple, Callable] = {}
 
     def _step(self, token, hidden, keys, values, lo, hi, position):
         """(token (1,), hidden (1, 1, H)) -> (next hidden (1, 1, H), y (1, 1, Hd))."""
@@ -100,8 +101,12 @@ class DraftStep:
                 tokens.append(token)
             return mx.concatenate(tokens), mx.stack(qs) if qs else mx.zeros((0,))
 
-        key = (num_drafts, sampler)
+        # only what shapes the draft distribution: a new seed must not mean a new graph
+        key = (num_drafts, None if sampler.greedy else (sampler.temperature, sampler.top_p, sampler.top_k,
+                                                        sampler.min_p))
         if key not in self._rounds:
+            if len(self._rounds) >= MAX_GRAPHS:  # e.g. an app whose temperature slider keeps moving
+                del self._rounds[next(iter(self._rounds))]
             rng = [mx.random.state]
             self._rounds[key] = mx.compile(steps, inputs=self._state + rng, outputs=rng)
         return self._rounds[key]

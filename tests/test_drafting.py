@@ -93,3 +93,20 @@ def test_sampled_drafts_follow_their_q(pair):
     assert (probs > 0).sum() == 40  # top-k applied to the candidates, as the target's processing does
     assert counts[probs == 0].sum() == 0
     assert chi2_pvalue(counts[probs > 0], probs[probs > 0]) > 0.001
+
+
+def test_compiled_rounds_are_shared_across_seeds_and_bounded(pair, monkeypatch):
+    import mlx_gemma_mtp.drafting as drafting
+
+    target, drafter = pair
+    cache = target.make_cache(max_rollback=8)
+    out = target.forward(mx.arange(30)[None], cache, return_hidden=True)
+    step = drafting.DraftStep(target, drafter)
+    windows = cache_windows(target, cache)
+    for seed in range(5):
+        draft(step, mx.array([4]), out.hidden, windows, 30, 2, SamplerConfig(temperature=0.8, seed=seed))
+    assert len(step._rounds) == 1
+    monkeypatch.setattr(drafting, "MAX_GRAPHS", 3)
+    for t in (0.5, 0.6, 0.7, 0.9):
+        draft(step, mx.array([4]), out.hidden, windows, 30, 2, SamplerConfig(temperature=t))
+    assert len(step._rounds) == 3
