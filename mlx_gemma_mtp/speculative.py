@@ -104,6 +104,8 @@ def accept(out: TargetOutput, drafts: mx.array, q: mx.array | None, sampler: Sam
     return speculative_accept(log_probs(logits, sampler), q, drafts)
 
 
+_NO_DRAFTS = mx.zeros((0,), mx.int32)
+
 # (last token, hidden, {layer type: KVWindow}, position of the last token, K) -> (drafts (K,), q (K, V) or None)
 Proposer = Callable[[mx.array, mx.array, dict[str, KVWindow], int, int], tuple[mx.array, mx.array | None]]
 
@@ -121,6 +123,31 @@ def drafter_proposer(target: Model, drafter: Drafter, sampler: SamplerConfig,
     return propose
 
 
+def _plain_rounds(target: Model, cache: list, last: mx.array, draft_length: Callable[[int], int],
+                  sampler: SamplerConfig, stats: DraftStats, remaining: int):
+    """K = 0 rounds for as long as the policy keeps choosing them, each queued before the previous token is read:
+    plain decoding's pipelining (syncing before every round would make "auto" slower than plain decoding exactly
+    when it falls back to it). Yields (token, False); returns (newest token, hidden state of the position before
+    it, tokens produced, the policy's K for the next round or None once `remaining` tokens are produced)."""
+
+    def step(y):
+        out = target.forward(y[None], cache, return_hidden=True)
+        token = accept(out, _NO_DRAFTS, None, sampler)[1]  # (1,): the target's own token, greedy or sampled
+        mx.async_eval(token, out.hidden)
+        return token, out.hidden
+
+    produced, (token, hidden) = 0, step(last)
+    while True:
+        produced += 1
+        stats.record(0, 0)
+        next_k = draft_length(remaining - produced) if produced < remaining else None
+        following = step(token) if next_k == 0 else None  # queued before this round's token is read
+        yield token.item(), False
+        if following is None:
+            return token, hidden, produced, next_k
+        token, hidden = following
+
+
 def mtp_generate_step(
     target: Model, propose: Proposer, cache: list, first_hidden: mx.array, first_token: mx.array,
     draft_length: Callable[[int], int], sampler: SamplerConfig, stats: DraftStats, max_tokens: int,
@@ -132,12 +159,19 @@ def mtp_generate_step(
         cache: the target's cache holding the prompt (all but `first_token`).
         first_hidden: the target's post-norm hidden state of the last prompt token, (1, 1, H).
         first_token: the token sampled from it, (1,).
-        draft_length: tokens still wanted -> K for the next round (0: a plain decoding round).
+        draft_length: tokens still wanted -> K for the next round (0: a plain decoding round); called once per
+            round, before it.
     """
     last, hidden = first_token, first_hidden
     remaining = max_tokens
+    K = draft_length(remaining) if remaining > 0 else 0
     while remaining > 0:
-        K = max(0, min(draft_length(remaining), remaining - 1))  # never draft past the budget
+        K = max(0, min(K, remaining - 1))  # never draft past the budget
+        if K == 0:
+            last, hidden, produced, K = yield from _plain_rounds(target, cache, last, draft_length, sampler, stats,
+                                                                 remaining)
+            remaining -= produced
+            continue
         # `last` sits at the cache's offset; the cache holds exactly the accepted tokens before it
         drafts, q = propose(last, hidden, cache_windows(target, cache), cache[0].offset, K)
         mx.async_eval(drafts)  # the drafter computes while the verify graph is being built (no host sync)
@@ -151,3 +185,5 @@ def mtp_generate_step(
         remaining -= n + 1
         for i in range(n + 1):
             yield tokens[i], i < n
+        if remaining > 0:
+            K = draft_length(remaining)

@@ -317,3 +317,40 @@ def test_default_draft_length_with_a_proposer_and_no_drafter(pair):
     for k in (None, "auto"):
         with pytest.raises(ValueError, match="custom proposer pass an int"):
             tokens(b, PROMPT, num_draft_tokens=k, proposer=wrong)
+
+
+@pytest.mark.parametrize("pattern", [[0, 0, 3, 0, 2, 0, 0, 0, 4], [2, 0], [0], [5]])
+def test_policy_switching_between_plain_and_mtp_rounds_is_exact(pair, pattern):
+    """K = 0 rounds run pipelined inside the MTP loop; switching in and out of them keeps the output and asks the
+    policy exactly once per round."""
+    from mlx_gemma_mtp.decode import prefill
+    from mlx_gemma_mtp.speculative import DraftStats, drafter_proposer, mtp_generate_step
+
+    target, drafter = pair
+    plain = tokens(bundle(target, drafter), PROMPT, max_tokens=40, num_draft_tokens=0)
+    calls = []
+
+    def policy(remaining):
+        calls.append(remaining)
+        return pattern[(len(calls) - 1) % len(pattern)]
+
+    cache = target.make_cache(max_rollback=8)
+    first = prefill(target, mx.array(PROMPT), cache, 512, True)
+    token = mx.argmax(first.logits[:, -1], axis=-1)
+    stats, greedy, seen = DraftStats(), SamplerConfig(), []
+    real = drafter_proposer(target, drafter, greedy)
+
+    def propose(last, hidden, windows, position, k):
+        seen.append((last.item(), hidden, position))
+        return real(last, hidden, windows, position, k)
+
+    steps = mtp_generate_step(target, propose, cache, first.hidden, token, policy, greedy, stats, 39)
+    assert [token.item()] + [t for t, _ in steps] == plain
+    assert stats.rounds == len(calls) and calls[0] == 39
+    assert cache[0].offset == len(PROMPT) + 39  # every emitted token but the newest is in the cache
+    # every drafting round starts from the true state: `last` at `position`, the hidden state of the one before
+    sequence = PROMPT + plain
+    full = target.forward(mx.array(sequence)[None], rows=len(sequence), return_hidden=True).hidden[0]
+    for last, hidden, position in seen:
+        assert last == sequence[position]
+        assert mx.allclose(hidden[0, 0], full[position - 1], rtol=1e-3, atol=1e-3)  # float32, other shapes
