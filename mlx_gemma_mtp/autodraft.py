@@ -64,7 +64,7 @@ def _timed_pair(first: Callable[[], mx.array], second: Callable[[], mx.array], r
 def measure_costs(target: Model, drafter: Drafter, max_drafts: int, context: int = 128, greedy: bool = True,
                   refresh: bool = False) -> DraftCosts:
     """Time drafting K = 0..max_drafts tokens (greedy or sampled) and the verify of K + 1 tokens that follows it
-    (forward and acceptance rule), after a `context`-token prefix. `refresh`: measure again even if a cached measurement exists."""
+    (forward and acceptance rule), after a `context`-token prefix. `refresh`: measure even if cached."""
     # costs depend on the shapes, dtypes and the device, not on the weights' values
     dtypes = (target.model.embed_tokens.weight.dtype, drafter.pre_projection.weight.dtype)
     key = (COSTS_VERSION, repr(target.args), repr(drafter.args), str(dtypes), max_drafts, context, greedy,
@@ -93,11 +93,10 @@ def measure_costs(target: Model, drafter: Drafter, max_drafts: int, context: int
         trim_cache(cache, T)  # keep the context fixed between timings
         return tokens
 
-    costs = DraftCosts([0.0], [0.0])
-
     def drafting(k):
         return draft(step, ids[-1:], out.hidden, windows, context, k, sampler)[0]
 
+    costs = DraftCosts([0.0], [0.0])
     for k in range(max_drafts + 1):
         draft_time, verify_time = _timed_pair(lambda k=k: drafting(k), lambda k=k: verify(k + 1))
         costs.verify.append(verify_time)

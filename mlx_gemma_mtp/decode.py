@@ -101,7 +101,8 @@ def _tokens(bundle, ids, max_tokens, sampler, num_draft_tokens, stats, prefill_s
     if use_mtp:
         policy = draft_length_policy(num_draft_tokens, target, drafter, stats, MAX_DRAFT_TOKENS, sampler.greedy)
         proposer = proposer or drafter_proposer(target, drafter, sampler)
-        yield from mtp_generate_step(target, proposer, cache, first.hidden, token, policy, sampler, stats, max_tokens - 1)
+        yield from mtp_generate_step(target, proposer, cache, first.hidden, token, policy, sampler, stats,
+                                     max_tokens - 1)
     else:
         yield from generate_step(target, cache, token, sampler)
 
