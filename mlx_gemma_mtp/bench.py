@@ -177,7 +177,7 @@ def print_costs(costs) -> None:
 def row(label, tps, plain_tps, stats, overhead="") -> str:
     acc = " ".join(f"{a:.2f}" for a in stats.acceptance_per_position) if stats and stats.rounds else ""
     mean = f"{stats.mean_accepted_length:.2f}" if stats and stats.rounds else ""
-    return f"{label:<22}{tps:>9.1f}{tps / plain_tps:>10.2f}{mean:>10}{overhead:>10}  {acc}"
+    return f"{label:<22}{tps:>9.1f}{tps / plain_tps:>10.2f}{mean:>10}{overhead:>10}  {acc}".rstrip()
 
 
 def main(argv: list[str] | None = None) -> None:
