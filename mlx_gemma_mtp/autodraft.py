@@ -32,7 +32,7 @@ from .sampling import SamplerConfig
 from .speculative import DraftStats, accept
 
 _COSTS: dict[tuple, DraftCosts] = {}
-PROBE_EVERY = 16  # plain rounds between probes when K = 0 is chosen
+PROBE_EVERY = 16  # at most this many plain rounds between probes when K = 0 is chosen
 COSTS_VERSION = 4  # bump when the drafter step or the verify changes cost: cached measurements become stale
 
 
@@ -184,13 +184,21 @@ class AutoDraftLength:
         acceptance = self.acceptance()
         return max(range(self.max_k + 1), key=lambda k: self.expected_rate(k, acceptance))
 
+    def probe_interval(self) -> int:
+        """Plain rounds between probes: short while the estimate rests on a few rounds (two early rejections
+        must not switch drafting off for long), up to PROBE_EVERY once it is well supported."""
+        reached = self.stats.reached_per_position[0] if self.stats.reached_per_position else 0
+        return min(PROBE_EVERY, 2 + reached // 2)
+
     def __call__(self, remaining: int) -> int:
         self._observe_round()
         k = self.best()
         if k == 0:
             self.plain_rounds += 1
-            if self.plain_rounds % PROBE_EVERY == 0:
-                k = 1
+            if self.plain_rounds >= self.probe_interval():
+                k, self.plain_rounds = 1, 0
+        else:
+            self.plain_rounds = 0
         self._last_k = k
         return k
 

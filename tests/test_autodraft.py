@@ -62,3 +62,18 @@ def test_unexplored_positions_follow_the_last_explored_one():
     policy = AutoDraftLength(costs, stats, 8)
     assert policy.acceptance()[1] == pytest.approx(policy.acceptance()[0])
     assert policy.best() > 1
+
+
+def test_probes_come_soon_after_few_rejections_and_rarely_after_many():
+    costs = DraftCosts([0.5 * k for k in range(9)], [0.0] + [1.0] * 9)  # drafting costs half a verify per token
+    few = DraftStats()
+    few.record(1, 0), few.record(1, 0)
+    policy = AutoDraftLength(costs, few, 8)
+    ks = [policy(100) for _ in range(8)]
+    assert ks[:2] == [0, 0] and 1 in ks[2:4]  # a probe after at most 3 plain rounds
+    many = DraftStats()
+    for _ in range(100):
+        many.record(1, 0)
+    policy = AutoDraftLength(costs, many, 8)
+    ks = [policy(100) for _ in range(40)]
+    assert ks.count(1) == 2 and ks[15] == 1  # every 16th round
