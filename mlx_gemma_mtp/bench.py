@@ -83,7 +83,7 @@ class Mode:
 
 def our_modes(bundle: Bundle, prompts, reference, args, sampler: SamplerConfig) -> list[Mode]:
     """Plain decoding, then every MTP row (each K and auto; both acceptance rules at T > 0)."""
-    modes = [Mode("plain", 0, lambda: run(bundle, prompts, args.max_tokens, 0, sampler))]
+    modes = [Mode("plain", 0, partial(run, bundle, prompts, args.max_tokens, 0, sampler))]
     rules = ["leviathan", "match"] if args.temp > 0 else ["greedy"]
     for k in args.k + ["auto"]:
         forced = args.force_acceptance is not None and k != "auto"

@@ -17,8 +17,8 @@ import mlx.core as mx
 from .autodraft import draft_length_policy
 from .load import Bundle
 from .models.gemma4_text import Model, TargetOutput
-from .sampling import SamplerConfig, log_probs, sample
-from .speculative import DraftStats, Proposer, drafter_proposer, mtp_generate_step
+from .sampling import SamplerConfig, choose
+from .speculative import DraftStats, Proposer, drafter_proposer, mtp_generate_step, plain_step
 
 Prompt = str | list[int] | list[dict]
 MAX_DRAFT_TOKENS = 16  # rollback slack the caches keep; longer drafts are refused
@@ -38,11 +38,6 @@ class GenerationResponse:
     draft: DraftStats | None  # live counters of the MTP path, None for plain decoding
 
 
-def _choose(logits: mx.array, sampler: SamplerConfig) -> mx.array:
-    """(1, V) logits -> (1,) token."""
-    return mx.argmax(logits, axis=-1) if sampler.greedy else sample(log_probs(logits, sampler))
-
-
 def prefill(model: Model, prompt: mx.array, cache: list, step: int, want_hidden: bool) -> TargetOutput:
     """Feed `prompt` (T,) into `cache`: all but the last token in chunks without logits, then the last one."""
     for start in range(0, prompt.size - 1, step):
@@ -57,14 +52,9 @@ def generate_step(model: Model, cache: list, first_token: mx.array, sampler: Sam
     """Plain decoding after the first token; each step is queued before the previous token is read, so building
     the next graph overlaps the computation of the current one (mlx-lm's pattern)."""
 
-    def step(y):
-        token = _choose(model.forward(y[None], cache).logits[:, -1], sampler)
-        mx.async_eval(token)
-        return token
-
-    y = step(first_token)
+    y, _ = plain_step(model, cache, first_token, sampler)
     while True:
-        following = step(y)
+        following, _ = plain_step(model, cache, y, sampler)
         yield y.item(), False
         y = following
 
@@ -96,7 +86,7 @@ def _tokens(bundle, ids, max_tokens, sampler, num_draft_tokens, stats, prefill_s
     use_mtp = num_draft_tokens != 0  # resolved: 0 whenever there is nothing to draft with
     cache = target.make_cache(max_rollback=MAX_DRAFT_TOKENS)
     first = prefill(target, mx.array(ids), cache, prefill_step_size, use_mtp)
-    token = _choose(first.logits[:, -1], sampler)
+    token = choose(first.logits[:, -1], sampler)
     yield token.item(), False
     if use_mtp:
         policy = draft_length_policy(num_draft_tokens, target, drafter, stats, MAX_DRAFT_TOKENS, sampler.greedy)

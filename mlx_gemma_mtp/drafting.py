@@ -42,13 +42,19 @@ class KVWindow:
         return self.keys[..., self.lo : self.hi, :], self.values[..., self.lo : self.hi, :]
 
 
+def _visible_start(layer_type: str, end: int, window: int) -> int:
+    """First visible entry when entries [0, end) are held: all of them, or on sliding layers the last
+    `window + 1` (HF's flipped bidirectional window)."""
+    return max(0, end - window - 1) if layer_type == SLIDING else 0
+
+
 def visible_kv(shared_kv: dict[str, KV], drop: int, window: int) -> dict[str, KV]:
     """From a target forward's producer K/V: the last `drop` entries (rejected drafts) removed and, on sliding
     layers, the last `window + 1` entries kept."""
     out = {}
     for layer_type, (k, v) in shared_kv.items():
         end = k.shape[2] - drop
-        start = max(0, end - window - 1) if layer_type == SLIDING else 0
+        start = _visible_start(layer_type, end, window)
         out[layer_type] = (k[..., start:end, :], v[..., start:end, :])
     return out
 
@@ -59,7 +65,7 @@ def cache_windows(target: Model, cache: list[KVCache]) -> dict[str, KVWindow]:
     out = {}
     for layer_type, producer in target.producers.items():
         c = cache[producer]  # producers never share K/V, so each owns a cache
-        lo, hi = (max(0, c.length - window - 1) if layer_type == SLIDING else 0), c.length
+        lo, hi = _visible_start(layer_type, c.length, window), c.length
         size = min(c.keys.shape[2], -(-(hi - lo) // BUCKET) * BUCKET)
         start = max(0, hi - size)
         view = slice(start, start + size)

@@ -107,6 +107,11 @@ def log_probs(logits: mx.array, cfg: SamplerConfig) -> mx.array:
     return x
 
 
+def choose(logits: mx.array, cfg: SamplerConfig) -> mx.array:
+    """The target's own next token: ``(..., V)`` logits -> ``(...,)`` int32, argmax or a sample of ``log_probs``."""
+    return mx.argmax(logits, axis=-1).astype(mx.int32) if cfg.greedy else sample(log_probs(logits, cfg))
+
+
 def sample(logprobs: mx.array, key: mx.array | None = None) -> mx.array:
     """Draw one token per row: ``(..., V)`` log-probabilities (or logits) -> ``(...,)`` int32 ids."""
     return mx.random.categorical(logprobs, axis=-1, key=key).astype(mx.int32)

@@ -21,7 +21,7 @@ from .cache import trim_cache
 from .drafting import KVWindow, cache_windows, draft, draft_step
 from .models.gemma4_assistant import Drafter
 from .models.gemma4_text import Model, TargetOutput
-from .sampling import SamplerConfig, greedy_accept, log_probs, match_accept, sample, speculative_accept
+from .sampling import SamplerConfig, choose, greedy_accept, log_probs, match_accept, speculative_accept
 
 # Default drafter query position = position of the hidden state + DRAFT_POSITION_OFFSET. HF's convention (1: the
 # position of the token being fed, i.e. one past the last K/V entry) is the one the released assistants ship with
@@ -98,13 +98,11 @@ def accept(out: TargetOutput, drafts: mx.array, q: mx.array | None, sampler: Sam
     if sampler.greedy:
         return greedy_accept(logits, drafts)
     if drafts.size == 0:
-        return mx.array(0), sample(log_probs(logits, sampler))
+        return mx.array(0), choose(logits, sampler)
     if sampler.speculative_rule == "match":
         return match_accept(log_probs(logits, sampler), drafts)
     return speculative_accept(log_probs(logits, sampler), q, drafts)
 
-
-_NO_DRAFTS = mx.zeros((0,), mx.int32)
 
 # (last token, hidden, {layer type: KVWindow}, position of the last token, K) -> (drafts (K,), q (K, V) or None)
 Proposer = Callable[[mx.array, mx.array, dict[str, KVWindow], int, int], tuple[mx.array, mx.array | None]]
@@ -113,7 +111,6 @@ Proposer = Callable[[mx.array, mx.array, dict[str, KVWindow], int, int], tuple[m
 def drafter_proposer(target: Model, drafter: Drafter, sampler: SamplerConfig,
                      position_offset: int = DRAFT_POSITION_OFFSET) -> Proposer:
     """The real drafter, querying at (position of the hidden state) + `position_offset` (1: HF, 0: mlx-vlm)."""
-
     step = draft_step(target, drafter)
 
     def propose(last, hidden, windows, last_position, k):
@@ -123,25 +120,27 @@ def drafter_proposer(target: Model, drafter: Drafter, sampler: SamplerConfig,
     return propose
 
 
+def plain_step(target: Model, cache: list, y: mx.array, sampler: SamplerConfig) -> tuple[mx.array, mx.array]:
+    """Queue one plain decoding step for token `y` (1,): (the next token (1,), the hidden state of `y`'s position),
+    computing while the caller reads the previous token (mlx-lm's pipelining)."""
+    out = target.forward(y[None], cache, return_hidden=True)
+    token = choose(out.logits[:, -1], sampler)
+    mx.async_eval(token, out.hidden)
+    return token, out.hidden
+
+
 def _plain_rounds(target: Model, cache: list, last: mx.array, draft_length: Callable[[int], int],
                   sampler: SamplerConfig, stats: DraftStats, remaining: int):
     """K = 0 rounds for as long as the policy keeps choosing them, each queued before the previous token is read:
     plain decoding's pipelining (syncing before every round would make "auto" slower than plain decoding exactly
     when it falls back to it). Yields (token, False); returns (newest token, hidden state of the position before
     it, tokens produced, the policy's K for the next round or None once `remaining` tokens are produced)."""
-
-    def step(y):
-        out = target.forward(y[None], cache, return_hidden=True)
-        token = accept(out, _NO_DRAFTS, None, sampler)[1]  # (1,): the target's own token, greedy or sampled
-        mx.async_eval(token, out.hidden)
-        return token, out.hidden
-
-    produced, (token, hidden) = 0, step(last)
+    produced, (token, hidden) = 0, plain_step(target, cache, last, sampler)
     while True:
         produced += 1
         stats.record(0, 0)
         next_k = draft_length(remaining - produced) if produced < remaining else None
-        following = step(token) if next_k == 0 else None  # queued before this round's token is read
+        following = plain_step(target, cache, token, sampler) if next_k == 0 else None  # before reading `token`
         yield token.item(), False
         if following is None:
             return token, hidden, produced, next_k

@@ -13,6 +13,7 @@ import pytest
 
 from mlx_gemma_mtp.sampling import (
     SamplerConfig,
+    choose,
     greedy_accept,
     log_probs,
     match_accept,
@@ -369,3 +370,14 @@ def test_match_accept_is_the_exact_match_rule():
     assert theory < np.minimum(P_ROWS[0], Q_ROWS[0]).sum()
     with pytest.raises(ValueError, match="speculative_rule"):
         SamplerConfig(temperature=1.0, speculative_rule="sometimes")
+
+
+def test_choose_is_argmax_or_a_sample_of_the_processed_distribution():
+    logits = mx.random.normal((3, 50), key=mx.random.key(1))
+    greedy = choose(logits, SamplerConfig())
+    assert greedy.dtype == mx.int32 and greedy.tolist() == mx.argmax(logits, axis=-1).tolist()
+    cfg = SamplerConfig(temperature=0.7, top_k=5)
+    mx.random.seed(4)
+    drawn = choose(logits, cfg)
+    mx.random.seed(4)
+    assert drawn.tolist() == sample(log_probs(logits, cfg)).tolist()
