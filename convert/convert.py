@@ -267,8 +267,8 @@ def convert(
     out = Path(mlx_path).expanduser().resolve()
     if out.exists() and not force:  # fail fast, before any download
         _check_output(out, force, [])
-    target = target_source(resolve(hf_path))
-    draft_path = resolve(draft_hf_path) if draft_hf_path is not None else target.path / DRAFTER_DIR
+    target = target_source(resolve(hf_path, "hf_path"))
+    draft_path = target.path / DRAFTER_DIR if draft_hf_path is None else resolve(draft_hf_path, "draft_hf_path")
     has_drafter = draft_hf_path is not None or draft_path.is_dir()
     drafter = drafter_source(draft_path, target.module.args) if has_drafter else None
     if draft_q_bits is not None and drafter is None:

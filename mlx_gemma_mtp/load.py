@@ -47,8 +47,11 @@ class Bundle:
     path: Path
 
 
-def resolve(path_or_id: str | Path) -> Path:
-    """A local folder as is; otherwise a hub id downloaded with huggingface_hub (text-model files only)."""
+def resolve(path_or_id: str | Path, role: str = "model") -> Path:
+    """A local folder as is; otherwise a hub id downloaded with huggingface_hub (text-model files only).
+
+    `role` ("model", "drafter", ...) names the argument in errors, so a failed download says which id failed.
+    """
     path = Path(path_or_id).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -58,8 +61,23 @@ def resolve(path_or_id: str | Path) -> Path:
     if name.count("/") != 1 or name.startswith((".", "/", "~")):
         raise FileNotFoundError(f"{name}: no such folder, and not a hub id of the form 'owner/name'")
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-    return Path(snapshot_download(name, allow_patterns=HUB_PATTERNS))
+    try:
+        return Path(snapshot_download(name, allow_patterns=HUB_PATTERNS))
+    except GatedRepoError as e:
+        raise FileNotFoundError(f"{role} {name!r} is a gated hub repository: accept its license on the hub, then "
+                                f"log in (`hf auth login`) or set HF_TOKEN ({type(e).__name__})") from e
+    except RepositoryNotFoundError as e:
+        raise FileNotFoundError(f"{role} {name!r}: no such hub repository (or it is private: log in with "
+                                f"`hf auth login`), and no such local folder") from e
+    except LocalEntryNotFoundError as e:
+        raise FileNotFoundError(
+            f"{role} {name!r} is not in the local hub cache and the hub cannot be reached (offline, "
+            f"HF_HUB_OFFLINE=1 or no network). Download it first (`hf download {name}`) while online, or pass "
+            f"the local folder that holds its config.json") from e
+    except HfHubHTTPError as e:
+        raise FileNotFoundError(f"{role} {name!r}: the hub download failed ({e}); retry, or pass a local folder") from e
 
 
 def read_config(path: Path) -> dict:
@@ -78,13 +96,15 @@ def safetensors_files(path: Path) -> list[Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise ValueError(f"{index} is not a valid safetensors index: {e}") from e
+            shard_names = list(dict.fromkeys(weight_map.values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{index} is not a valid safetensors index: {e!r}") from e
         files = []
-        for name in dict.fromkeys(weight_map.values()):
-            shard = (path / name).resolve()
-            if not shard.is_relative_to(path.resolve()):
+        for name in shard_names:
+            if not _plain_file_name(name):
                 raise ValueError(f"{index} names shard {name!r} outside the checkpoint folder; refusing to read it")
+            # the *name* is checked, not where it resolves: hub snapshots hold symlinks into ../../blobs/
+            shard = path / name
             if not shard.is_file():
                 raise FileNotFoundError(f"{index} names shard {name!r}, which is missing from {path}")
             files.append(shard)
@@ -93,6 +113,12 @@ def safetensors_files(path: Path) -> list[Path]:
     if not files:
         raise FileNotFoundError(f"no *.safetensors weights in {path} (only safetensors checkpoints are supported)")
     return files
+
+
+def _plain_file_name(name) -> bool:
+    """A file name inside the folder: no separators, not absolute, not `.`/`..` (path traversal)."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+            and "\0" not in name)
 
 
 def safetensors_header(file: Path) -> dict:
@@ -219,9 +245,9 @@ def load(model: str | Path, draft: str | Path | None = None, dtype: mx.Dtype | N
         draft: local folder or hub id of the matching `gemma4_assistant` drafter (overrides a bundled one).
         dtype: cast floating weights (e.g. `mx.float32` for exactness tests); default keeps the checkpoint's.
     """
-    path = resolve(model)
+    path = resolve(model, "model")
     target, config = load_target(path, dtype)
-    draft_path = resolve(draft) if draft is not None else path / DRAFTER_DIR
+    draft_path = resolve(draft, "drafter") if draft is not None else path / DRAFTER_DIR
     drafter = load_drafter(draft_path, target.args, dtype) if draft is not None or draft_path.is_dir() else None
     generation = read_generation_defaults(path, config)
     return Bundle(target, drafter, load_tokenizer(path, generation.eos_token_ids), config, generation, path)

@@ -139,7 +139,7 @@ def initial_drafter(target: Model, cfg: DrafterTrainConfig, init_drafter: str | 
                             cfg.num_hidden_layers)
         drafter = new_drafter(target, args, cfg.seed)
     else:
-        folder = resolve(init_drafter)
+        folder = resolve(init_drafter, "init_drafter")
         if (c := read_config(folder)).get("quantization") or c.get("quantization_config"):
             raise ValueError(f"init_drafter {folder} is quantized; fine-tune from the unquantized drafter")
         drafter = load_drafter(folder, target.args, mx.float32)
