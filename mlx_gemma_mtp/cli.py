@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from .convert import add_convert_parser, add_eval_quant_parser
@@ -22,6 +23,17 @@ def _draft_tokens(value: str) -> int | str:
         raise argparse.ArgumentTypeError(f"{value!r}: expected an integer or 'auto'") from None
 
 
+def _json_object(value: str) -> dict:
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e}): {value!r}") from None
+    if not isinstance(parsed, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"enable_thinking\": true}}', "
+                                         f"got {value!r}")
+    return parsed
+
+
 def add_generate_parser(sub) -> None:
     p = sub.add_parser("generate", help="generate text from a Gemma 4 checkpoint (MTP when a drafter is given)")
     p.add_argument("--model", default=None,
@@ -36,7 +48,12 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--num-draft-tokens", type=_draft_tokens, default=None,
                    help="draft length K, 0 for plain decoding, or 'auto' (default when a drafter is loaded)")
-    p.add_argument("--no-chat-template", action="store_true", help="feed the prompt as raw text")
+    p.add_argument("--no-chat-template", action="store_true", help="feed the prompt as raw text (BOS is added)")
+    p.add_argument("--chat-template-kwargs", type=_json_object, default=None,
+                   help='options for the chat template as JSON, e.g. \'{"enable_thinking": true}\'')
+    p.add_argument("--thinking", action="store_true",
+                   help="let Gemma 4 think first (enable_thinking); the thought is printed dimmed, or after a "
+                        "'[thinking]' marker when stdout is not a terminal")
     p.set_defaults(func=run_generate)
 
 
@@ -62,7 +79,7 @@ def run_generate(args) -> None:
         from .demo import demo_dtype, demo_path
 
         model, dtype = demo_path(), demo_dtype()
-        args.prompt = args.prompt or DEMO_PROMPT
+        args.prompt = DEMO_PROMPT if args.prompt is None else args.prompt
         print("Running the offline demo pair (a small Gemma 4-architecture model trained on Python's standard "
               "library, with its MTP drafter). For a real Gemma 4: --model google/gemma-4-E2B-it "
               "--draft google/gemma-4-E2B-it-assistant", file=sys.stderr)
@@ -75,14 +92,45 @@ def run_generate(args) -> None:
         min_p=args.min_p,
         seed=args.seed,
     )
-    args.prompt = args.prompt or "Write a haiku about speculative decoding."
+    if args.prompt is None:
+        args.prompt = "Write a haiku about speculative decoding."
     use_chat = not args.no_chat_template and bundle.tokenizer is not None and bundle.tokenizer.has_chat_template
     prompt = [{"role": "user", "content": args.prompt}] if use_chat else args.prompt
+    template_kwargs = dict(args.chat_template_kwargs or {})
+    if args.thinking:
+        template_kwargs["enable_thinking"] = True
+    printer = _ChannelPrinter(sys.stdout)
     last = None
-    for last in stream_generate(bundle, prompt, args.max_tokens, sampler, args.num_draft_tokens):
-        print(last.text, end="", flush=True)
-    print()
+    for last in stream_generate(bundle, prompt, args.max_tokens, sampler, args.num_draft_tokens,
+                                chat_template_kwargs=template_kwargs or None):
+        printer.write(last.channel, last.text)
+    printer.end()
     print(format_stats(last), file=sys.stderr)
+
+
+class _ChannelPrinter:
+    """Prints the answer as is and a thought dimmed (ANSI) on a terminal, or under a marker line otherwise."""
+
+    DIM, RESET = "\x1b[2m", "\x1b[0m"
+
+    def __init__(self, out):
+        self.out, self.tty, self.channel = out, out.isatty(), "answer"
+
+    def write(self, channel: str, text: str) -> None:
+        if not text:
+            return
+        if channel != self.channel:
+            if self.tty:
+                self.out.write(self.RESET if channel == "answer" else self.DIM)
+            else:
+                self.out.write(f"[{'answer' if channel == 'answer' else 'thinking'}]\n")
+            self.channel = channel
+        self.out.write(text)
+        self.out.flush()
+
+    def end(self) -> None:
+        self.out.write((self.RESET if self.tty and self.channel != "answer" else "") + "\n")
+        self.out.flush()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,10 +17,11 @@ import mlx.core as mx
 from .autodraft import draft_length_policy
 from .load import Bundle
 from .models.gemma4_text import Model, TargetOutput
+from .prompt import Prompt, prompt_ids
 from .sampling import SamplerConfig, choose
 from .speculative import DraftStats, Proposer, drafter_proposer, mtp_generate_step, plain_step
+from .textstream import ANSWER, TextStream
 
-Prompt = str | list[int] | list[dict]
 MAX_DRAFT_TOKENS = 16  # rollback slack the caches keep; longer drafts are refused
 
 
@@ -36,13 +37,15 @@ class GenerationResponse:
     generation_tps: float
     peak_memory: float  # GB
     draft: DraftStats | None  # live counters of the MTP path, None for plain decoding
+    channel: str = ANSWER  # which part `text` belongs to: "answer", or "thought" inside Gemma 4's thinking
 
 
 def prefill(model: Model, prompt: mx.array, cache: list, step: int, want_hidden: bool) -> TargetOutput:
     """Feed `prompt` (T,) into `cache`: all but the last token in chunks without logits, then the last one."""
     for start in range(0, prompt.size - 1, step):
         model.forward(prompt[None, start : min(start + step, prompt.size - 1)], cache, rows=0)
-        mx.eval([c.keys for c in cache])
+        # keys *and* values: a lazy value buffer keeps every chunk's activations alive (memory ~ prompt x hidden)
+        mx.eval([(c.keys, c.values) for c in cache])
         mx.clear_cache()
     return model.forward(prompt[None, -1:], cache, return_hidden=want_hidden)
 
@@ -59,20 +62,8 @@ def generate_step(model: Model, cache: list, first_token: mx.array, sampler: Sam
         y = following
 
 
-def _prompt_ids(bundle: Bundle, prompt: Prompt) -> list[int]:
-    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], dict)):
-        if bundle.tokenizer is None:
-            raise ValueError(f"{bundle.path} has no tokenizer files; pass the prompt as a list of token ids")
-        if isinstance(prompt, str):
-            ids = list(bundle.tokenizer.encode(prompt))
-        else:
-            ids = list(bundle.tokenizer.apply_chat_template(prompt, add_generation_prompt=True))
-    elif prompt and all(isinstance(t, int) for t in prompt):
-        ids = list(prompt)
-    elif prompt and all(isinstance(t, (list, tuple)) for t in prompt):
-        raise ValueError("batch size is 1: pass one prompt (a list of token ids), not a list of prompts")
-    else:
-        raise ValueError("prompt must be a non-empty string, list of chat messages or list of token ids")
+def _prompt_ids(bundle: Bundle, prompt: Prompt, chat_template_kwargs: dict | None) -> list[int]:
+    ids = prompt_ids(bundle.tokenizer, bundle.special, prompt, chat_template_kwargs, where=str(bundle.path))
     if not ids:
         raise ValueError("the prompt encodes to no tokens")
     vocab = bundle.target.args.vocab_size
@@ -119,30 +110,40 @@ def stream_generate(
     max_tokens: int = 256,
     sampler: SamplerConfig | None = None,
     num_draft_tokens: int | str | None = None,
-    stop: list[str] | None = None,
+    stop: str | list[str] | None = None,
     prefill_step_size: int = 512,
     proposer: Proposer | None = None,
+    chat_template_kwargs: dict | None = None,
 ) -> Iterator[GenerationResponse]:
     """Generate from `prompt` (string, chat messages, or token ids), yielding one response per token.
+
+    A string gets the tokenizer's BOS prepended when the tokenizer does not add it (Gemma 4); chat messages are
+    rendered by the checkpoint's own chat template; token ids are used as given. Generation stops at any EOS id
+    of `config.json`, `generation_config.json` or the tokenizer (released Gemma 4: 1, 106, 50).
 
     Args:
         sampler: greedy when None. With a seed, generation is reproducible.
         num_draft_tokens: MTP draft length: an int (0 = plain decoding), "auto", or None (= "auto" when the
             bundle has a drafter). Output is the target's own, with or without drafts. Batch size is 1.
-        stop: strings that end generation; the text is cut before them.
+        stop: a string or strings that end generation; the answer's text is cut before them.
         proposer: replaces the drafter as the source of drafts (benchmarks, oracle tests); needs an int
             `num_draft_tokens`.
+        chat_template_kwargs: options for the chat template, e.g. `{"enable_thinking": True}` (Gemma 4 then
+            thinks first: those deltas come with `channel="thought"`). Thinking is off unless asked for.
     """
     sampler = sampler or SamplerConfig()
     num_draft_tokens = _resolve_draft_request(bundle, num_draft_tokens, proposer)
     if max_tokens < 1:
         raise ValueError(f"max_tokens={max_tokens}: must be >= 1")
-    ids = _prompt_ids(bundle, prompt)
+    ids = _prompt_ids(bundle, prompt, chat_template_kwargs)
     if sampler.seed is not None:
         mx.random.seed(sampler.seed)
     stats = DraftStats() if num_draft_tokens != 0 else None
     eos = set(bundle.generation.eos_token_ids) | set(getattr(bundle.tokenizer, "eos_token_ids", None) or [])
-    text = _TextStream(bundle.tokenizer, stop or [])
+    stop = [stop] if isinstance(stop, str) else list(stop or [])
+    if not all(isinstance(s, str) for s in stop):
+        raise ValueError(f"stop={stop!r}: pass a string or a list of strings")
+    text = TextStream(bundle.tokenizer, stop, bundle.special.channels)
     mx.reset_peak_memory()
     tic = time.perf_counter()
     prompt_tps = n = 0
@@ -151,13 +152,13 @@ def stream_generate(
         if n == 1:
             prompt_tps, tic = len(ids) / (time.perf_counter() - tic), time.perf_counter()
         is_eos = token in eos
-        delta, stopped = text.add(None if is_eos else token)
+        channel, delta, stopped = text.add(None if is_eos else token)
         finish = "stop" if is_eos or stopped else "length" if n >= max_tokens else None
         if finish:
             delta += text.flush(stopped)
         elapsed = max(time.perf_counter() - tic, 1e-9)
         yield GenerationResponse(delta, token, from_draft, finish, len(ids), prompt_tps, n, n / elapsed,
-                                 mx.get_peak_memory() / 1e9, stats)
+                                 mx.get_peak_memory() / 1e9, stats, channel)
         if finish:
             break
         if n % 256 == 0:
@@ -165,41 +166,5 @@ def stream_generate(
 
 
 def generate(bundle: Bundle, prompt: Prompt, **kwargs) -> str:
-    """The whole generated text (same arguments as `stream_generate`)."""
-    return "".join(r.text for r in stream_generate(bundle, prompt, **kwargs))
-
-
-class _TextStream:
-    """Streaming detokenizer plus stop strings: text is held back while it could still start a stop string."""
-
-    def __init__(self, tokenizer, stop: list[str]):
-        self.detokenizer = tokenizer.detokenizer if tokenizer is not None else None
-        if self.detokenizer is not None:
-            self.detokenizer.reset()
-        self.stop = [s for s in stop if s]
-        self.text, self.emitted = "", 0
-
-    def add(self, token: int | None) -> tuple[str, bool]:
-        """Add a token (None for EOS, which is not shown); return (text now safe to show, hit a stop string)."""
-        if self.detokenizer is None:
-            return "", False
-        if token is not None:
-            self.detokenizer.add_token(token)
-            self.text += self.detokenizer.last_segment
-        for s in self.stop:
-            if (i := self.text.find(s, max(0, self.emitted - len(s)))) >= 0:
-                self.text = self.text[:i]
-                return "", True
-        hold = max((len(s) - 1 for s in self.stop), default=0)
-        safe = max(self.emitted, len(self.text) - hold)
-        delta, self.emitted = self.text[self.emitted : safe], safe
-        return delta, False
-
-    def flush(self, stopped: bool) -> str:
-        if self.detokenizer is None:
-            return ""
-        if not stopped:
-            self.detokenizer.finalize()
-            self.text += self.detokenizer.last_segment
-        delta, self.emitted = self.text[self.emitted :], len(self.text)
-        return delta
+    """The generated answer (same arguments as `stream_generate`); with thinking on, without the thought."""
+    return "".join(r.text for r in stream_generate(bundle, prompt, **kwargs) if r.channel == ANSWER)

@@ -22,6 +22,7 @@ import mlx.nn as nn
 from .models.config import ModelArgs
 from .models.gemma4_assistant import Drafter, DrafterArgs
 from .models.gemma4_text import Model, canonical_key
+from .prompt import SpecialTokens, special_tokens
 
 DRAFTER_DIR = "drafter"
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.jinja", "*.model", "*.txt"]
@@ -31,10 +32,11 @@ HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.jinja", "*.model", "
 class GenerationDefaults:
     """From `generation_config.json`: what the checkpoint's authors recommend."""
 
-    eos_token_ids: list[int] = field(default_factory=list)
+    eos_token_ids: list[int] = field(default_factory=list)  # with config.json's: every id generation stops at
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
+    bos_token_id: int | None = None
 
 
 @dataclass
@@ -45,6 +47,7 @@ class Bundle:
     config: dict
     generation: GenerationDefaults
     path: Path
+    special: SpecialTokens = field(default_factory=SpecialTokens)  # BOS and Gemma 4's channel markers
 
 
 def resolve(path_or_id: str | Path, role: str = "model") -> Path:
@@ -217,15 +220,31 @@ def load_drafter(path: Path, target_args: ModelArgs, dtype: mx.Dtype | None = No
     return drafter
 
 
+def _ids(value, where: str) -> list[int]:
+    """An id or a list of ids (the two spellings of `eos_token_id`) as a list."""
+    ids = [] if value is None else [value] if isinstance(value, int) else value
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise ValueError(f"{where}: eos_token_id must be an integer or a list of integers, got {value!r}")
+    return ids
+
+
 def read_generation_defaults(path: Path, config: dict) -> GenerationDefaults:
+    """Sampling defaults of `generation_config.json`, and the EOS ids of it and of `config.json` together (the
+    released Gemma 4 configs say [1, 106], their generation configs [1, 106, 50]: stop on all of them)."""
     file = path / "generation_config.json"
     try:
         gen = json.loads(file.read_text()) if file.is_file() else {}
     except json.JSONDecodeError as e:
         raise ValueError(f"{file} is not valid JSON: {e}") from e
-    eos = gen.get("eos_token_id", config.get("eos_token_id", config.get("text_config", {}).get("eos_token_id")))
-    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    return GenerationDefaults(eos, gen.get("temperature"), gen.get("top_p"), gen.get("top_k"))
+    if not isinstance(gen, dict):
+        raise ValueError(f"{file} must hold a JSON object, not {type(gen).__name__}")
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    eos = _ids(gen.get("eos_token_id"), str(file))
+    eos += _ids(config.get("eos_token_id"), str(path / "config.json"))
+    eos += _ids(text.get("eos_token_id"), str(path / "config.json"))
+    bos = gen.get("bos_token_id", config.get("bos_token_id", text.get("bos_token_id")))
+    return GenerationDefaults(list(dict.fromkeys(eos)), gen.get("temperature"), gen.get("top_p"), gen.get("top_k"),
+                              bos if isinstance(bos, int) else None)
 
 
 def load_tokenizer(path: Path, eos_token_ids: list[int]):
@@ -250,4 +269,6 @@ def load(model: str | Path, draft: str | Path | None = None, dtype: mx.Dtype | N
     draft_path = resolve(draft, "drafter") if draft is not None else path / DRAFTER_DIR
     drafter = load_drafter(draft_path, target.args, dtype) if draft is not None or draft_path.is_dir() else None
     generation = read_generation_defaults(path, config)
-    return Bundle(target, drafter, load_tokenizer(path, generation.eos_token_ids), config, generation, path)
+    tokenizer = load_tokenizer(path, generation.eos_token_ids)
+    special = special_tokens(tokenizer, generation.bos_token_id)
+    return Bundle(target, drafter, tokenizer, config, generation, path, special)

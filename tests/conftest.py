@@ -111,3 +111,79 @@ def _private_cost_cache(tmp_path_factory):
         os.environ.pop("MLX_GEMMA_MTP_CACHE")
     else:
         os.environ["MLX_GEMMA_MTP_CACHE"] = old
+
+
+# ------------------------------------------------------------------------------------------------------------
+# A Gemma-4-like tokenizer: the released special tokens at their real ids, `add_bos_token` false, an SPM-style
+# BPE (spaces as "▁", "\n" at 107), and chat templates with the E2B-style and 31B-style generation prompts.
+# ------------------------------------------------------------------------------------------------------------
+
+GEMMA4_SPECIAL = {0: "<pad>", 1: "<eos>", 2: "<bos>", 3: "<unk>", 46: "<|tool>", 47: "<tool|>", 48: "<|tool_call>",
+                  49: "<tool_call|>", 50: "<|tool_response>", 51: "<tool_response|>", 52: '<|"|>', 98: "<|think|>",
+                  100: "<|channel>", 101: "<channel|>", 105: "<|turn>", 106: "<turn|>"}
+GEMMA4_EOS = [1, 106, 50]  # generation_config.json's; config.json says [1, 106]
+_GEMMA4_CHARS = list("▁abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,!?':;-()")
+_GEMMA4_MERGES = [("t", "h"), ("th", "e"), ("▁", "the"), ("u", "s"), ("us", "e"), ("use", "r"), ("m", "o"),
+                  ("mo", "d"), ("mod", "e"), ("mode", "l")]
+
+# Written for these tests after the released templates' structure: BOS, an optional system turn that carries
+# <|think|> when thinking is on, <|turn>role\n…<turn|>\n turns, earlier model turns with their thought spans
+# stripped, and the generation prompt ('31b' adds the empty thought block when thinking is off).
+GEMMA4_TEMPLATE = """{%- macro strip_thinking(text) -%}
+{%- set ns = namespace(out='') -%}
+{%- for part in text.split('<channel|>') -%}
+{%- set ns.out = ns.out + (part.split('<|channel>')[0] if '<|channel>' in part else part) -%}
+{%- endfor -%}
+{{- ns.out | trim -}}
+{%- endmacro -%}
+{%- set enable_thinking = enable_thinking | default(false) -%}
+{%- set loop_messages = messages -%}
+{{- bos_token -}}
+{%- if enable_thinking or (messages and messages[0]['role'] == 'system') -%}
+{{- '<|turn>system\\n' -}}
+{%- if enable_thinking -%}{{- '<|think|>\\n' -}}{%- endif -%}
+{%- if messages and messages[0]['role'] == 'system' -%}
+{{- messages[0]['content'] | trim -}}
+{%- set loop_messages = messages[1:] -%}
+{%- endif -%}
+{{- '<turn|>\\n' -}}
+{%- endif -%}
+{%- for m in loop_messages -%}
+{%- set role = 'model' if m['role'] == 'assistant' else m['role'] -%}
+{{- '<|turn>' + role + '\\n' -}}
+{%- if role == 'model' -%}{{- strip_thinking(m['content']) -}}{%- else -%}{{- m['content'] | trim -}}{%- endif -%}
+{{- '<turn|>\\n' -}}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+{{- '<|turn>model\\n' -}}
+{%- if EMPTY_THOUGHT and not enable_thinking -%}{{- '<|channel>thought\\n<channel|>' -}}{%- endif -%}
+{%- endif -%}"""
+
+
+def gemma4_template(style: str) -> str:
+    """'e2b' (E2B/E4B generation prompt) or '31b' (26B/31B: an empty thought block when thinking is off)."""
+    return GEMMA4_TEMPLATE.replace("EMPTY_THOUGHT", "true" if style == "31b" else "false")
+
+
+def write_gemma4_tokenizer(path: Path, style: str = "e2b", template_file: bool = True, vocab_size: int = 256) -> None:
+    """HF tokenizer files shaped like Gemma 4's (ids < `vocab_size`, so the tiny models can read every id)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+
+    by_id = {i: f"<unused{i}>" for i in range(vocab_size)} | dict(GEMMA4_SPECIAL) | {107: "\n"}
+    pieces = _GEMMA4_CHARS + ["".join(m) for m in _GEMMA4_MERGES]
+    by_id.update(enumerate(pieces, start=108))
+    vocab = {tok: i for i, tok in by_id.items()}
+    assert max(vocab.values()) < vocab_size
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=_GEMMA4_MERGES, unk_token="<unk>", fuse_unk=True))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in GEMMA4_SPECIAL.values()])
+    path.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<bos>", "eos_token": "<eos>",
+              "pad_token": "<pad>", "unk_token": "<unk>", "add_bos_token": False, "add_eos_token": False}
+    if template_file:
+        (path / "chat_template.jinja").write_text(gemma4_template(style))
+    else:
+        config["chat_template"] = gemma4_template(style)
+    (path / "tokenizer_config.json").write_text(json.dumps(config))

@@ -203,7 +203,7 @@ def test_string_and_chat_prompts_generate(with_tokenizer, prompt):
     bundle = with_tokenizer
     tok = bundle.tokenizer
     expected_ids = (
-        tok.encode(prompt)
+        [bundle.special.bos, *tok.encode(prompt)]  # this tokenizer adds no BOS itself
         if isinstance(prompt, str)
         else list(tok.apply_chat_template(prompt, add_generation_prompt=True))
     )

@@ -58,8 +58,9 @@ def train_tokenizer(texts: list[str], vocab_size: int, out: Path) -> None:
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer)
     tok.save(str(out / "tokenizer.json"))
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<bos>", "eos_token": "<eos>",
-              "pad_token": "<pad>", "unk_token": "<unk>"}
+    # no bos_token: the corpus is documents separated by <eos>, never BOS, so a raw prompt must not get one
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<eos>", "pad_token": "<pad>",
+              "unk_token": "<unk>"}
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
 
 
@@ -141,7 +142,7 @@ def write_target(model: Model, out: Path) -> None:
     weights = dict(tree_flatten(model.parameters()))
     mx.save_safetensors(str(out / "model.safetensors"), {k: v.astype(mx.float16) for k, v in weights.items()})
     (out / "config.json").write_text(json.dumps(model.args.to_dict(), indent=2))
-    gen = {"eos_token_id": [SPECIAL.index("<eos>")], "bos_token_id": SPECIAL.index("<bos>")}
+    gen = {"eos_token_id": [SPECIAL.index("<eos>")]}  # trained without BOS (see write_tokenizer)
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
 
 
