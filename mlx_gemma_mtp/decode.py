@@ -16,6 +16,7 @@ import mlx.core as mx
 
 from .autodraft import draft_length_policy
 from .load import Bundle
+from .memory import generation_stream, on_stream, wired_limit
 from .models.gemma4_text import Model, TargetOutput
 from .prompt import Prompt, prompt_ids
 from .sampling import SamplerConfig, choose
@@ -148,21 +149,23 @@ def stream_generate(
     tic = time.perf_counter()
     prompt_tps = n = 0
     tokens = _tokens(bundle, ids, max_tokens, sampler, num_draft_tokens, stats, prefill_step_size, proposer)
-    for n, (token, from_draft) in enumerate(tokens, start=1):
-        if n == 1:
-            prompt_tps, tic = len(ids) / (time.perf_counter() - tic), time.perf_counter()
-        is_eos = token in eos
-        channel, delta, stopped = text.add(None if is_eos else token)
-        finish = "stop" if is_eos or stopped else "length" if n >= max_tokens else None
-        if finish:
-            delta += text.flush(stopped)
-        elapsed = max(time.perf_counter() - tic, 1e-9)
-        yield GenerationResponse(delta, token, from_draft, finish, len(ids), prompt_tps, n, n / elapsed,
-                                 mx.get_peak_memory() / 1e9, stats, channel)
-        if finish:
-            break
-        if n % 256 == 0:
-            mx.clear_cache()
+    tokens = on_stream(tokens, generation_stream)  # the model's work on generation's own stream
+    with wired_limit(bundle.target, bundle.drafter, streams=[generation_stream]):
+        for n, (token, from_draft) in enumerate(tokens, start=1):
+            if n == 1:
+                prompt_tps, tic = len(ids) / (time.perf_counter() - tic), time.perf_counter()
+            is_eos = token in eos
+            channel, delta, stopped = text.add(None if is_eos else token)
+            finish = "stop" if is_eos or stopped else "length" if n >= max_tokens else None
+            if finish:
+                delta += text.flush(stopped)
+            elapsed = max(time.perf_counter() - tic, 1e-9)
+            yield GenerationResponse(delta, token, from_draft, finish, len(ids), prompt_tps, n, n / elapsed,
+                                     mx.get_peak_memory() / 1e9, stats, channel)
+            if finish:
+                break
+            if n % 256 == 0:
+                mx.clear_cache()
 
 
 def generate(bundle: Bundle, prompt: Prompt, **kwargs) -> str:

@@ -1,0 +1,65 @@
+"""Memory hygiene for generation, as mlx-lm does it on Metal (`mlx_lm.generate.wired_limit`, `generation_stream`).
+
+On Apple silicon the GPU's memory can be paged out under pressure, which makes decoding crawl; raising the wired
+limit to the device's recommended working-set size while generating keeps the weights resident. A model close to
+that size is warned about, since it will page anyway. Generation runs on its own (thread-local) stream, so the
+caller's work on the default stream never interleaves with it. On the CPU backend the device reports no
+recommended size and the wired limit is left alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_reduce
+
+# thread-local: each thread that generates gets a stream of its own
+generation_stream = mx.new_thread_local_stream(mx.default_device())
+WARN_FRACTION = 0.9  # of the recommended working set, as mlx-lm
+
+
+def model_bytes(*modules: nn.Module | None) -> int:
+    """Bytes of the parameters of `modules` (None entries, e.g. a missing drafter, count 0)."""
+    return sum(tree_reduce(lambda acc, x: acc + x.nbytes if isinstance(x, mx.array) else acc, m, 0)
+               for m in modules if m is not None)
+
+
+@contextlib.contextmanager
+def wired_limit(*modules: nn.Module | None, streams: list | None = None) -> Iterator[None]:
+    """Raise the wired limit to the recommended working set while generating, then restore it.
+
+    `streams` are synchronised before the old limit is restored (changing it during an async eval is unsafe).
+    """
+    recommended = mx.device_info().get("max_recommended_working_set_size")
+    if not recommended:
+        yield
+        return
+    if (size := model_bytes(*modules)) > WARN_FRACTION * recommended:
+        print(f"[warning] the model needs {size / 2**30:.1f} GiB, close to this device's recommended working set "
+              f"of {recommended / 2**30:.1f} GiB: generation may be slow (a smaller or more quantized model, or "
+              "`sudo sysctl iogpu.wired_limit_mb=...`, helps)", file=sys.stderr)
+    old = mx.set_wired_limit(recommended)
+    try:
+        yield
+    finally:
+        for s in streams or []:
+            mx.synchronize(s)
+        if not streams:
+            mx.synchronize()
+        mx.set_wired_limit(old)
+
+
+def on_stream(tokens: Iterator, stream) -> Iterator:
+    """Run each step of the generator `tokens` with `stream` as the default stream; the caller's code between
+    steps runs on its own default stream."""
+    while True:
+        with mx.stream(stream):
+            try:
+                item = next(tokens)
+            except StopIteration:
+                return
+        yield item
