@@ -98,7 +98,8 @@ def _resolve_draft_request(bundle: Bundle, num_draft_tokens, proposer) -> int | 
         if proposer is not None:
             raise ValueError("num_draft_tokens='auto' measures the drafter; with a custom proposer pass an int")
         return 0
-    if not isinstance(num_draft_tokens, int) or not 0 <= num_draft_tokens <= MAX_DRAFT_TOKENS:
+    if not isinstance(num_draft_tokens, int) or isinstance(num_draft_tokens, bool) or \
+            not 0 <= num_draft_tokens <= MAX_DRAFT_TOKENS:
         raise ValueError(f"num_draft_tokens={num_draft_tokens!r}: use 'auto' or an int in [0, {MAX_DRAFT_TOKENS}]")
     if num_draft_tokens > 0 and bundle.drafter is None and proposer is None:
         raise ValueError(f"num_draft_tokens={num_draft_tokens} needs a drafter: load(model, draft=...)")
@@ -132,11 +133,25 @@ def stream_generate(
         chat_template_kwargs: options for the chat template, e.g. `{"enable_thinking": True}` (Gemma 4 then
             thinks first: those deltas come with `channel="thought"`). Thinking is off unless asked for.
     """
-    sampler = sampler or SamplerConfig()
+    sampler = SamplerConfig() if sampler is None else sampler
+    _check_arguments(sampler, max_tokens, prefill_step_size)
     num_draft_tokens = _resolve_draft_request(bundle, num_draft_tokens, proposer)
-    if max_tokens < 1:
-        raise ValueError(f"max_tokens={max_tokens}: must be >= 1")
     ids = _prompt_ids(bundle, prompt, chat_template_kwargs)
+    with bundle.exclusive():
+        yield from _generate(bundle, ids, max_tokens, sampler, num_draft_tokens, stop, prefill_step_size, proposer)
+
+
+def _check_arguments(sampler, max_tokens, prefill_step_size) -> None:
+    if not isinstance(sampler, SamplerConfig):
+        raise ValueError(f"sampler must be a SamplerConfig (e.g. SamplerConfig(temperature=0.7)), got "
+                         f"{type(sampler).__name__}")
+    for name, value in (("max_tokens", max_tokens), ("prefill_step_size", prefill_step_size)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name}={value!r}: must be a positive integer")
+
+
+def _generate(bundle: Bundle, ids: list[int], max_tokens: int, sampler: SamplerConfig, num_draft_tokens,
+              stop, prefill_step_size: int, proposer) -> Iterator[GenerationResponse]:
     if sampler.seed is not None:
         mx.random.seed(sampler.seed)
     stats = DraftStats() if num_draft_tokens != 0 else None

@@ -9,8 +9,10 @@ tokenizer utilities; `generation_config.json` gives EOS ids and sampling default
 
 from __future__ import annotations
 
+import contextlib
 import json
 import struct
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +20,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 
 from .models.config import ModelArgs
 from .models.gemma4_assistant import Drafter, DrafterArgs
@@ -48,6 +51,23 @@ class Bundle:
     generation: GenerationDefaults
     path: Path
     special: SpecialTokens = field(default_factory=SpecialTokens)  # BOS and Gemma 4's channel markers
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
+    _owner: int | None = field(default=None, init=False, repr=False, compare=False)
+
+    @contextlib.contextmanager
+    def exclusive(self):
+        """One generation at a time per bundle (its caches, compiled drafter and RNG use are not shareable):
+        another thread waits its turn; the same thread starting a second one while the first is unfinished
+        would wait for itself, so that is an error."""
+        if self._owner == threading.get_ident():
+            raise RuntimeError("this bundle is already generating on this thread: finish the other "
+                               "stream_generate, or call .close() on it, before starting another")
+        with self._lock:
+            self._owner = threading.get_ident()
+            try:
+                yield
+            finally:
+                self._owner = None
 
 
 def resolve(path_or_id: str | Path, role: str = "model") -> Path:
@@ -88,9 +108,12 @@ def read_config(path: Path) -> dict:
     if not file.is_file():
         raise FileNotFoundError(f"{file} is missing: {path} is not a model checkpoint folder")
     try:
-        return json.loads(file.read_text())
+        config = json.loads(file.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{file} is not valid JSON: {e}") from e
+    if not isinstance(config, dict):
+        raise ValueError(f"{file} must hold a JSON object ({{...}}), not {type(config).__name__}")
+    return config
 
 
 def safetensors_files(path: Path) -> list[Path]:
@@ -181,7 +204,22 @@ def _quantize(module: nn.Module, config: dict, weights: dict[str, mx.array], can
     nn.quantize(module, q["group_size"], q["bits"], mode=q.get("mode", "affine"), class_predicate=predicate)
 
 
+def _kind(dtype: mx.Dtype) -> str:
+    for kind, name in ((mx.floating, "floating-point"), (mx.integer, "integer")):
+        if mx.issubdtype(dtype, kind):
+            return name
+    return str(dtype)
+
+
 def _load_module(module: nn.Module, weights: dict[str, mx.array], where: Path) -> None:
+    # load_weights checks shapes only: an integer tensor where the model computes in floats loads and gives
+    # garbage. Integer parameters (token_ordering, quantized weights) must stay integer, floats float.
+    expected = dict(tree_flatten(module.parameters()))
+    for name, w in weights.items():
+        if name in expected and _kind(w.dtype) != _kind(expected[name].dtype):
+            raise ValueError(f"{where}: tensor {name} is stored as {w.dtype}, but the model needs a "
+                             f"{_kind(expected[name].dtype)} tensor there (a damaged or wrongly converted "
+                             "checkpoint; convert it again from the original)")
     try:
         module.load_weights(list(weights.items()), strict=True)
     except ValueError as e:
@@ -228,6 +266,17 @@ def _ids(value, where: str) -> list[int]:
     return ids
 
 
+def materialize(*modules: nn.Module | None) -> None:
+    """Evaluate every array a module holds, private ones too (RoPE frequencies are not parameters): an array left
+    lazy belongs to the loading thread's stream, and a generation on another thread could not evaluate it."""
+    arrays = []
+    for module in modules:
+        for _, sub in module.named_modules() if module is not None else ():
+            # an nn.Module is a dict: arrays are its items, the private ones (`_freqs`) included
+            arrays += [v for v in [*sub.values(), *vars(sub).values()] if isinstance(v, mx.array)]
+    mx.eval(arrays)
+
+
 def read_generation_defaults(path: Path, config: dict) -> GenerationDefaults:
     """Sampling defaults of `generation_config.json`, and the EOS ids of it and of `config.json` together (the
     released Gemma 4 configs say [1, 106], their generation configs [1, 106, 50]: stop on all of them)."""
@@ -268,6 +317,7 @@ def load(model: str | Path, draft: str | Path | None = None, dtype: mx.Dtype | N
     target, config = load_target(path, dtype)
     draft_path = resolve(draft, "drafter") if draft is not None else path / DRAFTER_DIR
     drafter = load_drafter(draft_path, target.args, dtype) if draft is not None or draft_path.is_dir() else None
+    materialize(target, drafter)
     generation = read_generation_defaults(path, config)
     tokenizer = load_tokenizer(path, generation.eos_token_ids)
     special = special_tokens(tokenizer, generation.bos_token_id)
