@@ -21,7 +21,14 @@ from .cache import trim_cache
 from .drafting import KVWindow, cache_windows, draft, draft_step
 from .models.gemma4_assistant import Drafter
 from .models.gemma4_text import Model, TargetOutput
-from .sampling import SamplerConfig, choose, greedy_accept, log_probs, match_accept, speculative_accept
+from .sampling import (
+    SamplerConfig,
+    candidate_log_probs,
+    choose,
+    greedy_accept,
+    match_accept,
+    speculative_accept,
+)
 
 # Default drafter query position = position of the hidden state + DRAFT_POSITION_OFFSET. HF's convention (1: the
 # position of the token being fed, i.e. one past the last K/V entry) is the one the released assistants ship with
@@ -99,9 +106,10 @@ def accept(out: TargetOutput, drafts: mx.array, q: mx.array | None, sampler: Sam
         return greedy_accept(logits, drafts)
     if drafts.size == 0:
         return mx.array(0), choose(logits, sampler)
+    ids, target = candidate_log_probs(logits, sampler)  # (K+1, top_k) with top-k on: no vocabulary-wide work
     if sampler.speculative_rule == "match":
-        return match_accept(log_probs(logits, sampler), drafts)
-    return speculative_accept(log_probs(logits, sampler), q, drafts)
+        return match_accept(target, drafts, target_ids=ids)
+    return speculative_accept(target, q, drafts, target_ids=ids)
 
 
 # (last token, hidden, {layer type: KVWindow}, position of the last token, K) -> (drafts (K,), q (K, V) or None)

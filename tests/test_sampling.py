@@ -11,13 +11,19 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from mlx_gemma_mtp.bench import random_pair
+from mlx_gemma_mtp.bench_sampling import reference_log_probs as reference_pre_issue_10
+from mlx_gemma_mtp.drafting import _sampled_token
+from mlx_gemma_mtp.models.gemma4_assistant import Drafter, DrafterArgs
 from mlx_gemma_mtp.sampling import (
     SamplerConfig,
+    candidate_log_probs,
     choose,
     greedy_accept,
     log_probs,
     match_accept,
     sample,
+    scatter_log_probs,
     speculative_accept,
 )
 
@@ -80,7 +86,8 @@ def test_chi2_helper_matches_closed_forms(x):
 @pytest.mark.parametrize(
     "field, value",
     [("temperature", -0.1), ("temperature", float("nan")), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -1),
-     ("min_p", -0.1), ("min_p", 1.0)],
+     ("min_p", -0.1), ("min_p", 1.0), ("top_k", 2.5), ("top_k", True), ("seed", -1), ("seed", 1.5),
+     ("temperature", "0.7")],
 )
 def test_config_rejects_bad_values(field, value):
     with pytest.raises(ValueError, match=rf"{field}={value!r}"):
@@ -111,8 +118,9 @@ def _assert_normalised(lp: np.ndarray):
 
 
 def test_log_probs_requires_temperature():
-    with pytest.raises(ValueError, match="temperature"):
-        log_probs(mx.zeros((4,)), SamplerConfig())
+    for fn in (log_probs, candidate_log_probs):
+        with pytest.raises(ValueError, match="temperature"):
+            fn(mx.zeros((4,)), SamplerConfig())
 
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16])
@@ -285,12 +293,16 @@ Q_ROWS = np.array(
 N_RUNS, STREAM_LEN = 100_000, 4
 
 
-def _simulate_stream(seed: int):
+def _simulate_stream(seed: int, candidates: bool = False):
     """Speculative rounds until every run emitted STREAM_LEN tokens.
 
+    With `candidates`, the target rows are given as (target_ids, log-probs) in a scrambled id order per position.
     Returns (stream (N, STREAM_LEN), n of the first round (N,), drafts of the first round (N, K)).
     """
     log_p, log_q = _log(P_ROWS), _log(Q_ROWS)
+    order = mx.array(np.argsort(np.random.default_rng(seed).random(P_ROWS.shape), axis=-1))  # (positions, V)
+    if candidates:
+        log_p = mx.take_along_axis(log_p, order, axis=-1)
     stream = np.full((N_RUNS, STREAM_LEN + K + 1), -1, np.int64)
     pos = np.zeros(N_RUNS, np.int64)
     first = None
@@ -300,7 +312,8 @@ def _simulate_stream(seed: int):
         rows = mx.array(start[:, None] + np.arange(K + 1))  # (N, K+1) absolute positions of the verify rows
         target, draft_lp = log_p[rows], log_q[rows[:, :K]]  # (N, K+1, V), (N, K, V)
         drafts = sample(draft_lp, key_draft)  # d_i ~ q_i, as the algorithm requires
-        n, tokens = speculative_accept(target, draft_lp, drafts, key_accept)
+        target_ids = order[rows] if candidates else None
+        n, tokens = speculative_accept(target, draft_lp, drafts, key_accept, target_ids=target_ids)
         mx.eval(n, tokens, drafts)
         n, tokens = np.array(n), np.array(tokens)
         for i in range(K + 1):  # write tokens[:n+1] at pos..pos+n
@@ -380,4 +393,209 @@ def test_choose_is_argmax_or_a_sample_of_the_processed_distribution():
     mx.random.seed(4)
     drawn = choose(logits, cfg)
     mx.random.seed(4)
-    assert drawn.tolist() == sample(log_probs(logits, cfg)).tolist()
+    ids, lp = candidate_log_probs(logits, cfg)  # choose samples on the candidates, then maps them to ids
+    assert drawn.dtype == mx.int32
+    assert drawn.tolist() == mx.take_along_axis(ids, sample(lp)[:, None], axis=-1)[:, 0].tolist()
+    # and the draws follow log_probs over the vocabulary
+    probs = np.exp(np.array(log_probs(logits[:1], cfg)))[0]
+    draws = np.array(choose(mx.broadcast_to(logits[:1], (20_000, 50)), cfg))
+    assert chi2_pvalue(np.bincount(draws, minlength=50), probs) > 0.01
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Candidate space (issue 10): the filters on the top-k candidates equal a full sort of the vocabulary
+
+
+def _sorted_log_probs(sorted_row: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    vals = np.where(keep, sorted_row, -np.inf)
+    return vals - np.logaddexp.reduce(vals[keep])
+
+
+def reference_log_probs(logits: np.ndarray, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0) -> np.ndarray:
+    """The filters by the book, in float64: one stable descending sort per row (ties: lower id first), top-k,
+    top-p and min-p on the sorted row, each renormalised."""
+    x = logits.astype(np.float64).reshape(-1, logits.shape[-1]) / temperature
+    out = np.full_like(x, -np.inf)
+    for row, out_row in zip(x, out):
+        order = np.argsort(-row, kind="stable")
+        keep = np.arange(len(row)) < (top_k or len(row))
+        if top_p < 1.0:
+            probs = np.exp(_sorted_log_probs(row[order], keep))
+            keep &= np.cumsum(probs) - probs < top_p
+        if min_p > 0.0:
+            lp = _sorted_log_probs(row[order], keep)
+            keep &= lp >= lp.max() + math.log(min_p)
+        out_row[order] = _sorted_log_probs(row[order], keep)
+    return out.reshape(logits.shape)
+
+
+def _assert_same_log_probs(got: mx.array, want: np.ndarray):
+    got = np.array(got)
+    np.testing.assert_array_equal(np.isfinite(got), np.isfinite(want))  # the same tokens kept
+    np.testing.assert_allclose(got[np.isfinite(want)], want[np.isfinite(want)], atol=2e-5)
+
+
+CONFIGS = [  # the third is Gemma's default
+    {"top_k": 8}, {"top_p": 0.9}, {"top_k": 64, "top_p": 0.95}, {"min_p": 0.1},
+    {"top_k": 20, "top_p": 0.6, "min_p": 0.2, "temperature": 0.7},
+    {"top_p": 0.5, "min_p": 0.05, "temperature": 1.8},
+]
+
+
+def _tied_logits(rows: int, vocab: int, top_k: int, seed: int) -> np.ndarray:
+    """Logits on a coarse grid (ties everywhere, at the top-p boundary too), with the k-th and (k+1)-th largest
+    distinct per row so that the top-k set is defined without a tie-break."""
+    rng = np.random.default_rng(seed)
+    x = np.round(rng.normal(size=(rows, vocab)) * 2) / 2
+    if top_k:
+        top = np.argsort(-x, axis=-1, kind="stable")[:, :top_k]
+        np.put_along_axis(x, top, np.take_along_axis(x, top, -1) + 10.0, axis=-1)  # ties stay inside the k
+    return x.astype(np.float32)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_log_probs_equal_a_full_sort_reference_with_ties(cfg, seed):
+    logits = _tied_logits(6, 700, cfg.get("top_k", 0), seed)
+    sampler = SamplerConfig(**{"temperature": 1.0, **cfg})
+    _assert_same_log_probs(log_probs(mx.array(logits), sampler), reference_log_probs(logits, **cfg))
+    ids, lp = candidate_log_probs(mx.array(logits), sampler)
+    if cfg.get("top_k"):  # the candidate form is the same distribution, on sorted ids
+        assert ids.shape == (6, cfg["top_k"]) and (np.diff(np.array(ids), axis=-1) > 0).all()
+        want = np.take_along_axis(reference_log_probs(logits, **cfg), np.array(ids), -1)
+        _assert_same_log_probs(lp, want)
+    else:
+        assert ids is None
+
+
+def _lm_like_logits(rows: int, vocab: int = 262_144) -> np.ndarray:
+    """A few hundred tokens per row hold ~99% of the mass, as after an LM head."""
+    rng = np.random.default_rng(2)
+    return (2 * rng.normal(size=(rows, vocab)) + 12 * (rng.random((rows, vocab)) > 0.999)).astype(np.float32)
+
+
+@pytest.mark.parametrize("cfg", [{"top_k": 64, "top_p": 0.95}, {"top_k": 64, "min_p": 0.05}])
+def test_log_probs_equal_a_full_sort_reference_at_gemma_vocab(cfg):
+    logits = _lm_like_logits(2)
+    out = log_probs(mx.array(logits), SamplerConfig(**{"temperature": 1.0, **cfg}))
+    _assert_same_log_probs(out, reference_log_probs(logits, **cfg))
+
+
+def test_top_p_alone_at_gemma_vocab_equals_the_pre_candidate_implementation():
+    """Top-p without top-k still orders the whole vocabulary. Not against the float64 reference: a float32 sum
+    over 262,144 terms (MLX's logsumexp on CPU) loses ~1e-3 of the tail mass, which moves the top-p boundary by
+    a token or so, in the old code and the new alike."""
+    logits, cfg = mx.array(_lm_like_logits(2)), SamplerConfig(temperature=1.0, top_p=0.95)
+    _assert_same_log_probs(log_probs(logits, cfg), np.array(reference_pre_issue_10(logits, cfg)))
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_log_probs_equal_the_pre_candidate_implementation(cfg):
+    """Against the code this replaced (kept in bench_sampling), with ties at the top-k boundary too: both pick
+    top-k with the same argpartition, so even which of several tied tokens stays agrees."""
+    logits = mx.array(np.round(np.random.default_rng(3).normal(size=(5, 4000)) * 2) / 2, mx.float32)
+    sampler = SamplerConfig(**{"temperature": 1.0, **cfg})
+    _assert_same_log_probs(log_probs(logits, sampler), np.array(reference_pre_issue_10(logits, sampler)))
+
+
+def test_gemma_filters_keep_exactly_the_nucleus_of_the_top_k():
+    """Hand-built rows over the full vocabulary; a wrong candidate path (a token kept from outside the top-k, a
+    tie broken by candidate position instead of id, a nucleus token dropped) changes the kept set."""
+    vocab = 262_144
+    logits = np.full((2, vocab), -30.0, np.float32)
+    # row 0: 0.5, 0.3, 0.15 in the top-3 and 0.05 just outside it
+    logits[0, [262_143, 7, 131_072, 99_999]] = np.log([0.5, 0.3, 0.15, 0.05])
+    # row 1: a tie across the top-p boundary; the lower id goes first
+    logits[1, [150_000, 200_000, 3]] = np.log([0.4, 0.3, 0.3])
+    out = np.array(log_probs(mx.array(logits), SamplerConfig(temperature=1.0, top_k=3, top_p=0.6)))
+    assert _kept(out[0]) == {262_143, 7}  # after top-k: 0.53, 0.32, 0.16; mass before 0.16 is 0.84
+    np.testing.assert_allclose(np.exp(out[0, [262_143, 7]]), [0.625, 0.375], rtol=1e-5)
+    assert _kept(out[1]) == {150_000, 3}  # mass before id 3: 0.4, before id 200000: 0.7
+
+
+@pytest.mark.parametrize("top_k", [0, 64])
+@pytest.mark.parametrize("top_p, kept", [(0.25, {5}), (0.5, {5, 131_072}), (0.75, {5, 131_072, 200_000})])
+def test_top_p_boundary_is_strict_and_ties_go_by_id(top_k, top_p, kept):
+    """Four tokens of probability exactly 1/4: the token whose mass before equals top_p is dropped, and the tie
+    is broken by id (what a stable sort of the vocabulary did), with or without the top-k candidate path."""
+    logits = mx.full((1, 262_144), -1e4).at[0, mx.array([200_000, 5, 262_143, 131_072])].add(1e4)
+    out = np.array(log_probs(logits, SamplerConfig(temperature=1.0, top_k=top_k, top_p=top_p)))[0]
+    assert _kept(out) == kept
+    np.testing.assert_allclose(np.exp(out[sorted(kept)]), 1 / len(kept), rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Acceptance on the target's candidates (target_ids)
+
+
+def _verify_round(seed: int, vocab: int = 300, k: int = 4):
+    """Target logits (K+1, V), a perturbed drafter's q (K, V) and drafts sampled from it; the sampler."""
+    cfg = SamplerConfig(temperature=1.0, top_k=8, top_p=0.9)
+    logits = mx.random.normal((k + 1, vocab), key=mx.random.key(seed)) * 2
+    q = log_probs(logits[:k] + mx.random.normal((k, vocab), key=mx.random.key(seed + 100)), cfg)
+    return logits, q, sample(q, mx.random.key(seed + 200)), cfg
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_speculative_accept_on_candidates_agrees_with_the_dense_form(seed):
+    logits, q, drafts, cfg = _verify_round(seed)
+    ids, lp = candidate_log_probs(logits, cfg)
+    dense = log_probs(logits, cfg)
+    for s in range(8):  # the same uniforms decide acceptance in both forms
+        n_dense, _ = speculative_accept(dense, q, drafts, mx.random.key(s))
+        n, tokens = speculative_accept(lp, q, drafts, mx.random.key(s), target_ids=ids)
+        assert n.item() == n_dense.item()
+        n = n.item()
+        assert tokens[:n].tolist() == drafts[:n].tolist()
+        t = tokens[n].item()  # from the residual max(p_n - q_n, 0) after a rejection, from p_K after none
+        p_t = np.exp(np.array(dense[n]))[t]
+        assert p_t > 0 and (n == len(drafts) or p_t > np.exp(np.array(q[n]))[t])
+
+
+def test_speculative_draft_outside_the_target_candidates_is_rejected():
+    ids = mx.array([[0, 1], [0, 1]])  # p on tokens {0, 1} only
+    lp = _log([[0.5, 0.5], [0.5, 0.5]])
+    q = _log([[0.0, 0.5, 0.5, 0, 0, 0]])
+    for seed in range(20):
+        n, tokens = speculative_accept(lp, q, mx.array([2]), mx.random.key(seed), target_ids=ids)
+        assert n.item() == 0 and tokens[0].item() == 0  # residual max(p - q, 0) has mass only on token 0
+        n, tokens = speculative_accept(lp, q, mx.array([0]), mx.random.key(seed), target_ids=ids)
+        assert n.item() == 1 and tokens[1].item() in (0, 1)  # q(0) = 0 < p(0): always accepted
+    with pytest.raises(ValueError, match="shape mismatch"):
+        speculative_accept(lp, q, mx.array([0]), target_ids=ids[:, :1])
+
+
+def test_match_accept_on_candidates_returns_token_ids():
+    ids = mx.broadcast_to(mx.array([40, 7, 300]), (3, 3))
+    lp = mx.broadcast_to(_log([[0.0, 1.0, 0.0]]), (3, 3))  # the target always picks id 7
+    n, tokens = match_accept(lp, mx.array([7, 8]), mx.random.key(0), target_ids=ids)
+    assert n.item() == 1 and tokens.tolist() == [7, 7, 7]
+
+
+def test_candidate_space_stream_follows_the_target():
+    """The Monte-Carlo stream with the target given on candidates (a scrambled id order per position)."""
+    stream, _, _ = _simulate_stream(seed=0, candidates=True)
+    joint = np.bincount(stream[:, 0] * V + stream[:, 1], minlength=V * V)
+    assert chi2_pvalue(joint, np.outer(P_ROWS[0], P_ROWS[1])) > 0.01
+    for position in range(STREAM_LEN):
+        assert chi2_pvalue(np.bincount(stream[:, position], minlength=V), P_ROWS[position]) > 0.01
+
+
+@pytest.mark.parametrize("top_k", [0, 16])
+def test_sampled_draft_token_q_is_the_processed_candidate_distribution(top_k):
+    """drafting._sampled_token processes only the drafter's candidates; q equals log_probs over the vocabulary
+    with every other token at -inf, and the token is drawn from it."""
+    cfg = SamplerConfig(temperature=0.9, top_k=top_k, top_p=0.8)
+    clustered = random_pair(64, vocab=512).drafter
+    for drafter in (clustered, Drafter(DrafterArgs(clustered.args.text, 64, False))):  # and a plain head
+        y = mx.random.normal((1, 1, drafter.args.text.hidden_size), key=mx.random.key(top_k))
+        ids, logits = drafter.candidates(y)
+        full = logits if ids is None else scatter_log_probs(ids, logits, 512)  # -inf off the candidates
+        want = np.array(log_probs(full[0, 0], cfg))
+        for seed in range(5):
+            mx.random.seed(seed)
+            token, q = _sampled_token(drafter, y, cfg)
+            assert token.shape == (1,) and q.shape == (512,)
+            _assert_same_log_probs(q, want)
+            assert np.isfinite(want[token.item()])
+
