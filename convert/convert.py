@@ -6,17 +6,22 @@ Reference: mlx-lm `convert.py` / `utils.py: save_model, quantize_model` (sharded
 lazily one at a time, cast/quantized with `mx.quantize` and appended to output shards capped at
 `max_shard_size` (convert/shards.py): peak memory is about one tensor plus its output, never a whole shard or
 model. Vision/audio towers are never read. Everything is written to a temporary folder next to the output and
-renamed into place only on success.
+renamed into place only on success; an error, Ctrl-C or SIGTERM removes it, and the next conversion to the
+same output removes those a killed run (SIGKILL, power loss) left behind.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
+import os
 import shutil
+import signal
+import socket
 import sys
-import tempfile
+import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,9 +49,10 @@ from .quantize import (
     target_plan,
     transform,
 )
-from .shards import ShardWriter
+from .shards import SAFETENSORS_DTYPES, ShardWriter
 
 DEFAULT_MAX_SHARD_BYTES = 2 * 10**9
+OWNER_FILE = ".convert-owner.json"  # in a temporary folder: the pid and host of the run writing it
 COPY_PATTERNS = (
     "tokenizer*",
     "special_tokens_map.json",
@@ -130,15 +136,25 @@ def _shape_mismatch(where: Path, got: dict[str, tuple], expected: dict[str, tupl
 
 
 def check_weights(source: Source) -> None:
-    """Headers only: every shard is readable and the sanitized names/shapes are exactly the model's."""
+    """Headers only: every shard is readable, the sanitized names/shapes are exactly the model's, and every
+    tensor is floating-point where the model's is (an integer tensor there would convert into garbage)."""
+    expected = dict(tree_flatten(source.module.parameters()))
     got = {}
     for file in source.files:
         for name, info in safetensors_header(file).items():
             if name == "__metadata__" or not source.keep(name):
                 continue
-            # lazy placeholders: sanitize runs on shapes, no tensor data is read or allocated
-            placeholder = mx.zeros(info["shape"])
-            got.update({k: tuple(v.shape) for k, v in source.module.sanitize({name: placeholder}).items()})
+            # lazy placeholders: sanitize runs on shapes and dtypes, no tensor data is read or allocated
+            placeholder = mx.zeros(info["shape"], SAFETENSORS_DTYPES.get(info["dtype"], mx.float32))
+            for key, value in source.module.sanitize({name: placeholder}).items():
+                floating = mx.issubdtype(expected[key].dtype, mx.floating) if key in expected else None
+                if floating is not None and floating != mx.issubdtype(value.dtype, mx.floating):
+                    raise ValueError(
+                        f"{file}: tensor {name} is stored as {info['dtype']}, but {key} must be "
+                        f"{'floating-point' if floating else 'an integer tensor'}; convert from the original "
+                        "checkpoint"
+                    )
+                got[key] = tuple(value.shape)
     _shape_mismatch(source.path, got, _expected_shapes(source.module))
 
 
@@ -217,6 +233,79 @@ def _check_output(out: Path, force: bool, sources: list[Path]) -> None:
         raise ValueError(f"{out} exists and is not a folder; remove it or choose another mlx_path")
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: existence check only
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _make_temp(out: Path) -> Path:
+    """A new hidden folder next to `out` with the user's normal permissions (mkdir honours the umask, unlike
+    mkdtemp's 0700), holding a marker with this process's pid and host."""
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:12]}"
+    tmp.mkdir()
+    try:
+        (tmp / OWNER_FILE).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return tmp
+
+
+def _remove_stale_temps(out: Path) -> None:
+    """Remove the temporary folders of conversions to `out` that were killed before they could clean up.
+
+    Only a folder whose marker names a process of this host that no longer exists is removed: one of a live
+    (concurrent) conversion, of another host, or without a readable marker is left alone.
+    """
+    prefix, host = f".{out.name}.tmp-", socket.gethostname()
+    for tmp in sorted(out.parent.iterdir()):
+        if not tmp.name.startswith(prefix) or tmp.is_symlink() or not tmp.is_dir():
+            continue
+        try:
+            owner = json.loads((tmp / OWNER_FILE).read_text())
+            pid, owner_host = owner["pid"], owner["host"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if owner_host != host or type(pid) is not int or pid <= 0 or _pid_alive(pid):
+            continue
+        shutil.rmtree(tmp, ignore_errors=True)
+        print(
+            f"[convert] removed {tmp}, left behind by an interrupted conversion (process {pid} has ended)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds():
+    """While converting, SIGTERM unwinds like Ctrl-C (exit status 143), so the temporary folder is removed.
+
+    Only in the main thread (where Python runs signal handlers) and only in place of the default action
+    (terminating at once): a handler the application installed, or SIG_IGN, is left alone. Restored after.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    if signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def terminate(signum, _frame):
+        signal.signal(signum, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up short
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _replace(tmp: Path, out: Path) -> None:
     """Move the finished bundle into place; an existing `out` is removed only once the new one is there."""
     if not out.exists():
@@ -280,23 +369,26 @@ def convert(
     t_plan = target_plan(target.module, recipe, q_bits, q_group_size) if quantize else {}
     d_plan = drafter_plan(drafter.module, draft_q_bits, q_group_size) if draft_q_bits else {}
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        write_part(
-            target,
-            tmp,
-            t_plan,
-            quantization_config(t_plan, q_bits, q_group_size) if quantize else None,
-            dtype,
-            max_shard_size,
-        )
-        if drafter is not None:
-            d_quant = quantization_config(d_plan, draft_q_bits, q_group_size) if draft_q_bits else None
-            write_part(drafter, tmp / DRAFTER_DIR, d_plan, d_quant, dtype, max_shard_size)
-        _replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    _remove_stale_temps(out)
+    with _sigterm_unwinds():
+        tmp = _make_temp(out)
+        try:
+            write_part(
+                target,
+                tmp,
+                t_plan,
+                quantization_config(t_plan, q_bits, q_group_size) if quantize else None,
+                dtype,
+                max_shard_size,
+            )
+            if drafter is not None:
+                d_quant = quantization_config(d_plan, draft_q_bits, q_group_size) if draft_q_bits else None
+                write_part(drafter, tmp / DRAFTER_DIR, d_plan, d_quant, dtype, max_shard_size)
+            _replace(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        (out / OWNER_FILE).unlink()  # after the rename: a kill before it leaves a marked, removable folder
     if report:
         from .report import format_report, quality_report
 

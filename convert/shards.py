@@ -31,6 +31,7 @@ DTYPE_NAMES = {
     mx.int32: "I32",
     mx.int64: "I64",
 }
+SAFETENSORS_DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 COPY_CHUNK = 16 << 20
 
 

@@ -204,22 +204,16 @@ def _quantize(module: nn.Module, config: dict, weights: dict[str, mx.array], can
     nn.quantize(module, q["group_size"], q["bits"], mode=q.get("mode", "affine"), class_predicate=predicate)
 
 
-def _kind(dtype: mx.Dtype) -> str:
-    for kind, name in ((mx.floating, "floating-point"), (mx.integer, "integer")):
-        if mx.issubdtype(dtype, kind):
-            return name
-    return str(dtype)
-
-
 def _load_module(module: nn.Module, weights: dict[str, mx.array], where: Path) -> None:
     # load_weights checks shapes only: an integer tensor where the model computes in floats loads and gives
     # garbage. Integer parameters (token_ordering, quantized weights) must stay integer, floats float.
     expected = dict(tree_flatten(module.parameters()))
     for name, w in weights.items():
-        if name in expected and _kind(w.dtype) != _kind(expected[name].dtype):
-            raise ValueError(f"{where}: tensor {name} is stored as {w.dtype}, but the model needs a "
-                             f"{_kind(expected[name].dtype)} tensor there (a damaged or wrongly converted "
-                             "checkpoint; convert it again from the original)")
+        floating = mx.issubdtype(expected[name].dtype, mx.floating) if name in expected else None
+        if floating is not None and floating != mx.issubdtype(w.dtype, mx.floating):
+            raise ValueError(f"{where}: tensor {name} is stored as {w.dtype}, but the model needs "
+                             f"{'a floating-point' if floating else 'an integer'} tensor there (a damaged or "
+                             "wrongly converted checkpoint; convert it again from the original)")
     try:
         module.load_weights(list(weights.items()), strict=True)
     except ValueError as e:

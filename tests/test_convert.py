@@ -13,9 +13,15 @@ top-1 >= 25%; and the ordering bf16 < 8-bit < 4-bit mixed < 4-bit uniform.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import socket
+import stat
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import conftest
@@ -543,3 +549,185 @@ def test_hf_reference_agrees_with_float32_source(sources):
     expected = oracle.target_forward(model, PROMPT)["logits"][0]
     got = load(src, dtype=mx.float32).target(mx.array(PROMPT)[None])[0]
     assert torch.allclose(torch.from_numpy(np.array(got)), expected, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# config and weight validation (the loader's checks, with the converter's no-leftovers guarantee)
+# ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "config, edit, message",
+    [
+        ("config.json", lambda c: c.update(sliding_window=0), r"config\.json: sliding_window=0 must be a"),
+        ("config.json", lambda c: c.update(num_key_value_heads="1"), r"num_key_value_heads='1' must be a"),
+        (
+            "drafter/config.json",
+            lambda c: c["text_config"].update(num_key_value_heads=0),
+            r"drafter/config\.json: text_config\.num_key_value_heads=0 must be a positive integer",
+        ),
+    ],
+    ids=["sliding_window", "string", "drafter"],
+)
+def test_bad_config_value_named_and_nothing_left(config, edit, message, fresh_src, tmp_path):
+    _edit_json(fresh_src / config, edit)
+    with pytest.raises(ValueError, match=message):
+        convert(fresh_src, tmp_path / "out")
+    _no_leftovers(tmp_path / "out")
+
+
+def test_integer_weight_where_floats_belong_is_refused(fresh_src, tmp_path):
+    """Before: converted (the cast kept the integers) into a bundle that computes garbage."""
+    shard = _first_shard(fresh_src)
+    weights = mx.load(str(shard))
+    name = next(k for k in sorted(weights) if weights[k].ndim == 2)  # a Linear or Embedding weight
+    weights[name] = weights[name].astype(mx.int32)
+    mx.save_safetensors(str(shard), weights, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"{shard.name}: tensor {name} is stored as I32, but .* floating"):
+        convert(fresh_src, tmp_path / "out")
+    _no_leftovers(tmp_path / "out")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# killed conversions: SIGTERM cleans up like Ctrl-C; SIGKILL's leftovers are removed by the next run
+# ------------------------------------------------------------------------------------------------------------
+
+# Runs a real conversion that pauses (deterministically, not by timing) after some shards were written: the
+# test signals it while it is paused.
+PAUSED_CONVERSION = """
+import sys, time
+from pathlib import Path
+import mlx_gemma_mtp.convert
+module = sys.modules["mlx_gemma_mtp.convert.convert"]
+real, calls = module.transform, []
+def paused(*args):
+    calls.append(args[0])
+    if len(calls) == 40:
+        Path(sys.argv[3]).write_text("paused")
+        time.sleep(300)
+    return real(*args)
+module.transform = paused
+module.convert(sys.argv[1], sys.argv[2], max_shard_size=10_000)
+"""
+
+
+@pytest.fixture
+def paused_conversion(tmp_path):
+    """(src, out) -> (process, its temporary folder), once the process is paused mid-conversion."""
+    procs = []
+
+    def start(src: Path, out: Path) -> tuple[subprocess.Popen, Path]:
+        ready = tmp_path / "paused"
+        proc = subprocess.Popen(
+            [sys.executable, "-c", PAUSED_CONVERSION, str(src), str(out), str(ready)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        procs.append(proc)
+        deadline = time.monotonic() + 180
+        while not ready.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"the conversion never paused (exit {proc.wait()}): {proc.stderr.read()[-2000:]}")
+            time.sleep(0.05)
+        (tmp,) = out.parent.glob(f".{out.name}.tmp-*")
+        assert list(tmp.glob("part-*")), "nothing written yet: the test would prove nothing"
+        return proc, tmp
+
+    yield start
+    for proc in procs:  # a failed test leaves no sleeping process behind
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_sigterm_mid_conversion_leaves_nothing(fresh_src, tmp_path, paused_conversion):
+    out = tmp_path / "out"
+    proc, tmp = paused_conversion(fresh_src, out)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    _no_leftovers(out)
+
+
+def test_sigkill_leftovers_removed_by_the_next_conversion(fresh_src, tmp_path, capsys, paused_conversion):
+    out = tmp_path / "out"
+    proc, tmp = paused_conversion(fresh_src, out)
+    proc.kill()
+    proc.communicate(timeout=120)  # reaped: a zombie would still count as alive
+    assert tmp.is_dir() and json.loads((tmp / convert_module.OWNER_FILE).read_text())["pid"] == proc.pid
+    convert(fresh_src, out)
+    assert not tmp.exists() and load(out).drafter is not None
+    err = capsys.readouterr().err
+    assert f"removed {tmp}, left behind by an interrupted conversion (process {proc.pid} has ended)" in err
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+
+
+def _fake_temp(out: Path, suffix: str, owner) -> Path:
+    tmp = out.parent / f".{out.name}.tmp-{suffix}"
+    (tmp / "drafter").mkdir(parents=True)
+    (tmp / "part-00001.spill").write_bytes(b"x" * 100)
+    if owner is not None:
+        (tmp / convert_module.OWNER_FILE).write_text(json.dumps(owner))
+    return tmp
+
+
+def test_only_temp_folders_of_dead_runs_are_removed(fresh_src, tmp_path, capsys):
+    out, host = tmp_path / "out", socket.gethostname()
+    ended = subprocess.Popen([sys.executable, "-c", ""])
+    ended.wait()
+    dead = _fake_temp(out, "dead", {"pid": ended.pid, "host": host})
+    kept = [
+        _fake_temp(out, "live", {"pid": os.getpid(), "host": host}),  # a concurrent conversion
+        _fake_temp(out, "other-host", {"pid": ended.pid, "host": host + ".elsewhere"}),
+        _fake_temp(out, "no-marker", None),  # a run that has only just created its folder
+        _fake_temp(out, "bad-marker", ["not", "an", "owner"]),
+        _fake_temp(tmp_path / "out2", "dead", {"pid": ended.pid, "host": host}),  # another destination
+    ]
+    convert(fresh_src, out)
+    assert not dead.exists() and all(p.is_dir() for p in kept)
+    err = capsys.readouterr().err
+    assert f"removed {dead}, left behind by an interrupted conversion (process {ended.pid} has ended)" in err
+    assert err.count("left behind by an interrupted conversion") == 1
+
+
+def test_sigterm_handler_only_while_converting(fresh_src, tmp_path):
+    """Installed in the main thread for the conversion only, then the previous one is back; an application's
+    own handler is respected, and a conversion on another thread leaves signals alone."""
+    seen = []
+    real = convert_module.write_part
+    convert_module.write_part = lambda *a: seen.append(signal.getsignal(signal.SIGTERM)) or real(*a)
+    try:
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+        convert(fresh_src, tmp_path / "a")
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+        assert callable(seen[-1]) and seen[-1] is not signal.SIG_DFL
+
+        def own(signum, frame):
+            pass
+
+        previous = signal.signal(signal.SIGTERM, own)
+        try:
+            convert(fresh_src, tmp_path / "b")
+            assert seen[-1] is own and signal.getsignal(signal.SIGTERM) is own
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        worker = threading.Thread(target=convert, args=(fresh_src, tmp_path / "c"))
+        worker.start()
+        worker.join()
+        assert seen[-1] == signal.SIG_DFL and (tmp_path / "c" / "config.json").is_file()
+    finally:
+        convert_module.write_part = real
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o027])
+def test_output_permissions_follow_the_umask(umask, fresh_src, tmp_path):
+    """Before: the bundle folder kept mkdtemp's 0700 whatever the umask."""
+    previous = os.umask(umask)
+    try:
+        out = convert(fresh_src, tmp_path / "out")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
+    assert stat.S_IMODE((out / "drafter").stat().st_mode) == 0o777 & ~umask
+    assert stat.S_IMODE((out / "config.json").stat().st_mode) == 0o666 & ~umask
+    assert not (out / convert_module.OWNER_FILE).exists()

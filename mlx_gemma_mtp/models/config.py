@@ -3,17 +3,85 @@
 Reference: transformers `models/gemma4/configuration_gemma4.py` (`Gemma4TextConfig.__post_init__`); spec §1.
 Released configs spell the full-attention overrides as `global_head_dim` / `num_global_key_value_heads`; recent
 `save_pretrained` writes them as `per_layer_config` ({layer index: {head_dim, num_key_value_heads}}). Both are
-turned into explicit per-layer lists here, so the model never guesses.
+turned into explicit per-layer lists here, so the model never guesses. Each field's type and range is checked
+before anything is derived from it; errors name the field as the JSON does (`text_config.sliding_window`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+import math
+from collections.abc import Callable
+from dataclasses import InitVar, dataclass, field
 from typing import Any
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 _ROPE_TYPES = ("default", "proportional")
+
+Rule = tuple[Callable[[Any], bool], str]  # (test, what the value must be)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+POSITIVE_INT: Rule = (lambda v: _is_int(v) and v > 0, "a positive integer")
+COUNT: Rule = (lambda v: _is_int(v) and v >= 0, "an integer >= 0")
+POSITIVE: Rule = (lambda v: _is_number(v) and v > 0, "a positive number")
+NON_NEGATIVE: Rule = (lambda v: _is_number(v) and v >= 0, "a number >= 0")
+FRACTION: Rule = (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]")
+BOOL: Rule = (lambda v: isinstance(v, bool), "true or false")
+STRING: Rule = (lambda v: isinstance(v, str), "a string")
+OBJECT: Rule = (lambda v: isinstance(v, dict), "a JSON object")
+STRINGS: Rule = (lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v), "a list of strings")
+
+
+def optional(rule: Rule) -> Rule:
+    test, want = rule
+    return (lambda v: v is None or test(v)), f"{want} or null"
+
+
+def check_fields(values: dict, rules: dict[str, Rule], where: str = "") -> None:
+    """Raise a ValueError naming `where + name` for the first present value that breaks its rule."""
+    for name, (test, want) in rules.items():
+        if name in values and not test(values[name]):
+            raise ValueError(f"{where}{name}={values[name]!r} must be {want}")
+
+
+TEXT_FIELDS: dict[str, Rule] = {
+    **dict.fromkeys(
+        ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+         "num_key_value_heads", "head_dim", "global_head_dim", "sliding_window", "max_position_embeddings"),
+        POSITIVE_INT,
+    ),
+    **dict.fromkeys(
+        ("vocab_size_per_layer_input", "hidden_size_per_layer_input", "num_kv_shared_layers"), COUNT
+    ),
+    **dict.fromkeys(
+        ("num_global_key_value_heads", "num_experts", "top_k_experts", "moe_intermediate_size"),
+        optional(POSITIVE_INT),
+    ),
+    **dict.fromkeys(
+        ("attention_k_eq_v", "enable_moe_block", "use_double_wide_mlp", "tie_word_embeddings",
+         "attention_bias"),
+        BOOL,
+    ),
+    "hidden_activation": STRING,
+    "rms_norm_eps": NON_NEGATIVE,
+    "final_logit_softcapping": optional(POSITIVE),  # 0 would divide by zero
+    "layer_types": optional(STRINGS),
+    "rope_parameters": optional(OBJECT),
+    "use_bidirectional_attention": optional(STRING),
+    "per_layer_config": optional(OBJECT),
+}
+ROPE_FIELDS: dict[str, Rule] = {
+    "rope_type": STRING, "rope_theta": POSITIVE, "partial_rotary_factor": FRACTION, "factor": POSITIVE
+}
+LAYER_FIELDS: dict[str, Rule] = {"head_dim": POSITIVE_INT, "num_key_value_heads": POSITIVE_INT}
 
 
 @dataclass
@@ -30,6 +98,7 @@ class ModelArgs:
     hidden_activation: str = "gelu_pytorch_tanh"
     rms_norm_eps: float = 1e-6
     sliding_window: int = 512
+    max_position_embeddings: int = 131072  # not enforced: decoding warns past it
     layer_types: list[str] | None = None
     rope_parameters: dict | None = None
     final_logit_softcapping: float | None = 30.0
@@ -46,11 +115,15 @@ class ModelArgs:
     attention_bias: bool = False
     use_bidirectional_attention: str | None = None
     per_layer_config: dict | None = None
+    # how errors name the fields: "text_config." inside a multimodal or drafter config
+    where: InitVar[str] = ""
     # derived in __post_init__
     layer_head_dims: list[int] = field(init=False)
     layer_kv_heads: list[int] = field(init=False)
 
-    def __post_init__(self):
+    def __post_init__(self, where: str):
+        check_fields(vars(self), TEXT_FIELDS, where)  # before anything is derived from the values
+        self._check_nested(where)
         L = self.num_hidden_layers
         if self.layer_types is None:  # HF default: 5 sliding, 1 full (mlx-lm's 4:1 default is wrong here)
             self.layer_types = [FULL if (i + 1) % 6 == 0 else SLIDING for i in range(L)]
@@ -63,7 +136,18 @@ class ModelArgs:
                 FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0},
             }
         self._derive_per_layer()
-        self.validate()
+        self.validate(where)
+
+    def _check_nested(self, where: str) -> None:
+        for layer_type, rope in (self.rope_parameters or {}).items():
+            check_fields({layer_type: rope}, {layer_type: OBJECT}, f"{where}rope_parameters.")
+            check_fields(rope, ROPE_FIELDS, f"{where}rope_parameters.{layer_type}.")
+        for key, layer in (self.per_layer_config or {}).items():
+            if not (str(key).isdigit() and int(key) < self.num_hidden_layers):
+                raise ValueError(f"{where}per_layer_config has key {key!r}: must be a layer index in "
+                                 f"[0, num_hidden_layers={self.num_hidden_layers})")
+            check_fields({key: layer}, {key: OBJECT}, f"{where}per_layer_config.")
+            check_fields(layer, LAYER_FIELDS, f"{where}per_layer_config.{key}.")
 
     def _derive_per_layer(self) -> None:
         overrides = {int(k): v for k, v in (self.per_layer_config or {}).items()}
@@ -84,11 +168,11 @@ class ModelArgs:
         ]
         self.per_layer_config = None
 
-    def validate(self) -> None:
-        """Reject configs this implementation cannot run, naming the field and the fix."""
+    def validate(self, where: str = "") -> None:
+        """Reject configs this implementation cannot run, naming the field (after `where`) and the fix."""
 
         def bad(name, value, why):
-            raise ValueError(f"unsupported Gemma 4 config: {name}={value!r} ({why})")
+            raise ValueError(f"unsupported Gemma 4 config: {where}{name}={value!r} ({why})")
 
         if len(self.layer_types) != self.num_hidden_layers:
             bad("layer_types", self.layer_types, f"needs {self.num_hidden_layers} entries")
@@ -112,6 +196,8 @@ class ModelArgs:
             bad("num_key_value_heads", self.layer_kv_heads, "must divide num_attention_heads")
         if self.enable_moe_block and not (self.num_experts and self.top_k_experts and self.moe_intermediate_size):
             bad("enable_moe_block", True, "needs num_experts, top_k_experts and moe_intermediate_size")
+        if self.enable_moe_block and self.top_k_experts > self.num_experts:
+            bad("top_k_experts", self.top_k_experts, f"must be <= num_experts={self.num_experts}")
         if not 0 <= self.num_kv_shared_layers <= self.num_hidden_layers:
             bad("num_kv_shared_layers", self.num_kv_shared_layers, "must be within [0, num_hidden_layers]")
         first_shared = self.first_kv_shared_layer
@@ -131,17 +217,25 @@ class ModelArgs:
         return candidates[-1]
 
     @classmethod
-    def from_dict(cls, config: dict[str, Any]) -> ModelArgs:
-        """Build from a `gemma4` (multimodal) or `gemma4_text` config dict; unknown keys are ignored."""
+    def from_dict(cls, config: dict[str, Any], where: str = "") -> ModelArgs:
+        """Build from a `gemma4` (multimodal) or `gemma4_text` config dict; unknown keys are ignored.
+
+        `where` prefixes field names in errors (a drafter's text config passes "text_config.").
+        """
+        if not isinstance(config, dict):
+            what = where.rstrip(".") or "the config"
+            raise ValueError(f"{what} must be a JSON object, not {type(config).__name__}")
         model_type = config.get("model_type")
         if model_type == "gemma4":
-            config = {**config["text_config"], "model_type": "gemma4_text"}
+            text = config.get("text_config")
+            check_fields({"text_config": text}, {"text_config": OBJECT}, where)  # the text model's config
+            config, where = {**text, "model_type": "gemma4_text"}, f"{where}text_config."
         elif model_type != "gemma4_text":
             raise ValueError(
                 f"model_type {model_type!r} is not a Gemma 4 target (expected 'gemma4' or 'gemma4_text')"
             )
         names = {f.name for f in dataclasses.fields(cls) if f.init}
-        return cls(**{k: v for k, v in config.items() if k in names})
+        return cls(**{k: v for k, v in config.items() if k in names}, where=where)
 
     def to_dict(self) -> dict[str, Any]:
         """Hub spelling (`global_head_dim`, `num_global_key_value_heads`), loadable by HF and by `from_dict`."""

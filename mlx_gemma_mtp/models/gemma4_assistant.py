@@ -15,9 +15,14 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from .config import ModelArgs
+from .config import BOOL, OBJECT, POSITIVE_INT, ModelArgs, Rule, check_fields
 from .gemma4_text import KV, Gemma4TextModel
 from .masked_embedder import MaskedEmbedder
+
+DRAFTER_FIELDS: dict[str, Rule] = {
+    "text_config": OBJECT, "backbone_hidden_size": POSITIVE_INT, "use_ordered_embeddings": BOOL,
+    "num_centroids": POSITIVE_INT, "centroid_intermediate_top_k": POSITIVE_INT,
+}
 
 
 @dataclass
@@ -30,22 +35,37 @@ class DrafterArgs:
 
     @classmethod
     def from_dict(cls, config: dict[str, Any]) -> DrafterArgs:
+        """Build from a `gemma4_assistant` config dict; errors name the field (`text_config.head_dim`)."""
+        if not isinstance(config, dict):
+            raise ValueError(f"the config must be a JSON object, not {type(config).__name__}")
         if config.get("model_type") != "gemma4_assistant":
             raise ValueError(
                 f"model_type {config.get('model_type')!r} is not a Gemma 4 drafter (expected 'gemma4_assistant')"
             )
+        for name in ("text_config", "backbone_hidden_size"):
+            if name not in config:
+                raise ValueError(f"{name} is missing (a gemma4_assistant config needs text_config and "
+                                 "backbone_hidden_size, the target's hidden_size)")
+        check_fields(config, DRAFTER_FIELDS)
         text = dict(config["text_config"], model_type="gemma4_text")
         if not text.get("num_kv_shared_layers"):  # HF: every drafter layer reads the target's K/V
-            text["num_kv_shared_layers"] = text["num_hidden_layers"]
+            text["num_kv_shared_layers"] = text.get("num_hidden_layers", ModelArgs.num_hidden_layers)
         text.setdefault("hidden_size_per_layer_input", 0)
         text.setdefault("final_logit_softcapping", None)
-        return cls(
-            text=ModelArgs.from_dict(text),
+        args = cls(
+            text=ModelArgs.from_dict(text, where="text_config."),
             backbone_hidden_size=config["backbone_hidden_size"],
             use_ordered_embeddings=config.get("use_ordered_embeddings", False),
             num_centroids=config.get("num_centroids", 2048),
             centroid_intermediate_top_k=config.get("centroid_intermediate_top_k", 32),
         )
+        if args.use_ordered_embeddings and args.text.vocab_size % args.num_centroids:
+            raise ValueError(f"num_centroids={args.num_centroids} must divide text_config.vocab_size="
+                             f"{args.text.vocab_size} (clusters of equal size)")
+        if args.use_ordered_embeddings and args.centroid_intermediate_top_k > args.num_centroids:
+            raise ValueError(f"centroid_intermediate_top_k={args.centroid_intermediate_top_k} must be <= "
+                             f"num_centroids={args.num_centroids}")
+        return args
 
     def validate_against(self, target: ModelArgs) -> None:
         """The drafter attends to the target's tensors directly: their shapes must agree (spec §1.3)."""
