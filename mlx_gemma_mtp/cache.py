@@ -13,7 +13,25 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-_STEP = 256  # buffer growth, as mlx-lm's KVCache: amortises the copies of preallocation
+_STEP = 256  # buffer sizes are multiples of this (as mlx-lm's KVCache): amortises the copies of preallocation
+_LINEAR_STEPS = 8  # sizes up to 8 * _STEP go up in _STEP steps, larger ones by about _RATIO
+_RATIO = 1.25
+
+
+def bucket_size(n: int) -> int:
+    """The smallest buffer size that holds `n` entries: a multiple of `_STEP`, at most ~30% above `n` once
+    past `_LINEAR_STEPS * _STEP`.
+
+    The drafter's compiled graph is specialised to its K/V window sizes, which are these sizes
+    (`drafting.cache_windows`), and a process keeps one trace per size: geometric sizes make that O(log context)
+    traces instead of one per `_STEP` tokens. Full-attention buffers grow through the same sizes (a window must
+    fit inside its buffer), which also makes the copies on growth O(context) in total; the price is up to ~30%
+    unused buffer on full-attention layers.
+    """
+    size = _STEP * max(1, min(-(-n // _STEP), _LINEAR_STEPS))
+    while size < n:
+        size = -(-int(size * _RATIO) // _STEP) * _STEP
+    return size
 
 
 class KVCache:
@@ -32,7 +50,7 @@ class KVCache:
 
     def _grow(self, k: mx.array, v: mx.array, keep: int) -> None:
         # Keep the last `keep` held entries at the front of a fresh buffer with room for the new ones.
-        capacity = (keep + k.shape[2] + _STEP - 1) // _STEP * _STEP + _STEP
+        capacity = bucket_size(keep + k.shape[2] + _STEP)  # at least _STEP free slots: no regrow every token
         new_k = mx.zeros((*k.shape[:2], capacity, k.shape[3]), k.dtype)
         new_v = mx.zeros((*v.shape[:2], capacity, v.shape[3]), v.dtype)
         if keep:

@@ -3,9 +3,10 @@
 A drafter step is ~100 small ops (4 layers of norms, projections, RoPE, attention, the clustered head); launching
 them one by one costs more than their arithmetic on both CPU and Metal. `mx.compile` fuses them, but a compiled
 graph is specialised to its input shapes and the full-attention K/V grows every round. So the drafter reads
-fixed-size *windows* over the producer caches' buffers: `BUCKET`-rounded views, with the visible entries given as a
-[lo, hi) range that becomes the attention mask. The shapes then change once per `BUCKET` tokens of context (a
-retrace of a few ms; the fused kernels are reused), not every round.
+fixed-size *windows* over the producer caches' buffers: views of a `cache.bucket_size`, with the visible entries
+given as a [lo, hi) range that becomes the attention mask. The sizes grow geometrically, so a context of n tokens
+costs O(log n) retraces (a few ms each; 20 up to 32k tokens, 26 up to 128k), and a long-running process keeps
+that many traced graphs per draft length, not one per few hundred tokens.
 
 Visibility (spec §4.3, pitfall 23): the entries up to the hidden state's position, never a rejected draft's; on
 sliding layers only the last `window + 1` of them (HF's flipped bidirectional window).
@@ -18,13 +19,12 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from .cache import KVCache
+from .cache import KVCache, bucket_size
 from .models.config import SLIDING
 from .models.gemma4_assistant import Drafter
 from .models.gemma4_text import KV, Model
-from .sampling import SamplerConfig, log_probs, sample
+from .sampling import SamplerConfig, candidate_log_probs, sample, scatter_log_probs
 
-BUCKET = 128  # divides the caches' growth step (256), so a bucketed view always fits in the buffer
 MAX_GRAPHS = 32  # compiled draft rounds kept per pair (one per K and sampling setting), oldest dropped first
 
 
@@ -32,7 +32,7 @@ MAX_GRAPHS = 32  # compiled draft rounds kept per pair (one per K and sampling s
 class KVWindow:
     """A view over one producer cache's buffers; entries [lo, hi) of it are visible to the drafter."""
 
-    keys: mx.array  # (B, n_kv_heads, S, head_dim), S a multiple of BUCKET (or the whole buffer)
+    keys: mx.array  # (B, n_kv_heads, S, head_dim), S = bucket_size(hi - lo)
     values: mx.array
     lo: int
     hi: int
@@ -66,7 +66,9 @@ def cache_windows(target: Model, cache: list[KVCache]) -> dict[str, KVWindow]:
     for layer_type, producer in target.producers.items():
         c = cache[producer]  # producers never share K/V, so each owns a cache
         lo, hi = _visible_start(layer_type, c.length, window), c.length
-        size = min(c.keys.shape[2], -(-(hi - lo) // BUCKET) * BUCKET)
+        size = bucket_size(hi - lo)
+        # buffers are bucket sizes >= length, so the view fits (a capped view would be one more shape to trace)
+        assert size <= c.keys.shape[2], (size, c.keys.shape)
         start = max(0, hi - size)
         view = slice(start, start + size)
         out[layer_type] = KVWindow(c.keys[..., view, :], c.values[..., view, :], lo - start, hi - start)
@@ -130,12 +132,38 @@ class DraftStep:
     def __call__(self, last: mx.array, hidden: mx.array, context: tuple, num_drafts: int,
                  sampler: SamplerConfig) -> tuple[mx.array, mx.array | None]:
         """`num_drafts` draft tokens (K,) and, when sampling, their draft distributions q (K, V)."""
-        tokens, q = self._round(num_drafts, sampler)(last, hidden, *context)
+        compiled = self._round(num_drafts, sampler)
+        tokens, q = _restoring(self._state + [mx.random.state], compiled, last, hidden, *context)
         return tokens, None if sampler.greedy else q
 
     def body(self, token: mx.array, hidden: mx.array, context: tuple) -> tuple[mx.array, mx.array]:
         """One step: (next hidden, y), for tests and tools that need the drafter's hidden output."""
-        return self._body(token, hidden, *context)
+        return _restoring(self._state, self._body, token, hidden, *context)
+
+
+def _leaves(tree, out: list) -> list:
+    """(container, key, array) for every array in nested dicts / lists (modules are dicts)."""
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list) else ()
+    for key, value in items:
+        if isinstance(value, mx.array):
+            out.append((tree, key, value))
+        else:
+            _leaves(value, out)
+    return out
+
+
+def _restoring(state: list, compiled: Callable, *args):
+    """Call a compiled function whose `inputs` are `state`. While tracing, MLX swaps the arrays in `state` (the
+    weights, the RNG key) for placeholders and swaps them back at the end; an exception in between (a bug, a
+    Ctrl-C) would leave the placeholders in the live model, and every later generation would fail. Put the
+    arrays back instead."""
+    saved = _leaves(state, [])
+    try:
+        return compiled(*args)
+    except BaseException:
+        for container, key, value in saved:
+            container[key] = value
+        raise
 
 
 def draft_step(target: Model, drafter: Drafter) -> DraftStep:
@@ -148,15 +176,19 @@ def draft_step(target: Model, drafter: Drafter) -> DraftStep:
 
 
 def _sampled_token(drafter: Drafter, y: mx.array, sampler: SamplerConfig) -> tuple[mx.array, mx.array]:
-    """A draft token (1,) sampled from q, and q (V,) itself (log-probabilities; -inf outside the candidates)."""
-    ids, logits = drafter.candidates(y)
-    q = log_probs(logits[0, 0], sampler)  # same processing as the target: the Leviathan rule needs it
+    """A draft token (1,) sampled from q, and q (V,) itself (log-probabilities; -inf outside the candidates).
+
+    q is processed and sampled on the clustered head's candidates, and of those on the sampler's top-k only;
+    it is spread over the vocabulary once, because the acceptance rule reads it there."""
+    candidates, logits = drafter.candidates(y)  # (1, 1, C) ids or None for the vocabulary, (1, 1, C or V)
+    kept, q = candidate_log_probs(logits[0, 0], sampler)  # same processing as the target: Leviathan needs it
+    ids = None if candidates is None else candidates[0, 0]
+    if kept is not None:  # positions along `logits`: map them to token ids
+        ids = kept if ids is None else ids[kept]
     choice = sample(q)
     if ids is None:
         return choice[None], q
-    vocab_q = mx.full((drafter.args.text.vocab_size,), -mx.inf, dtype=mx.float32)
-    vocab_q[ids[0, 0]] = q  # zero probability outside the candidate clusters
-    return ids[0, 0][choice][None], vocab_q
+    return ids[choice][None], scatter_log_probs(ids, q, drafter.args.text.vocab_size)
 
 
 def draft(

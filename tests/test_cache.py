@@ -14,7 +14,7 @@ import pytest
 
 import mlx_gemma_mtp
 from mlx_gemma_mtp import cache as cache_module
-from mlx_gemma_mtp.cache import KVCache, SlidingKVCache, trim_cache
+from mlx_gemma_mtp.cache import KVCache, SlidingKVCache, bucket_size, trim_cache
 
 WINDOW = 8
 
@@ -48,6 +48,28 @@ def test_full_cache_appends_and_trims_exactly():
     assert (c.offset, c.length) == (304, 304)
     assert_holds_positions(c)
     feed(c, 3)  # overwrites the trimmed slots
+    assert_holds_positions(c)
+
+
+def test_bucket_sizes_are_few_and_tight():
+    """Buffer and drafter-window sizes: multiples of 256 that hold n, growing geometrically past 2048 (at most
+    ~30% to spare), so only 26 of them cover 128k tokens (one compiled drafter graph each)."""
+    sizes = [bucket_size(n) for n in range(1, 131_073)]
+    assert all(s % 256 == 0 and s >= n for n, s in enumerate(sizes, start=1)) and sizes == sorted(sizes)
+    assert all(bucket_size(s) == s for s in set(sizes))  # a buffer of a bucket size holds any smaller window
+    assert max(s / n for n, s in enumerate(sizes, start=1) if n > 2048) < 1.31
+    assert len(set(sizes)) == 26
+
+
+def test_full_cache_buffer_grows_through_bucket_sizes():
+    """Geometric growth: few regrows (copies O(context) in total) and bounded unused room."""
+    c, capacities = KVCache(), set()
+    while c.offset < 20_000:
+        feed(c, 97)
+        capacity = c.keys.shape[2]
+        capacities.add(capacity)
+        assert capacity == bucket_size(capacity) and capacity <= 1.31 * (c.length + 256 + 97)
+    assert len(capacities) <= 16
     assert_holds_positions(c)
 
 

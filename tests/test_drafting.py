@@ -6,8 +6,8 @@ import pytest
 from test_sampling import chi2_pvalue
 
 from mlx_gemma_mtp.bench import random_pair
-from mlx_gemma_mtp.cache import trim_cache
-from mlx_gemma_mtp.drafting import BUCKET, cache_windows, draft, draft_step, visible_kv
+from mlx_gemma_mtp.cache import bucket_size, trim_cache
+from mlx_gemma_mtp.drafting import cache_windows, draft, draft_step, visible_kv
 from mlx_gemma_mtp.sampling import SamplerConfig
 
 
@@ -17,16 +17,25 @@ def pair():
     return b.target, b.drafter
 
 
-@pytest.mark.parametrize("context", [5, 129, 200, 300])  # inside and past the window (128), across buckets
+def fill(target, cache, context: int, step: int = 512):
+    """Prefill `context` tokens in chunks (small attention scores), then 4 more; the last forward's output."""
+    ids = (mx.arange(context + 4)[None] * 7) % 512
+    for start in range(0, context, step):
+        target.forward(ids[:, start : min(start + step, context)], cache, rows=0)
+    return target.forward(ids[:, context:], cache, return_hidden=True, return_shared_kv=True)
+
+
+# inside and past the window (128), across buckets, and in the geometric sizes (> 2048) after evictions
+@pytest.mark.parametrize("context", [5, 129, 200, 300, 2600])
 @pytest.mark.parametrize("drop", [0, 3])
 def test_windows_hold_exactly_the_visible_entries(pair, context, drop):
     target, _ = pair
     cache = target.make_cache(max_rollback=8)
-    out = target.forward((mx.arange(context + 4)[None] * 7) % 512, cache, return_shared_kv=True)
+    out = fill(target, cache, context)
     trim_cache(cache, drop)
     expected = visible_kv(out.shared_kv, drop, target.args.sliding_window)
     for layer_type, w in cache_windows(target, cache).items():
-        assert w.keys.shape[2] % BUCKET == 0 or w.keys.shape[2] == cache[target.producers[layer_type]].keys.shape[2]
+        assert w.keys.shape[2] == bucket_size(w.hi - w.lo)  # the window's size depends on its length alone
         for got, want in zip(w.exact(), expected[layer_type]):
             assert got.shape == want.shape and mx.array_equal(got, want)
 
@@ -40,11 +49,11 @@ def _eager_drafts(target, drafter, last, hidden, kv, position, k):
     return tokens
 
 
-@pytest.mark.parametrize("context", [40, 260])
+@pytest.mark.parametrize("context", [40, 260, 2600])
 def test_compiled_greedy_drafts_equal_the_eager_drafter(pair, context):
     target, drafter = pair
     cache = target.make_cache(max_rollback=8)
-    out = target.forward((mx.arange(context)[None] * 11) % 512, cache, return_hidden=True, return_shared_kv=True)
+    out = fill(target, cache, context - 4)
     hidden, last = out.hidden, mx.array([17])
     step = draft_step(target, drafter)
     windows = cache_windows(target, cache)

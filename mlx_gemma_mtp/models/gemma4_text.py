@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -32,11 +33,22 @@ class RMSNorm(nn.Module):
             self.weight = mx.ones((dims,))
 
     def __call__(self, x: mx.array) -> mx.array:
-        return mx.fast.rms_norm(x, self.get("weight"), self.eps)
+        return rms_norm(x, self.get("weight"), self.eps)
 
 
-def attention_mask(q_start: int, T: int, k_start: int, S: int, window: int | None) -> mx.array | None:
-    """Boolean (T, S) mask for queries at q_start.. over keys at k_start.., or None when all keys are visible.
+def rms_norm(x: mx.array, weight: mx.array | None, eps: float) -> mx.array:
+    """`mx.fast.rms_norm`, compiled on the CPU: its backend runs it as ~10 ops, GPUs as one kernel."""
+    if mx.default_device() == mx.cpu:
+        return _compiled_rms_norm(x, weight, eps)
+    return mx.fast.rms_norm(x, weight, eps)
+
+
+_compiled_rms_norm = mx.compile(mx.fast.rms_norm, shapeless=True)
+
+
+def attention_mask(q_start: int, T: int, k_start: int, S: int, window: int | None) -> mx.array | str | None:
+    """Boolean (T, S) mask for queries at q_start.. over keys at k_start..; "causal" when it is the plain causal
+    mask ending at the last query; None when all keys are visible.
 
     A key is visible iff `q - window < k <= q` (sliding, pitfall 14) or `k <= q` (full).
     """
@@ -44,10 +56,21 @@ def attention_mask(q_start: int, T: int, k_start: int, S: int, window: int | Non
     window_free = window is None or k_start > q_start + T - 1 - window
     if causal_free and window_free:
         return None
+    if window_free and k_start + S == q_start + T:
+        return "causal"  # SDPA's own causal mask (aligned to the last key): no mask array at all
     q = mx.arange(q_start, q_start + T)[:, None]
     k = mx.arange(k_start, k_start + S)[None]
     visible = k <= q
     return visible & (k > q - window) if window is not None else visible
+
+
+def shared_mask(masks: dict | None, *key) -> mx.array | str | None:
+    """`attention_mask(*key)`, kept in `masks` (one forward's) for the other layers that need the same mask."""
+    if masks is None:
+        return attention_mask(*key)
+    if key not in masks:
+        masks[key] = attention_mask(*key)
+    return masks[key]
 
 
 def make_rope(args: ModelArgs, layer_type: str, head_dim: int) -> nn.Module:
@@ -86,10 +109,11 @@ class Attention(nn.Module):
         return k, v
 
     def __call__(self, x, offset: int, cache: KVCache | None = None, shared: tuple | None = None,
-                 explicit_mask: mx.array | None = None):
+                 explicit_mask: mx.array | None = None, masks: dict | None = None):
         """Returns (output, (keys, values, k_start)): what this layer attended to, for consumers/the drafter.
 
         `explicit_mask` (T, S) replaces the causal/window mask (drafter training attends per-row windows).
+        `masks` holds the forward's masks so far, built once and shared by the layers that need the same one.
         """
         B, T, _ = x.shape
         q = self.q_norm(self.q_proj(x).reshape(B, T, self.n_heads, self.head_dim))
@@ -104,9 +128,20 @@ class Attention(nn.Module):
         k, v, k_start = shared
         mask = explicit_mask
         if mask is None:
-            mask = attention_mask(offset, T, k_start, k.shape[2], self.window)
+            mask = shared_mask(masks, offset, T, k_start, k.shape[2], self.window)
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)  # scale 1.0: pitfall 2
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, T, -1)), shared
+
+
+@partial(mx.compile, shapeless=True)
+def geglu(gate: mx.array, up: mx.array) -> mx.array:
+    return nn.gelu_approx(gate) * up
+
+
+@partial(mx.compile, shapeless=True)
+def logit_softcap(cap: float, x: mx.array) -> mx.array:
+    """`cap * tanh(x / cap)` in x's dtype, returned as float32 (one fused pass over the vocabulary)."""
+    return (mx.tanh(x / cap) * cap).astype(mx.float32)
 
 
 class MLP(nn.Module):
@@ -117,7 +152,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def __call__(self, x):
-        return self.down_proj(nn.gelu_approx(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(geglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class Router(nn.Module):
@@ -132,7 +167,7 @@ class Router(nn.Module):
         self.per_expert_scale = mx.ones((args.num_experts,))
 
     def __call__(self, x: mx.array) -> tuple[mx.array, mx.array]:
-        r = mx.fast.rms_norm(x, None, self.eps) * self.scale * (x.shape[-1] ** -0.5)
+        r = rms_norm(x, None, self.eps) * self.scale * (x.shape[-1] ** -0.5)
         scores = self.proj(r).astype(mx.float32)
         idx = mx.argpartition(-scores, self.top_k - 1, axis=-1)[..., : self.top_k]
         # softmax over the chosen k == renormalised top-k of the full softmax
@@ -142,7 +177,7 @@ class Router(nn.Module):
 
 class GeGLU(nn.Module):
     def __call__(self, up, gate):
-        return nn.gelu_approx(gate) * up
+        return geglu(gate, up)
 
 
 class Experts(nn.Module):
@@ -189,12 +224,12 @@ class DecoderLayer(nn.Module):
             y = self.post_feedforward_layernorm_1(y) + self.post_feedforward_layernorm_2(moe)
         return self.post_feedforward_layernorm(y)
 
-    def __call__(self, x, per_layer_input, offset, cache=None, shared=None, explicit_mask=None):
-        a, shared = self.self_attn(self.input_layernorm(x), offset, cache, shared, explicit_mask)
+    def __call__(self, x, per_layer_input, offset, cache=None, shared=None, explicit_mask=None, masks=None):
+        a, shared = self.self_attn(self.input_layernorm(x), offset, cache, shared, explicit_mask, masks)
         x = x + self.post_attention_layernorm(a)
         x = x + self.feed_forward(x)
         if per_layer_input is not None:
-            g = nn.gelu_approx(self.per_layer_input_gate(x)) * per_layer_input
+            g = geglu(self.per_layer_input_gate(x), per_layer_input)
             x = x + self.post_per_layer_input_norm(self.per_layer_projection(g))
         return x * self.layer_scalar, shared  # layer_scalar scales the whole residual stream (pitfall 7)
 
@@ -283,6 +318,7 @@ class Model(nn.Module):
         ple = m.per_layer_inputs(inputs, h) if a.hidden_size_per_layer_input else None
         shared_by_type: dict[str, tuple] = {}
         producer_kv: dict[str, KV] = {}
+        masks: dict[tuple, mx.array | str | None] = {}  # layers of one type share their mask
         for i, layer in enumerate(m.layers):
             if i == a.first_kv_shared_layer and rows < T:  # consumers write no cache: drop unneeded rows
                 if rows == 0:
@@ -294,7 +330,7 @@ class Model(nn.Module):
                 layer_cache, shared = (cache[i] if cache else None), None
             else:
                 layer_cache, shared = None, shared_by_type[layer_type]
-            h, kv = layer(h, None if ple is None else ple[:, :, i], offset, layer_cache, shared)
+            h, kv = layer(h, None if ple is None else ple[:, :, i], offset, layer_cache, shared, masks=masks)
             shared_by_type[layer_type] = kv
             if i == self.producers[layer_type]:
                 producer_kv[layer_type] = kv[:2]
@@ -307,9 +343,8 @@ class Model(nn.Module):
     def logits(self, hidden: mx.array) -> mx.array:
         """Tied head on post-norm hidden states, softcapped, float32."""
         logits = self.model.embed_tokens.as_linear(hidden)
-        if cap := self.args.final_logit_softcapping:
-            logits = mx.tanh(logits / cap) * cap
-        return logits.astype(mx.float32)
+        cap = self.args.final_logit_softcapping
+        return logit_softcap(cap, logits) if cap else logits.astype(mx.float32)
 
     @property
     def layers(self):
