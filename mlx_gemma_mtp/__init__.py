@@ -2,8 +2,10 @@
 
 from .decode import GenerationResponse, generate, stream_generate
 from .load import Bundle, load
+from .prompt_cache import PromptCache
 from .sampling import SamplerConfig
 from .speculative import DraftStats
 
-__all__ = ["Bundle", "DraftStats", "GenerationResponse", "SamplerConfig", "generate", "load", "stream_generate"]
+__all__ = ["Bundle", "DraftStats", "GenerationResponse", "PromptCache", "SamplerConfig", "generate", "load",
+           "stream_generate"]
 __version__ = "0.1.0"

@@ -7,6 +7,11 @@ draft steps as the loop runs them (one compiled call), so T_draft(K)/K is the pe
 for; drafts and verifies are timed alternately, as in a round, because each evicts the other's weights from the
 CPU caches.
 
+"auto" is checked three ways: the "K=auto" row (what it learned over the earlier runs, as in a long-lived app),
+"auto stale (...)" rows that start every run from a deliberately wrong prior (how fast it corrects itself), and the
+wall time of a first generation on a freshly loaded pair against the best fixed K. `--calibrate` only measures the
+costs and saves them as the prior of "auto" on this machine.
+
 Random weights accept nothing, so `--force-acceptance R` substitutes, with probability R per draft, the target's own
 greedy continuation for the drafter's token (the drafter still runs, so its cost is measured); such rows are
 marked "forced". Without `--model`, a random Gemma 4 E2B-style pair of the given `--random-hidden` size is built.
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import sysconfig
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -23,7 +29,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from . import load, stream_generate
+from . import autodraft, load, stream_generate
 from .autodraft import DraftCosts, measure_costs
 from .load import Bundle, GenerationDefaults
 from .models.config import FULL, SLIDING, ModelArgs
@@ -81,8 +87,9 @@ class Mode:
     exact: bool = False  # ours at temperature 0: outputs must equal plain greedy decoding
 
 
-def our_modes(bundle: Bundle, prompts, reference, args, sampler: SamplerConfig) -> list[Mode]:
-    """Plain decoding, then every MTP row (each K and auto; both acceptance rules at T > 0)."""
+def our_modes(bundle: Bundle, prompts, reference, args, sampler: SamplerConfig, costs: DraftCosts) -> list[Mode]:
+    """Plain decoding, then every MTP row: each K and auto (both acceptance rules at T > 0, unseeded: a seed makes
+    auto's schedule count-based), auto from stale costs, and at T > 0 auto with a seed."""
     modes = [Mode("plain", 0, partial(run, bundle, prompts, args.max_tokens, 0, sampler))]
     rules = ["leviathan", "match"] if args.temp > 0 else ["greedy"]
     for k in args.k + ["auto"]:
@@ -90,11 +97,52 @@ def our_modes(bundle: Bundle, prompts, reference, args, sampler: SamplerConfig) 
         proposer = (lambda i: forced_proposer(bundle, prompts[i] + reference[i], args.force_acceptance)) if forced \
             else None
         for rule in rules:
-            cfg = sampler if rule == "greedy" else SamplerConfig(temperature=args.temp, seed=0, speculative_rule=rule)
+            cfg = sampler if rule == "greedy" else SamplerConfig(temperature=args.temp, speculative_rule=rule)
             label = f"K={k}" + (" forced" if forced else "") + ("" if rule == "greedy" else f" {rule}")
             measure = partial(run, bundle, prompts, args.max_tokens, k, cfg, proposer)
             modes.append(Mode(label, k, measure, exact=cfg.greedy))
+    live = live_sampler(args)
+    for name, prior in stale_costs(costs).items():
+        measure = partial(run_from, prior, bundle, prompts, args.max_tokens, live)
+        modes.append(Mode(f"auto stale ({name})", "auto", measure, exact=live.greedy))
+    if args.temp > 0:
+        seeded = SamplerConfig(temperature=args.temp, seed=0)
+        modes.append(Mode("K=auto seeded", "auto", partial(run, bundle, prompts, args.max_tokens, "auto", seeded)))
     return modes
+
+
+def live_sampler(args) -> SamplerConfig:
+    """The sampler of the unseeded rows (greedy, or the Leviathan rule at --temp)."""
+    return SamplerConfig(temperature=args.temp)
+
+
+def stale_costs(measured: DraftCosts) -> dict[str, DraftCosts]:
+    """Deliberately wrong priors for "auto": drafting as costly as the target and a verify linear in T (MTP never
+    pays: the stale curve of a slow machine), and MTP priced as free (every K costs one plain step)."""
+    v, n = measured.verify[1], len(measured.verify)
+    slow = DraftCosts([k * v for k in range(n - 1)], [0.0] + [t * v for t in range(1, n)], measured.context)
+    free = DraftCosts([0.0] * (n - 1), [0.0] + [v] * (n - 1), measured.context)
+    return {"slow MTP": slow, "free MTP": free}
+
+
+def run_from(prior: DraftCosts, bundle: Bundle, prompts, max_tokens: int, sampler: SamplerConfig):
+    """`run` of "auto" from a fresh record whose prior is `prior`; the "K=auto" row's record is put back after."""
+    fresh = autodraft.new_record(bundle.target, bundle.drafter, prior)
+    saved = autodraft.swap_record(bundle.target, bundle.drafter, sampler, fresh)
+    try:
+        return run(bundle, prompts, max_tokens, "auto", sampler)
+    finally:
+        autodraft.swap_record(bundle.target, bundle.drafter, sampler, saved)
+
+
+def first_generation(args, prompt: list[int], k, sampler: SamplerConfig) -> float:
+    """Wall seconds of one `stream_generate` call, prefill included, on a freshly loaded pair: a user's first
+    request, with its compiles and (for auto) its learning. Loads the pair again (the old one stays loaded)."""
+    fresh, _ = load_bundle(args)
+    tic = time.perf_counter()
+    for _ in stream_generate(fresh, prompt, args.max_tokens, sampler, k):
+        pass
+    return time.perf_counter() - tic
 
 
 def mlx_vlm_modes(bundle: Bundle, prompts, args) -> tuple[list[Mode], str]:
@@ -180,6 +228,44 @@ def row(label, tps, plain_tps, stats, overhead="") -> str:
     return f"{label:<22}{tps:>9.1f}{tps / plain_tps:>10.2f}{mean:>10}{overhead:>10}  {acc}".rstrip()
 
 
+def calibrate(bundle: Bundle, context: int, greedy: bool) -> None:
+    """Measure the pair's costs on this machine and save them as the prior of "auto" (`--calibrate`)."""
+    costs = measure_costs(bundle.target, bundle.drafter, autodraft.MAX_AUTO_K, context, greedy)
+    print_costs(costs)
+    file = autodraft.save_costs(bundle.target, bundle.drafter, greedy, costs)
+    print(f"saved to {file} as the starting point of 'auto' for this pair's shapes ({'greedy' if greedy else 'sampled'}"
+          f", MLX {mx.__version__}, {mx.default_device()}); generations still learn from their own rounds")
+
+
+def best_fixed(ours: list[Mode], results: dict) -> Mode:
+    """The fastest fixed-K row, plain decoding (K = 0) included, of the first acceptance rule (forced rows included
+    when forcing)."""
+    fixed = [m for m in ours if isinstance(m.k, int) and m.label.split(" ")[-1] != "match"]
+    return max(fixed, key=lambda m: results[m.label][0])
+
+
+def print_auto_summary(bundle: Bundle, ours: list[Mode], results: dict, args, prompt: list[int]) -> None:
+    """Auto against the best fixed K: tokens/s of the auto rows, and a first generation on a fresh load."""
+    if args.force_acceptance is not None:
+        print("\nauto vs the best fixed K: not compared (the fixed-K rows are forced, auto's are not)")
+        return
+    best = best_fixed(ours, results)
+    best_tps = results[best.label][0]
+    autos = [m for m in ours if m.k == "auto" and "match" not in m.label]
+    print(f"\nauto vs the best fixed K ({best.label}): "
+          + ", ".join(f"{m.label} {results[m.label][0] / best_tps:.2f}x" for m in autos))
+    if args.no_first_generation:
+        return
+    live, first = live_sampler(args), {}
+    for _ in range(args.repeats):  # alternately, best of the repeats
+        for k in ("auto", best.k):
+            first[k] = min(first.get(k, float("inf")), first_generation(args, prompt, k, live))
+    prior = "saved calibration" if autodraft.saved_costs(bundle.target, bundle.drafter, live.greedy) else "analytic"
+    print(f"first generation on a freshly loaded pair (prompt 1, {args.max_tokens} new tokens, prefill included, "
+          f"best of {args.repeats}; auto's prior: {prior}): auto {first['auto']:.3f} s, K={best.k} "
+          f"{first[best.k]:.3f} s: auto takes {first['auto'] / first[best.k]:.2f}x the time")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m mlx_gemma_mtp.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="target (or bundle) folder / hub id; default: a random pair")
@@ -193,6 +279,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--temp", type=float, default=0.0, help="> 0: also compares the 'match' acceptance rule")
     p.add_argument("--force-acceptance", type=float, default=None, metavar="R")
     p.add_argument("--repeats", type=int, default=3, help="tokens/s of each mode is the best of this many runs")
+    p.add_argument("--no-first-generation", action="store_true",
+                   help="skip the first-generation timing (it loads the pair again, while the first stays loaded)")
+    p.add_argument("--calibrate", action="store_true",
+                   help="only measure this pair's costs and save them as the prior of 'auto' on this machine")
     args = p.parse_args(argv)
 
     bundle, name = load_bundle(args)
@@ -205,16 +295,18 @@ def main(argv: list[str] | None = None) -> None:
         prompts = [[(i * 7919 + 13 * j) % vocab for i in range(args.prompt_tokens)] for j in range(args.prompts)]
     greedy = SamplerConfig()
     sampler = SamplerConfig(temperature=args.temp, seed=0) if args.temp > 0 else greedy
-    for k in (0, *args.k, "auto"):  # warm-up: compilation, and "auto" measures its draft costs (once per machine)
-        run(bundle, prompts[:1], 8, k, sampler)
+    context = len(prompts[0]) + args.max_tokens // 2  # the run's typical context length
+    if args.calibrate:
+        return calibrate(bundle, context, sampler.greedy)
+    for k in (0, *args.k, "auto"):  # warm-up: compilation, and the first rounds of "auto"
+        run(bundle, prompts[:1], 8, k, live_sampler(args))
     _, _, reference = run(bundle, prompts, args.max_tokens, 0, sampler)
-    # costs at the run's typical context length, measured around the timed runs (not read from the cost cache)
-    context = len(prompts[0]) + args.max_tokens // 2
-    before = measure_costs(bundle.target, bundle.drafter, 8, context, sampler.greedy, refresh=True)
-    ours = our_modes(bundle, prompts, reference, args, sampler)
+    # costs measured around the timed runs (the saved calibration is not read)
+    before = measure_costs(bundle.target, bundle.drafter, 8, context, sampler.greedy)
+    ours = our_modes(bundle, prompts, reference, args, sampler, before)
     theirs, theirs_line = mlx_vlm_modes(bundle, prompts, args)
     results = interleaved_best(ours + theirs, args.repeats)
-    costs = min_costs(before, measure_costs(bundle.target, bundle.drafter, 8, context, sampler.greedy, refresh=True))
+    costs = min_costs(before, measure_costs(bundle.target, bundle.drafter, 8, context, sampler.greedy))
 
     print(f"model: {name} | {len(prompts)} prompts x {len(prompts[0])} tokens | {args.max_tokens} new tokens | "
           f"temperature {args.temp} | device {mx.default_device()} | each mode the best of {args.repeats} runs")
@@ -227,11 +319,12 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"error: {mode.label} output differs from plain greedy decoding (an exactness bug)")
         overhead = ""
         if isinstance(mode.k, int) and mode.k > 0 and stats.rounds:
-            per_round = (sum(map(len, outputs)) / tps) / stats.rounds
+            per_round = (sum(map(len, outputs)) / tps) / (stats.rounds + stats.plain_rounds)
             overhead = f"{per_round / (costs.verify[mode.k + 1] + costs.draft[mode.k]):.2f}"
         print(row(mode.label, tps, plain_tps, stats, overhead))
     if sampler.greedy:
         print("\nall MTP outputs are identical to plain greedy decoding")
+    print_auto_summary(bundle, ours, results, args, prompts[0])
     print(f"\n{theirs_line}")
     for mode in theirs:
         tps, stats, outputs = results[mode.label]

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 
-from .convert import add_convert_parser, add_eval_quant_parser
 from .sampling import SamplerConfig
-from .train_drafter import add_train_drafter_parser
-
 
 DEMO_PROMPT = 'import os\n\n\ndef walk_files(top):\n    """Yield the path of every file under top."""\n'
 
@@ -65,8 +63,9 @@ def format_stats(r) -> str:
     if (d := r.draft) is not None:
         per_pos = " ".join(f"{a:.2f}" for a in d.acceptance_per_position) or "-"
         lines.append(
-            f"MTP: {d.rounds} rounds, {d.accepted}/{d.drafted} drafts accepted ({d.acceptance_rate:.1%}), "
-            f"mean accepted length {d.mean_accepted_length:.2f}, acceptance per position [{per_pos}]"
+            f"MTP: {d.rounds} drafting rounds + {d.plain_rounds} plain steps, {d.accepted}/{d.drafted} drafts accepted "
+            f"({d.acceptance_rate:.1%}), mean accepted length {d.mean_accepted_length:.2f} per drafting round, "
+            f"acceptance per position [{per_pos}]"
         )
     return "\n".join(lines)
 
@@ -100,6 +99,9 @@ def run_generate(args) -> None:
     if args.thinking:
         template_kwargs["enable_thinking"] = True
     printer = _ChannelPrinter(sys.stdout)
+    if args.model is None and not use_chat:  # the demo continues its prompt: show it first, dimmed on a terminal
+        tty = sys.stdout.isatty()
+        sys.stdout.write(f"{_ChannelPrinter.DIM}{args.prompt}{_ChannelPrinter.RESET}" if tty else args.prompt)
     last = None
     for last in stream_generate(bundle, prompt, args.max_tokens, sampler, args.num_draft_tokens,
                                 chat_template_kwargs=template_kwargs or None):
@@ -133,13 +135,35 @@ class _ChannelPrinter:
         self.out.flush()
 
 
+# Subcommands whose modules load only when used (`generate` never imports the converter or the trainer):
+# name -> (module, its parser-registering function, the one-line help `mlx-gemma-mtp --help` shows).
+LAZY_SUBCOMMANDS = {
+    "convert": ("mlx_gemma_mtp.convert", "add_convert_parser",
+                "convert a Hugging Face Gemma 4 checkpoint (+ drafter) to an MLX bundle"),
+    "eval-quant": ("mlx_gemma_mtp.convert", "add_eval_quant_parser",
+                   "KL / top-1 / MTP acceptance of a converted bundle vs its source"),
+    "train-drafter": ("mlx_gemma_mtp.tuner.train_drafter", "add_train_drafter_parser",
+                      "distil an MTP drafter (gemma4_assistant) for a Gemma 4 target"),
+}
+
+
+def add_lazy_parser(sub, name: str, command: str | None) -> None:
+    """The real parser of `name` when it is the `command` being run, else a placeholder that only lists it."""
+    module, register, help_text = LAZY_SUBCOMMANDS[name]
+    if name == command:
+        getattr(importlib.import_module(module), register)(sub)
+    else:
+        sub.add_parser(name, help=help_text)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)  # the top-level parser has no options
     parser = argparse.ArgumentParser(prog="mlx-gemma-mtp", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     add_generate_parser(sub)
-    add_convert_parser(sub)
-    add_eval_quant_parser(sub)
-    add_train_drafter_parser(sub)
+    for name in LAZY_SUBCOMMANDS:
+        add_lazy_parser(sub, name, command)
     args = parser.parse_args(argv)
     try:
         args.func(args)

@@ -8,17 +8,21 @@ generated token is computed identically with and without a drafter.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Generator, Iterator
+import warnings
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
+from functools import partial
 
 import mlx.core as mx
 
 from .autodraft import draft_length_policy
 from .load import Bundle
-from .memory import generation_stream, on_stream, wired_limit
+from .memory import generation_stream, on_stream, release_streams_at_thread_exit, wired_limit
 from .models.gemma4_text import Model, TargetOutput
 from .prompt import Prompt, prompt_ids
+from .prompt_cache import PromptCache
 from .sampling import SamplerConfig, choose
 from .speculative import DraftStats, Proposer, drafter_proposer, mtp_generate_step, plain_step
 from .textstream import ANSWER, TextStream
@@ -41,13 +45,17 @@ class GenerationResponse:
     channel: str = ANSWER  # which part `text` belongs to: "answer", or "thought" inside Gemma 4's thinking
 
 
-def prefill(model: Model, prompt: mx.array, cache: list, step: int, want_hidden: bool) -> TargetOutput:
-    """Feed `prompt` (T,) into `cache`: all but the last token in chunks without logits, then the last one."""
+def prefill(model: Model, prompt: mx.array, cache: list, step: int, want_hidden: bool,
+            before_last: Callable[[], None] | None = None) -> TargetOutput:
+    """Feed `prompt` (T,) into `cache`: all but the last token in chunks without logits, then the last one.
+    `before_last` runs when everything but the last token is in the cache (the prompt cache snapshots there)."""
     for start in range(0, prompt.size - 1, step):
         model.forward(prompt[None, start : min(start + step, prompt.size - 1)], cache, rows=0)
         # keys *and* values: a lazy value buffer keeps every chunk's activations alive (memory ~ prompt x hidden)
         mx.eval([(c.keys, c.values) for c in cache])
         mx.clear_cache()
+    if before_last is not None:
+        before_last()
     return model.forward(prompt[None, -1:], cache, return_hidden=want_hidden)
 
 
@@ -73,15 +81,20 @@ def _prompt_ids(bundle: Bundle, prompt: Prompt, chat_template_kwargs: dict | Non
     return ids
 
 
-def _tokens(bundle, ids, max_tokens, sampler, num_draft_tokens, stats, prefill_step_size, proposer) -> Iterator:
+def _tokens(bundle, ids, max_tokens, sampler, num_draft_tokens, stats, prefill_step_size, proposer,
+            prompt_cache: PromptCache | None) -> Iterator:
     target, drafter = bundle.target, bundle.drafter
     use_mtp = num_draft_tokens != 0  # resolved: 0 whenever there is nothing to draft with
-    cache = target.make_cache(max_rollback=MAX_DRAFT_TOKENS)
-    first = prefill(target, mx.array(ids), cache, prefill_step_size, use_mtp)
+    if prompt_cache is None:
+        cache, start, snapshot = target.make_cache(max_rollback=MAX_DRAFT_TOKENS), 0, None
+    else:
+        cache, start = prompt_cache.fetch(target, ids, MAX_DRAFT_TOKENS)
+        snapshot = partial(prompt_cache.snapshot, cache, len(ids) - 1)
+    first = prefill(target, mx.array(ids[start:]), cache, prefill_step_size, use_mtp, snapshot)
     token = choose(first.logits[:, -1], sampler)
     yield token.item(), False
     if use_mtp:
-        policy = draft_length_policy(num_draft_tokens, target, drafter, stats, MAX_DRAFT_TOKENS, sampler.greedy)
+        policy = draft_length_policy(num_draft_tokens, target, drafter, stats, MAX_DRAFT_TOKENS, sampler)
         proposer = proposer or drafter_proposer(target, drafter, sampler)
         yield from mtp_generate_step(target, proposer, cache, first.hidden, token, policy, sampler, stats,
                                      max_tokens - 1)
@@ -91,12 +104,13 @@ def _tokens(bundle, ids, max_tokens, sampler, num_draft_tokens, stats, prefill_s
 
 def _resolve_draft_request(bundle: Bundle, num_draft_tokens, proposer) -> int | str:
     """The draft length to use: an int (0 = plain decoding) or "auto". None and "auto" mean plain decoding
-    without a drafter; "auto" measures the drafter, so a custom proposer alone needs an int."""
+    without a drafter; "auto" prices drafting from the drafter, so a custom proposer alone needs an int."""
     if num_draft_tokens in (None, "auto"):
         if bundle.drafter is not None:
             return "auto"
         if proposer is not None:
-            raise ValueError("num_draft_tokens='auto' measures the drafter; with a custom proposer pass an int")
+            raise ValueError("num_draft_tokens='auto' prices drafting from the drafter; with a custom proposer "
+                             "pass an int")
         return 0
     if not isinstance(num_draft_tokens, int) or isinstance(num_draft_tokens, bool) or \
             not 0 <= num_draft_tokens <= MAX_DRAFT_TOKENS:
@@ -116,6 +130,7 @@ def stream_generate(
     prefill_step_size: int = 512,
     proposer: Proposer | None = None,
     chat_template_kwargs: dict | None = None,
+    prompt_cache: PromptCache | None = None,
 ) -> Iterator[GenerationResponse]:
     """Generate from `prompt` (string, chat messages, or token ids), yielding one response per token.
 
@@ -124,7 +139,9 @@ def stream_generate(
     of `config.json`, `generation_config.json` or the tokenizer (released Gemma 4: 1, 106, 50).
 
     Args:
-        sampler: greedy when None. With a seed, generation is reproducible.
+        sampler: greedy when None. With a seed, the same call gives the same tokens every time, for every
+            `num_draft_tokens` including "auto" (at T > 0 "auto" then chooses K from this generation's acceptance
+            counts alone: no timings, nothing learned earlier).
         num_draft_tokens: MTP draft length: an int (0 = plain decoding), "auto", or None (= "auto" when the
             bundle has a drafter). Output is the target's own, with or without drafts. Batch size is 1.
         stop: a string or strings that end generation; the answer's text is cut before them.
@@ -132,13 +149,29 @@ def stream_generate(
             `num_draft_tokens`.
         chat_template_kwargs: options for the chat template, e.g. `{"enable_thinking": True}` (Gemma 4 then
             thinks first: those deltas come with `channel="thought"`). Thinking is off unless asked for.
+        prompt_cache: a `PromptCache` kept across the turns of a conversation: the longest common prefix with
+            the previous request is reused and only the rest is prefilled (output identical to a fresh run).
     """
     sampler = SamplerConfig() if sampler is None else sampler
     _check_arguments(sampler, max_tokens, prefill_step_size)
     num_draft_tokens = _resolve_draft_request(bundle, num_draft_tokens, proposer)
     ids = _prompt_ids(bundle, prompt, chat_template_kwargs)
+    _warn_past_context(bundle, len(ids), max_tokens)
+    if prompt_cache is not None and not isinstance(prompt_cache, PromptCache):
+        raise ValueError(f"prompt_cache must be a PromptCache, got {type(prompt_cache).__name__}")
+    release_streams_at_thread_exit()
     with bundle.exclusive():
-        yield from _generate(bundle, ids, max_tokens, sampler, num_draft_tokens, stop, prefill_step_size, proposer)
+        yield from _generate(bundle, ids, max_tokens, sampler, num_draft_tokens, stop, prefill_step_size, proposer,
+                             prompt_cache)
+
+
+def _warn_past_context(bundle: Bundle, prompt_tokens: int, max_tokens: int) -> None:
+    """The model was trained up to `max_position_embeddings`; past it output degrades (nothing breaks)."""
+    limit = getattr(bundle.target.args, "max_position_embeddings", None)
+    if limit and prompt_tokens + max_tokens > limit:
+        where = "the prompt alone" if prompt_tokens > limit else "the prompt plus max_tokens"
+        warnings.warn(f"{where} ({prompt_tokens} + {max_tokens} tokens) exceeds the model's "
+                      f"max_position_embeddings={limit}; output past it is unreliable", stacklevel=3)
 
 
 def _check_arguments(sampler, max_tokens, prefill_step_size) -> None:
@@ -151,7 +184,8 @@ def _check_arguments(sampler, max_tokens, prefill_step_size) -> None:
 
 
 def _generate(bundle: Bundle, ids: list[int], max_tokens: int, sampler: SamplerConfig, num_draft_tokens,
-              stop, prefill_step_size: int, proposer) -> Iterator[GenerationResponse]:
+              stop, prefill_step_size: int, proposer, prompt_cache: PromptCache | None
+              ) -> Iterator[GenerationResponse]:
     if sampler.seed is not None:
         mx.random.seed(sampler.seed)
     stats = DraftStats() if num_draft_tokens != 0 else None
@@ -163,12 +197,16 @@ def _generate(bundle: Bundle, ids: list[int], max_tokens: int, sampler: SamplerC
     mx.reset_peak_memory()
     tic = time.perf_counter()
     prompt_tps = n = 0
-    tokens = _tokens(bundle, ids, max_tokens, sampler, num_draft_tokens, stats, prefill_step_size, proposer)
+    tokens = _tokens(bundle, ids, max_tokens, sampler, num_draft_tokens, stats, prefill_step_size, proposer,
+                     prompt_cache)
     tokens = on_stream(tokens, generation_stream)  # the model's work on generation's own stream
-    with wired_limit(bundle.target, bundle.drafter, streams=[generation_stream]):
+    received = list(ids)
+    with _kept_in(prompt_cache, received), wired_limit(bundle.target, bundle.drafter, streams=[generation_stream]):
         for n, (token, from_draft) in enumerate(tokens, start=1):
+            received.append(token)
             if n == 1:
-                prompt_tps, tic = len(ids) / (time.perf_counter() - tic), time.perf_counter()
+                prefilled = len(ids) - (prompt_cache.reused if prompt_cache is not None else 0)
+                prompt_tps, tic = prefilled / (time.perf_counter() - tic), time.perf_counter()
             is_eos = token in eos
             channel, delta, stopped = text.add(None if is_eos else token)
             finish = "stop" if is_eos or stopped else "length" if n >= max_tokens else None
@@ -181,6 +219,24 @@ def _generate(bundle: Bundle, ids: list[int], max_tokens: int, sampler: SamplerC
                 break
             if n % 256 == 0:
                 mx.clear_cache()
+
+
+@contextlib.contextmanager
+def _kept_in(prompt_cache: PromptCache | None, received: list[int]):
+    """After a generation (finished, or closed by the caller) the prompt cache holds the prompt and what the caller
+    received; after a failure its state is unknown, so it is dropped (the next request prefills afresh)."""
+    if prompt_cache is None:
+        yield
+        return
+    try:
+        yield
+    except GeneratorExit:
+        prompt_cache.record(received)
+        raise
+    except BaseException:
+        prompt_cache.reset()
+        raise
+    prompt_cache.record(received)
 
 
 def generate(bundle: Bundle, prompt: Prompt, **kwargs) -> str:

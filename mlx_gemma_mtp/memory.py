@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import threading
 from collections.abc import Iterator
 
 import mlx.core as mx
@@ -36,7 +37,10 @@ def wired_limit(*modules: nn.Module | None, streams: list | None = None) -> Iter
     """
     recommended = mx.device_info().get("max_recommended_working_set_size")
     if not recommended:
-        yield
+        try:
+            yield
+        finally:  # a pipelined step may still be queued: never leave work behind on a thread's stream
+            _synchronize(streams)
         return
     if (size := model_bytes(*modules)) > WARN_FRACTION * recommended:
         print(f"[warning] the model needs {size / 2**30:.1f} GiB, close to this device's recommended working set "
@@ -46,11 +50,33 @@ def wired_limit(*modules: nn.Module | None, streams: list | None = None) -> Iter
     try:
         yield
     finally:
-        for s in streams or []:
-            mx.synchronize(s)
-        if not streams:
-            mx.synchronize()
+        _synchronize(streams)
         mx.set_wired_limit(old)
+
+
+def _synchronize(streams: list | None) -> None:
+    for s in streams or []:
+        mx.synchronize(s)
+    if not streams:
+        mx.synchronize()
+
+
+class _StreamsReaper:
+    """Lives in a thread's local storage; CPython drops it on that thread as the thread ends."""
+
+    def __del__(self):
+        mx.clear_streams()
+
+
+_thread_state = threading.local()
+
+
+def release_streams_at_thread_exit() -> None:
+    """MLX (0.32) aborts the whole process at exit ("terminate called without an active exception") when a
+    thread other than the main one created streams and ended without `mx.clear_streams()`. Generating creates
+    them (the thread's generation stream), so each generating thread gets them released when it ends."""
+    if threading.current_thread() is not threading.main_thread() and not hasattr(_thread_state, "reaper"):
+        _thread_state.reaper = _StreamsReaper()
 
 
 def on_stream(tokens: Iterator, stream) -> Iterator:

@@ -31,6 +31,8 @@ class SamplerConfig:
     top_p: float = 1.0
     top_k: int = 0
     min_p: float = 0.0
+    # the same call with the same seed gives the same tokens, whatever num_draft_tokens; with "auto" at T > 0 the
+    # draft length then depends on acceptance counts only, not timings
     seed: int | None = None
     # T > 0 acceptance of drafts: "leviathan" (min(1, p/q), residual resampling; accepts sum min(p, q)) or
     # "match" (the target samples its own token, a draft is kept iff equal; mlx-lm/mlx-vlm's rule, for comparison)

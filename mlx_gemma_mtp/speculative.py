@@ -2,8 +2,9 @@
 
 References: spec §5 (HF `SinglePositionMultiTokenCandidateGenerator`, `_assisted_decoding`); Leviathan et al.
 2023, "Fast Inference from Transformers via Speculative Decoding" (Alg. 1) for T > 0; gpt-fast's speculative step
-for the shape of the loop. Each round builds the drafts and the verify pass as one lazy MLX graph and reads the
-accepted count once: one host sync per round.
+for the shape of the loop. Each round queues its drafts lazily before the previous round's tokens are handed out
+(the drafter computes while the caller reads them), then the verify pass, and reads the accepted count once: one
+host sync per round.
 
 Round state (spec §5.1): `last` is the newest token (not yet in the cache), `hidden` the target's post-norm hidden
 state of the position before it; the drafter sees the producer K/V of positions <= that position
@@ -12,6 +13,7 @@ state of the position before it; the drafter sees the producer K/V of positions 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 
@@ -39,7 +41,10 @@ DRAFT_POSITION_OFFSET = 1
 
 @dataclass
 class DraftStats:
-    """Counters of one generation; per-position lists are indexed by draft position (0 = first draft)."""
+    """Counters of one generation; per-position lists are indexed by draft position (0 = first draft).
+
+    `rounds` counts drafting rounds (K >= 1) only; plain steps (K = 0: "auto" when drafting does not pay, or a last
+    step the budget leaves no room to draft in) count in `plain_rounds`."""
 
     rounds: int = 0
     drafted: int = 0
@@ -49,6 +54,7 @@ class DraftStats:
     # rounds that drafted position i and accepted every draft before it: the denominator of the acceptance of
     # position i *given* the earlier ones (accepted / drafted is the unconditional survival rate)
     reached_per_position: list[int] = field(default_factory=list)
+    plain_rounds: int = 0
 
     def _grow(self, positions: int) -> None:
         missing = positions - len(self.drafted_per_position)
@@ -57,6 +63,9 @@ class DraftStats:
         self.reached_per_position += [0] * max(0, missing)
 
     def record(self, num_drafts: int, num_accepted: int) -> None:
+        if num_drafts == 0:
+            self.plain_rounds += 1
+            return
         self._grow(num_drafts)
         self.rounds += 1
         self.drafted += num_drafts
@@ -76,6 +85,7 @@ class DraftStats:
                 self.accepted_per_position[i] += a
                 self.reached_per_position[i] += r
             self.rounds += other.rounds
+            self.plain_rounds += other.plain_rounds
             self.drafted += other.drafted
             self.accepted += other.accepted
         return self
@@ -95,7 +105,7 @@ class DraftStats:
 
     @property
     def mean_accepted_length(self) -> float:
-        """Accepted drafts per round (the target's own token of each round not counted)."""
+        """Accepted drafts per drafting round (the target's own token of each round not counted)."""
         return self.accepted / self.rounds if self.rounds else 0.0
 
 
@@ -137,60 +147,106 @@ def plain_step(target: Model, cache: list, y: mx.array, sampler: SamplerConfig) 
     return token, out.hidden
 
 
-def _plain_rounds(target: Model, cache: list, last: mx.array, draft_length: Callable[[int], int],
-                  sampler: SamplerConfig, stats: DraftStats, remaining: int):
-    """K = 0 rounds for as long as the policy keeps choosing them, each queued before the previous token is read:
-    plain decoding's pipelining (syncing before every round would make "auto" slower than plain decoding exactly
-    when it falls back to it). Yields (token, False); returns (newest token, hidden state of the position before
-    it, tokens produced, the policy's K for the next round or None once `remaining` tokens are produced)."""
-    produced, (token, hidden) = 0, plain_step(target, cache, last, sampler)
-    while True:
-        produced += 1
-        stats.record(0, 0)
-        next_k = draft_length(remaining - produced) if produced < remaining else None
-        following = plain_step(target, cache, token, sampler) if next_k == 0 else None  # before reading `token`
-        yield token.item(), False
-        if following is None:
-            return token, hidden, produced, next_k
-        token, hidden = following
+# The draft-length policy, called once per round before it is queued: (tokens still wanted, [(K, seconds of the
+# loop's own time)] of the rounds finished since the previous call, context length = tokens in the cache) -> K
+DraftLength = Callable[[int, list[tuple[int, float]], int], int]
+
+
+class Stopwatch:
+    """The decoding loop's own time: it runs from each resume of the generator to its next yield, so the caller's
+    work on a yielded token (detokenizing, printing, a UI) is never charged to a round."""
+
+    def __init__(self, clock: Callable[[], float]):
+        self.clock, self.total, self.since = clock, 0.0, clock()
+
+    def pause(self) -> None:
+        self.total += self.clock() - self.since
+
+    def resume(self) -> None:
+        self.since = self.clock()
+
+    def lap(self) -> float:
+        """Running time since the previous lap (or the start)."""
+        now = self.clock()
+        lap, self.total, self.since = self.total + now - self.since, 0.0, now
+        return lap
+
+
+def _queue_round(target: Model, propose: Proposer, cache: list, last: mx.array, hidden: mx.array, k: int,
+                 sampler: SamplerConfig) -> tuple[mx.array, mx.array | None]:
+    """Start a round lazily: a plain step for `last` (k = 0: (the next token, the hidden state of `last`'s
+    position)) or the k drafts after it ((drafts (k,), q or None))."""
+    if k == 0:
+        return plain_step(target, cache, last, sampler)
+    # `last` sits at the cache's offset; the cache holds exactly the accepted tokens before it
+    drafts, q = propose(last, hidden, cache_windows(target, cache), cache[0].offset, k)
+    mx.async_eval(drafts)  # the drafter computes while the caller reads the previous round's tokens
+    return drafts, q
+
+
+def _verify(target: Model, cache: list, last: mx.array, drafts: mx.array, q: mx.array | None,
+            sampler: SamplerConfig) -> tuple[int, list[int], mx.array, mx.array]:
+    """One target forward over `last` and the drafts, the acceptance rule, the rollback of rejected drafts: (n
+    accepted, the round's tokens (K + 1 ints), the new last token (1,), the hidden state of the position before
+    it)."""
+    k = drafts.size
+    out = target.forward(mx.concatenate([last, drafts])[None], cache, rows=k + 1, return_hidden=True)
+    n, tokens = accept(out, drafts, q, sampler)
+    mx.eval(n, tokens)  # the round's one host sync
+    n, tokens = n.item(), tokens.tolist()
+    trim_cache(cache, k - n)
+    return n, tokens, mx.array(tokens[n : n + 1]), out.hidden[:, n : n + 1]
 
 
 def mtp_generate_step(
     target: Model, propose: Proposer, cache: list, first_hidden: mx.array, first_token: mx.array,
-    draft_length: Callable[[int], int], sampler: SamplerConfig, stats: DraftStats, max_tokens: int,
+    draft_length: DraftLength, sampler: SamplerConfig, stats: DraftStats, max_tokens: int,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> Generator[tuple[int, bool], None, None]:
     """Yield (token, from_draft) after the first token (which the caller already emitted), `max_tokens` at most.
+
+    Every round's first work is queued before the previous round's tokens are handed out (mlx-lm's pipelining): a
+    plain step, or the drafts, which the drafter computes while the caller reads those tokens. A drafting round
+    then verifies its drafts in one target forward and reads the accepted count: one host sync per round.
 
     Args:
         propose: the draft source, normally `drafter_proposer(...)` (benchmarks and tests substitute oracles).
         cache: the target's cache holding the prompt (all but `first_token`).
         first_hidden: the target's post-norm hidden state of the last prompt token, (1, 1, H).
         first_token: the token sampled from it, (1,).
-        draft_length: tokens still wanted -> K for the next round (0: a plain decoding round); called once per
-            round, before it.
+        draft_length: the policy (`DraftLength`): (tokens still wanted, [(K, seconds)] of the rounds finished since
+            its previous call, context length) -> K for the next round (0: a plain step); called once per round,
+            before it. A round's seconds are the loop's own time from the previous round's tokens being read to
+            its own (the caller's time between yielded tokens is not counted).
+        clock: the time source of those seconds (tests pass a fake one).
     """
-    last, hidden = first_token, first_hidden
-    remaining = max_tokens
-    K = draft_length(remaining) if remaining > 0 else 0
-    while remaining > 0:
-        K = max(0, min(K, remaining - 1))  # never draft past the budget
-        if K == 0:
-            last, hidden, produced, K = yield from _plain_rounds(target, cache, last, draft_length, sampler, stats,
-                                                                 remaining)
-            remaining -= produced
-            continue
-        # `last` sits at the cache's offset; the cache holds exactly the accepted tokens before it
-        drafts, q = propose(last, hidden, cache_windows(target, cache), cache[0].offset, K)
-        mx.async_eval(drafts)  # the drafter computes while the verify graph is being built (no host sync)
-        out = target.forward(mx.concatenate([last, drafts])[None], cache, rows=K + 1, return_hidden=True)
-        n, tokens = accept(out, drafts, q, sampler)
-        mx.eval(n, tokens)  # the round's one host sync
-        n, tokens = n.item(), tokens.tolist()
-        trim_cache(cache, K - n)
-        stats.record(K, n)
-        last, hidden = mx.array(tokens[n : n + 1]), out.hidden[:, n : n + 1]
+    if max_tokens <= 0:
+        return
+    watch, finished = Stopwatch(clock), []
+    last, hidden, remaining = first_token, first_hidden, max_tokens
+    k = _next_k(draft_length, remaining, finished, cache)
+    queued = _queue_round(target, propose, cache, last, hidden, k, sampler)
+    while True:
+        if k == 0:
+            (last, hidden), n, tokens = queued, 0, None
+        else:
+            n, tokens, last, hidden = _verify(target, cache, last, *queued, sampler)
+            finished.append((k, watch.lap()))
+        stats.record(k, n)
         remaining -= n + 1
-        for i in range(n + 1):
-            yield tokens[i], i < n
-        if remaining > 0:
-            K = draft_length(remaining)
+        if remaining > 0:  # the next round starts before these tokens are handed out
+            k, finished = _next_k(draft_length, remaining, finished, cache), []
+            queued = _queue_round(target, propose, cache, last, hidden, k, sampler)
+        if tokens is None:  # a plain step's token, read only once the next round is queued
+            tokens = [last.item()]
+            finished.append((0, watch.lap()))
+        for i, token in enumerate(tokens[: n + 1]):
+            watch.pause()
+            yield token, i < n
+            watch.resume()
+        if remaining <= 0:
+            return
+
+
+def _next_k(draft_length: DraftLength, remaining: int, finished: list, cache: list) -> int:
+    return max(0, min(draft_length(remaining, finished, cache[0].offset), remaining - 1))  # never past the budget

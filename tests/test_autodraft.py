@@ -1,9 +1,22 @@
-"""The draft-length policy: acceptance bookkeeping and the choice of K from costs (no timing involved)."""
+"""The draft-length policy: acceptance bookkeeping, costs learned online (from injected seconds or a fake clock, never
+real timing), what persists across generations, reproducibility with a seed, no measurement inside a generation."""
 
+from __future__ import annotations
+
+import itertools
+import random
+
+import mlx.core as mx
 import pytest
+from test_speculative import PROMPT, bundle, make_drafter, make_target, tokens
 
-from mlx_gemma_mtp.autodraft import AutoDraftLength, DraftCosts
+import mlx_gemma_mtp.autodraft as auto
+from mlx_gemma_mtp import SamplerConfig, stream_generate
+from mlx_gemma_mtp.autodraft import AutoDraftLength, CostModel, DraftCosts, Learned
 from mlx_gemma_mtp.speculative import DraftStats
+
+# a flat analytic model: a round at K costs 1 + 0.2 K (+ the round overhead) units, no context term
+FLAT = CostModel(0.2, (), ())
 
 
 def test_conditional_acceptance_counts_only_rounds_that_reached_the_position():
@@ -19,7 +32,17 @@ def test_conditional_acceptance_counts_only_rounds_that_reached_the_position():
     assert merged.reached_per_position == [8, 6, 2, 2]
 
 
-def _policy(accept_rates, verify, draft_step, max_k=8, rounds=2000):
+def test_plain_steps_are_counted_apart_from_drafting_rounds():
+    stats = DraftStats()
+    for k, n in [(3, 2), (0, 0), (0, 0), (2, 0)]:
+        stats.record(k, n)
+    assert (stats.rounds, stats.plain_rounds, stats.drafted, stats.accepted) == (2, 2, 5, 2)
+    assert stats.mean_accepted_length == 1.0  # per drafting round: plain steps do not dilute it
+    merged = DraftStats().merge(stats).merge(stats)
+    assert (merged.rounds, merged.plain_rounds) == (4, 4)
+
+
+def _policy(accept_rates, model=FLAT, max_k=8, rounds=2000, **kw) -> AutoDraftLength:
     """A policy whose stats saw `rounds` rounds at K=max_k with conditional acceptance `accept_rates[i]`."""
     stats = DraftStats()
     stats.drafted_per_position = [rounds] * max_k
@@ -30,50 +53,314 @@ def _policy(accept_rates, verify, draft_step, max_k=8, rounds=2000):
         survive *= a
         accepted.append(round(survive))
     stats.reached_per_position, stats.accepted_per_position = reached, accepted
-    return AutoDraftLength(DraftCosts([draft_step * k for k in range(max_k + 1)], [0.0] + verify), stats, max_k)
+    return AutoDraftLength(model, stats, max_k, **kw)
 
 
-def test_high_acceptance_and_flat_verify_pick_long_drafts():
-    # survival 0.9^i: with the old (cumulative-as-conditional) estimate the expected length collapsed to 0.9^(i^2/2)
-    policy = _policy([0.9] * 8, verify=[1.0] * 9, draft_step=0.05)
+def _best(policy, context=100) -> int:
+    rates = policy.rates(context)
+    return max(range(len(rates)), key=rates.__getitem__)
+
+
+def test_high_acceptance_and_cheap_drafts_pick_long_drafts():
+    policy = _policy([0.9] * 8, CostModel(0.02, (), ()))
     assert policy.acceptance()[:3] == pytest.approx([0.9] * 3, abs=0.01)
-    assert policy.best() == 8
+    assert _best(policy) == 8
 
 
 def test_costly_drafts_or_low_acceptance_pick_plain_decoding():
-    assert _policy([0.05] * 8, verify=[1.0] * 9, draft_step=0.3).best() == 0
-    assert _policy([0.9] * 8, verify=[1.0 * t for t in range(1, 10)], draft_step=0.5).best() == 0
+    assert _best(_policy([0.05] * 8)) == 0
+    assert _best(_policy([0.9] * 8, CostModel(1.5, (), ()))) == 0
 
 
 def test_expected_rate_matches_the_formula():
-    policy = _policy([0.8, 0.5] + [0.1] * 6, verify=[1.0, 1.2, 1.4] + [2.0] * 6, draft_step=0.1)
+    policy = _policy([0.8, 0.5] + [0.1] * 6)
     a = policy.acceptance()
-    expected_k2 = (1 + a[0] + a[0] * a[1]) / (1.4 + 2 * 0.1)
-    assert policy.expected_rate(2, a) == pytest.approx(expected_k2)
+    expected_k2 = (1 + a[0] + a[0] * a[1]) / FLAT.round(2, 100)
+    assert policy.rates(100)[2] == pytest.approx(expected_k2)
+    assert FLAT.round(2, 100) == pytest.approx(1 + auto.VERIFY_SLOPE * 2 + auto.ROUND_OVERHEAD + 2 * 0.2)
 
 
-def test_unexplored_positions_follow_the_last_explored_one():
+def test_unexplored_positions_follow_the_last_explored_one_one_position_at_a_time():
     """Only K=1 rounds so far, all accepted: later positions are assumed as good, so the policy tries longer
-    drafts instead of staying at K=1 forever."""
+    drafts instead of staying at K=1 forever, but only one position past what some round has reached."""
     stats = DraftStats()
     for _ in range(50):
         stats.record(1, 1)
-    costs = DraftCosts([0.1 * k for k in range(9)], [0.0] + [1.0 + 0.05 * t for t in range(9)])
-    policy = AutoDraftLength(costs, stats, 8)
+    policy = AutoDraftLength(CostModel(0.05, (), ()), stats, 8)
     assert policy.acceptance()[1] == pytest.approx(policy.acceptance()[0])
-    assert policy.best() > 1
+    assert _best(policy) == 8 and policy(100, [], 100) == 2
 
 
-def test_probes_come_soon_after_few_rejections_and_rarely_after_many():
-    costs = DraftCosts([0.5 * k for k in range(9)], [0.0] + [1.0] * 9)  # drafting costs half a verify per token
-    few = DraftStats()
-    few.record(1, 0), few.record(1, 0)
-    policy = AutoDraftLength(costs, few, 8)
-    ks = [policy(100) for _ in range(8)]
-    assert ks[:2] == [0, 0] and 1 in ks[2:4]  # a probe after at most 3 plain rounds
-    many = DraftStats()
-    for _ in range(100):
-        many.record(1, 0)
-    policy = AutoDraftLength(costs, many, 8)
-    ks = [policy(100) for _ in range(40)]
-    assert ks.count(1) == 2 and ks[15] == 1  # every 16th round
+def test_costs_follow_the_context_length():
+    """Full-attention layers read more K/V as the context grows, sliding ones stop at their window; an estimate
+    measured early is re-priced at the current context instead of going stale."""
+    model = CostModel(0.1, ((16, 0.001), (None, 0.001)), ((None, 0.0005),))
+    assert model.round(0, 8) == pytest.approx(1 + 0.008 + 0.008)
+    assert model.round(0, 1000) == pytest.approx(1 + 0.016 + 1.0)
+    assert model.round(3, 1000) - model.round(3, 8) > model.round(0, 1000) - model.round(0, 8)  # drafts read it too
+    policy = AutoDraftLength(model, DraftStats(), 8)
+    policy(100, [(0, 0.01)] * 3, 8)  # the middle one of three plain steps sets the unit at context 8
+    assert policy.seconds(0, 1000) == pytest.approx(0.01 * model.round(0, 1000) / model.round(0, 8))
+
+
+def test_one_round_moves_a_cost_estimate_by_a_bounded_factor():
+    learned = Learned()
+    learned.observe(2, 1.0)  # the first timed round gives the analytic model its unit
+    assert learned.level == 1.0 and learned.seconds_per_unit(2) == 1.0
+    learned.rounds[2] = 10
+    learned.observe(2, 100.0)  # a hiccup (another process, a retrace)
+    assert learned.shape[2] <= auto.CLIP ** auto.EMA + 1e-9 and learned.seconds_per_unit(2) <= auto.CLIP
+    learned.observe(2, 1e-6)
+    assert learned.seconds_per_unit(2) >= 1.0 / auto.CLIP
+
+
+def test_a_busier_machine_reprices_every_k_and_a_new_k_only_itself():
+    learned = Learned()
+    learned.observe(3, 1.0)
+    learned.rounds[3] = 20
+    before = [learned.seconds_per_unit(k) for k in range(9)]
+    learned.observe(3, 1.5)  # the K played all along got slower: the machine is busier
+    ratios = [learned.seconds_per_unit(k) / b for k, b in enumerate(before)]
+    assert ratios[0] == pytest.approx(ratios[8]) and ratios[0] > 1.5 ** 0.4  # every K alike (K = 3 a bit more)
+    level = learned.level
+    learned.observe(6, 1.8 * learned.seconds_per_unit(6))  # a first round at K = 6 costs more than K = 3 suggested
+    assert learned.level == level and learned.seconds_per_unit(6) == pytest.approx(1.8 * learned.seconds_per_unit(3))
+    assert learned.seconds_per_unit(7) == pytest.approx(learned.seconds_per_unit(6))  # the nearest measured K
+
+
+def _simulate(policy_for, true_seconds, acceptance, rounds, seed=0, context=100):
+    """Run a policy against a synthetic pair: `true_seconds[K]` per round (the injected clock), draft i accepted
+    with probability `acceptance[i]` given the earlier ones. Returns the K of every round."""
+    rng, stats = random.Random(seed), DraftStats()
+    policy, finished, played = policy_for(stats), [], []
+    for _ in range(rounds):
+        k = policy(10_000, finished, context)
+        n = 0
+        while n < k and rng.random() < acceptance[n]:
+            n += 1
+        stats.record(k, n)
+        finished = [(k, true_seconds[k])]
+        played.append(k)
+    return played
+
+
+# true costs of a pair where drafting pays at K = 3 (verify of 4 tokens is cheap on this device), not beyond
+TRUE = [1.0, 1.5, 1.8, 1.9, 2.6, 3.0, 3.4, 3.8, 4.2]
+GOOD = [0.9] * 8
+
+
+def _expected_rate(k, true_seconds=TRUE, acceptance=GOOD):
+    tokens, survive = 1.0, 1.0
+    for a in acceptance[:k]:
+        survive *= a
+        tokens += survive
+    return tokens / true_seconds[k]
+
+
+def _mostly(played, k, last=40) -> bool:
+    return sum(p == k for p in played[-last:]) >= 0.75 * last
+
+
+def test_wrong_analytic_prior_is_corrected_within_a_few_dozen_rounds():
+    assert max(range(9), key=_expected_rate) == 3
+    free = CostModel(0.0, (), ())  # the model prices drafting as free: it starts deep
+    played = _simulate(lambda s: AutoDraftLength(free, s, 8), TRUE, GOOD, 120)
+    assert played[0] > 3 and _mostly(played, 3)
+
+
+@pytest.mark.parametrize("stale", ["slow MTP", "free MTP"])
+def test_stale_saved_costs_are_a_prior_that_the_rounds_overrule(stale):
+    """A calibration from another machine or MLX build (MTP never paying, or priced as free) is dropped once the
+    rounds contradict it, and the policy settles on the truly best K."""
+    from mlx_gemma_mtp.bench import stale_costs
+
+    prior = stale_costs(DraftCosts([0.0] + [0.2 * k for k in range(1, 9)], [0.0] + [1.0] * 9, 100))[stale]
+
+    def policy(stats):
+        learned = Learned()
+        for k in range(9):
+            learned.prior[k] = (prior.verify[k + 1] + prior.draft[k]) / FLAT.round(k, 100)
+        learned.calibrated = True
+        return AutoDraftLength(FLAT, stats, 8, learned)
+
+    played = _simulate(policy, TRUE, GOOD, 150)
+    assert _mostly(played, 3)
+
+
+def test_first_round_at_a_k_is_a_compile_not_a_cost_sample():
+    learned = Learned()
+    policy = AutoDraftLength(FLAT, DraftStats(), 8, learned)
+    policy(100, [(0, 0.01)] * 3, 100)  # plain steps set the unit
+    policy(100, [(0, 0.01), (3, 0.5)], 100)  # the first K = 3 round: its draft graph was compiled
+    assert learned.shape[3] is None and 3 in learned.compiled
+    excess = (0.5 - 0.01 * FLAT.round(3, 100)) / (3 * 0.01)
+    assert learned.compile_cost == pytest.approx(excess)  # compiles are priced from what they took
+    policy(100, [(3, 0.02)], 100)
+    assert learned.shape[3] is None  # a round next to a switch is not timed
+    policy(100, [(3, 0.02)], 100)
+    assert policy.seconds(3, 100) == pytest.approx(0.02)
+
+
+def test_rounds_next_to_a_switch_are_not_timed():
+    """Plain steps are pipelined and drafting rounds are not: at a switch, work moves between the rounds next to
+    it, so only rounds with the same K on both sides are samples."""
+    learned = Learned()
+    policy = AutoDraftLength(FLAT, DraftStats(), 8, learned)
+    policy(100, [(0, 0.01), (0, 0.01), (0, 0.01)], 100)
+    level = learned.level
+    policy(100, [(0, 0.001), (2, 0.05), (0, 0.05), (0, 0.01), (2, 0.01), (2, 0.05)], 100)
+    assert learned.level == level and learned.shape[2] is None
+
+
+def test_a_k_never_run_is_tried_only_when_the_tokens_left_pay_for_its_compile():
+    stats = DraftStats()
+    for _ in range(40):
+        stats.record(2, 2)
+    learned = Learned(compiled={0, 2})
+    learned.level, learned.shape[2], learned.compile_cost = 0.01, 1.0, 50.0  # compiles cost 50 plain steps a draft
+    policy = AutoDraftLength(CostModel(0.02, (), ()), stats, 8, learned)
+    assert policy(20, [], 100) == 2  # 20 tokens left: K = 3 (one deeper than any round went) would not pay
+    assert policy(100_000, [], 100) == 3
+
+
+def test_probes_come_soon_while_estimates_are_thin_and_rarely_once_well_supported():
+    """Drafting never pays here (nothing is accepted): K = 0, with probes of K = 1 ever further apart."""
+    ks = _simulate(lambda s: AutoDraftLength(FLAT, s, 8), TRUE, [0.0] * 8, 800)
+    starts = [i for i in range(5, len(ks)) if ks[i] == 1 and ks[i - 1] != 1]  # past the first rounds
+    assert all(ks[i : i + auto.PROBE_ROUNDS] == [1] * auto.PROBE_ROUNDS for i in starts)
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    assert set(ks[5:]) == {0, 1} and gaps[0] <= 2 * (auto.PROBE_AFTER + auto.PROBE_ROUNDS)
+    assert gaps == sorted(gaps) and gaps[-1] == auto.PROBE_EVERY + auto.PROBE_ROUNDS - 1
+
+
+def test_untimed_policy_ignores_the_seconds():
+    def run(seconds):
+        return _simulate(lambda s: AutoDraftLength(FLAT, s, 8, timed=False), seconds, GOOD, 60)
+
+    assert run(TRUE) == run([1.0] * 9) == run(list(reversed(TRUE)))
+
+
+def test_learned_state_carries_over_with_older_evidence_weighing_less():
+    learned = Learned()
+    first = DraftStats()
+    AutoDraftLength(FLAT, first, 8, learned)
+    for _ in range(400):
+        first.record(2, 1)
+    second = DraftStats()
+    policy = AutoDraftLength(FLAT, second, 8, learned)  # folds the first generation in
+    assert learned.reached[0] == pytest.approx(auto.MAX_COUNT)  # capped: older evidence scaled down
+    assert learned.accepted[0] / learned.reached[0] == pytest.approx(1.0)
+    assert learned.reached[1] / learned.reached[0] == pytest.approx(1.0)
+    assert policy.acceptance()[1] < 0.2  # position 1 was always rejected, and that was remembered
+    rounds = learned.rounds[:]
+    AutoDraftLength(FLAT, DraftStats(), 8, learned)
+    assert learned.rounds == [r * auto.DECAY for r in rounds]
+
+
+# ---- on tiny real models -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fresh_pair():
+    """A freshly loaded pair each time (the learned state lives on the drafter)."""
+
+    def make():
+        target = make_target(seed=3, layers=("sliding_attention", "sliding_attention", "full_attention"), window=4)
+        return bundle(target, make_drafter(target, 4, ordered=True))
+
+    return make
+
+
+def test_no_measurement_inside_a_generation(fresh_pair, monkeypatch):
+    """The first token is never delayed by a cost measurement: auto learns from the rounds that run anyway."""
+    def fail(*a, **k):
+        pytest.fail("a cost measurement ran inside stream_generate")
+
+    monkeypatch.setattr(auto, "measure_costs", fail)
+    monkeypatch.setattr(auto, "_timed_pair", fail)
+    b = fresh_pair()
+    for sampler in (SamplerConfig(), SamplerConfig(temperature=1.0), SamplerConfig(temperature=1.0, seed=1)):
+        rs = list(stream_generate(b, PROMPT, max_tokens=24, sampler=sampler, num_draft_tokens="auto"))
+        assert len(rs) == 24 and rs[-1].draft.rounds + rs[-1].draft.plain_rounds > 0
+
+
+@pytest.mark.parametrize("k", [0, 3, "auto"])
+def test_seeded_sampling_is_reproducible_for_every_draft_length(fresh_pair, k):
+    """The same call with the same seed gives the same tokens: on a freshly loaded pair, again, and on the same pair
+    after other generations (which taught auto things and moved MLX's global RNG)."""
+    cfg = SamplerConfig(temperature=1.0, seed=7)
+    first = tokens(fresh_pair(), PROMPT, max_tokens=40, sampler=cfg, num_draft_tokens=k)
+    assert tokens(fresh_pair(), PROMPT, max_tokens=40, sampler=cfg, num_draft_tokens=k) == first
+    b = fresh_pair()
+    tokens(b, PROMPT, max_tokens=30, num_draft_tokens="auto")
+    tokens(b, PROMPT, max_tokens=30, sampler=SamplerConfig(temperature=1.0), num_draft_tokens="auto")
+    mx.random.uniform()
+    assert tokens(b, PROMPT, max_tokens=40, sampler=cfg, num_draft_tokens=k) == first
+    assert tokens(b, PROMPT, max_tokens=40, sampler=SamplerConfig(temperature=1.0, seed=8),
+                  num_draft_tokens=k) != first  # the seed matters
+
+
+def test_what_auto_learns_stays_with_the_pair_per_sampling_setting(fresh_pair):
+    b = fresh_pair()
+    rs = list(stream_generate(b, PROMPT, max_tokens=30, num_draft_tokens="auto"))
+    memory = b.drafter._auto_draft
+    greedy = memory.settings[("greedy",)]
+    assert greedy.previous is rs[-1].draft and rs[-1].draft.rounds > 0  # the prior starts by drafting
+    list(stream_generate(b, PROMPT, max_tokens=30, num_draft_tokens="auto"))
+    assert memory.settings[("greedy",)] is greedy and greedy.reached[0] == rs[-1].draft.reached_per_position[0]
+    list(stream_generate(b, PROMPT, max_tokens=10, sampler=SamplerConfig(temperature=0.7), num_draft_tokens="auto"))
+    assert len(memory.settings) == 2
+    list(stream_generate(b, PROMPT, max_tokens=10, sampler=SamplerConfig(temperature=0.7, seed=1),
+                         num_draft_tokens="auto"))
+    assert len(memory.settings) == 2  # seeded: nothing kept, nothing read
+    auto.forget(b.drafter)
+    assert b.drafter._auto_draft is None
+
+
+def test_the_loop_times_only_its_own_code(fresh_pair):
+    """Seconds reported to the policy cover the loop's work, never the caller's time between tokens (fake clock:
+    every call advances it by 1; the caller spends 1000 per token)."""
+    from mlx_gemma_mtp.decode import prefill
+    from mlx_gemma_mtp.speculative import drafter_proposer, mtp_generate_step
+
+    b = fresh_pair()
+    ticks, caller = itertools.count(), [0]
+    reports = []
+
+    def policy(remaining, finished, context):
+        reports.extend(finished)
+        return [0, 0, 2, 1][len(reports) % 4]
+
+    cache = b.target.make_cache(max_rollback=8)
+    first = prefill(b.target, mx.array(PROMPT), cache, 512, True)
+    token = mx.argmax(first.logits[:, -1], axis=-1)
+    greedy = SamplerConfig()
+    steps = mtp_generate_step(b.target, drafter_proposer(b.target, b.drafter, greedy), cache, first.hidden, token,
+                              policy, greedy, DraftStats(), 30, clock=lambda: next(ticks) + caller[0])
+    for _ in steps:
+        caller[0] += 1000
+    assert len(reports) > 10 and all(0 < s < 20 for _, s in reports)
+
+
+def test_saved_calibration_is_a_prior_keyed_by_machine_and_mlx(fresh_pair, monkeypatch, tmp_path):
+    monkeypatch.setenv("MLX_GEMMA_MTP_CACHE", str(tmp_path))
+    b = fresh_pair()
+    target, drafter = b.target, b.drafter
+    costs = auto.measure_costs(target, drafter, 3, context=16)
+    assert len(costs.verify) == 5 and all(t > 0 for t in costs.verify[1:]) and costs.context == 16
+    assert len(costs.draft) == 4 and costs.draft[0] == 0 and all(t > 0 for t in costs.draft[1:])
+    assert auto.saved_costs(target, drafter, True) is None
+    auto.save_costs(target, drafter, True, costs)
+    assert auto.saved_costs(target, drafter, True) == costs
+    assert auto.saved_costs(target, drafter, False) is None  # sampled drafting: its own entry
+    learned = auto.draft_length_policy("auto", target, drafter, DraftStats(), 8, SamplerConfig()).learned
+    model = auto.cost_model(target, drafter)
+    per_unit = [(costs.verify[k + 1] + costs.draft[k]) / model.round(k, 16) for k in range(4)]
+    assert learned.calibrated and learned.prior[2] == pytest.approx(per_unit[2] / per_unit[0])
+    assert learned.prior[8] == learned.prior[3]  # beyond the measured K: the last one's
+    assert learned.level is None and learned.shape == [None] * 9  # a prior: the rounds set level and shapes
+    monkeypatch.setattr(mx, "__version__", "0.0.0-other")
+    assert auto.saved_costs(target, drafter, True) is None  # another MLX build: not this machine's costs
+    auto._cache_file().write_text("{not json")
+    with pytest.warns(UserWarning, match="unreadable draft-cost cache"):
+        assert auto.saved_costs(target, drafter, True) is None

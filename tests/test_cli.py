@@ -132,3 +132,48 @@ def test_python_dash_m(model_dir):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == expected_text(model_dir, "hi", 4) + "\n"
     assert STATS.search(proc.stderr), proc.stderr
+
+
+def test_stats_line_counts_plain_steps_apart_from_drafting_rounds():
+    from mlx_gemma_mtp import DraftStats
+    from mlx_gemma_mtp.cli import format_stats
+    from mlx_gemma_mtp.decode import GenerationResponse
+
+    stats = DraftStats()
+    for k, n in [(3, 3), (3, 1), (0, 0), (0, 0), (0, 0)]:
+        stats.record(k, n)
+    r = GenerationResponse("", 0, False, "length", 5, 100.0, 12, 50.0, 0.01, stats)
+    line = format_stats(r).splitlines()[1]
+    assert line == ("MTP: 2 drafting rounds + 3 plain steps, 4/6 drafts accepted (66.7%), mean accepted length 2.00 "
+                    "per drafting round, acceptance per position [1.00 0.50 0.50]")
+
+
+def test_demo_shows_its_prompt_before_the_continuation(capsys):
+    from mlx_gemma_mtp.cli import DEMO_PROMPT
+
+    assert main(["generate", "--max-tokens", "6", "--num-draft-tokens", "0"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(DEMO_PROMPT) and len(out) > len(DEMO_PROMPT) + 1  # not a terminal: plain, no ANSI codes
+    assert "\x1b[" not in out
+
+
+def test_generate_imports_neither_the_converter_nor_the_trainer():
+    """Subcommands load their modules only when run: `generate` (and `--help`) stay light."""
+    code = ("import sys\nfrom mlx_gemma_mtp.cli import main\ntry:\n    main(['generate', '--help'])\n"
+            "except SystemExit:\n    pass\nprint(' '.join(sorted(sys.modules)))")
+    proc = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=120)
+    loaded = set(proc.stdout.split())
+    assert "mlx_gemma_mtp.cli" in loaded
+    assert not {m for m in loaded if m.startswith(("mlx_gemma_mtp.convert", "mlx_gemma_mtp.tuner"))}, loaded
+
+
+def test_lazy_subcommands_list_the_help_of_their_real_parsers():
+    import argparse
+    import importlib
+
+    from mlx_gemma_mtp.cli import LAZY_SUBCOMMANDS
+
+    for name, (module, register, help_text) in LAZY_SUBCOMMANDS.items():
+        sub = argparse.ArgumentParser().add_subparsers()
+        getattr(importlib.import_module(module), register)(sub)
+        assert [(a.dest, a.help) for a in sub._choices_actions] == [(name, help_text)]

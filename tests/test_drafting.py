@@ -4,8 +4,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from test_sampling import chi2_pvalue
+from tiny_pair import random_pair
 
-from mlx_gemma_mtp.bench import random_pair
 from mlx_gemma_mtp.cache import bucket_size, trim_cache
 from mlx_gemma_mtp.drafting import cache_windows, draft, draft_step, visible_kv
 from mlx_gemma_mtp.sampling import SamplerConfig

@@ -247,3 +247,14 @@ def test_cli_thinking_flag_and_template_kwargs(gemma_dir, capsys):
         with pytest.raises(SystemExit):
             cli.main(base + ["--chat-template-kwargs", bad])
         assert "--chat-template-kwargs" in capsys.readouterr().err
+
+
+def test_prompt_past_max_position_embeddings_warns(pair_dir):
+    bundle = mlx_gemma_mtp.load(pair_dir("e2b")[0])
+    limit = bundle.target.args.max_position_embeddings
+    bundle.target.args.max_position_embeddings = 8
+    try:
+        with pytest.warns(UserWarning, match="exceeds the model's max_position_embeddings=8"):
+            list(mlx_gemma_mtp.stream_generate(bundle, [2, 10, 11, 12, 13], max_tokens=5, num_draft_tokens=0))
+    finally:
+        bundle.target.args.max_position_embeddings = limit

@@ -14,6 +14,8 @@ from hypothesis import strategies as st
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_gemma_mtp import SamplerConfig, stream_generate
+from mlx_gemma_mtp import cache as cache_module
+from mlx_gemma_mtp.cache import SlidingKVCache
 from mlx_gemma_mtp.load import Bundle, GenerationDefaults
 from mlx_gemma_mtp.models.config import FULL, SLIDING, ModelArgs
 from mlx_gemma_mtp.models.gemma4_assistant import Drafter, DrafterArgs
@@ -160,7 +162,8 @@ def test_oracle_drafts_all_accepted_and_wrong_drafts_none(pair):
         rs = list(stream_generate(b, PROMPT, max_tokens=48, num_draft_tokens=k,
                                   proposer=oracle_proposer(ref, corrupt=lambda i: True)))
         assert [r.token for r in rs] == plain
-        assert rs[-1].draft.accepted == 0 and rs[-1].draft.rounds == 47
+        assert rs[-1].draft.accepted == 0
+        assert (rs[-1].draft.rounds, rs[-1].draft.plain_rounds) == (46, 1)  # the last step has no room to draft
 
 
 def test_eos_inside_accepted_block_cuts_exactly(pair):
@@ -249,9 +252,14 @@ def test_sampling_with_mtp_matches_target_distribution(pair):
     assert accepted > 0, "drafts must sometimes be accepted for this test to mean anything"
 
 
-def test_long_generation_rolls_back_after_sliding_eviction():
-    """Past ~512 tokens the sliding caches really evict old entries; partial rejections there stay exact."""
+def test_long_generation_rolls_back_after_sliding_eviction(monkeypatch):
+    """With a small buffer step the sliding caches evict old entries every few dozen tokens, also inside verify
+    passes that are then partly rolled back; the output stays exact."""
+    monkeypatch.setattr(cache_module, "_STEP", 16)  # the default (256) evicts once per ~500 tokens
     target = make_target(seed=5, layers=(SLIDING, SLIDING, FULL, SLIDING, FULL), shared=2, window=4)
+    caches = []
+    make_cache = target.make_cache
+    monkeypatch.setattr(target, "make_cache", lambda **kw: caches.append(make_cache(**kw)) or caches[-1])
     b = bundle(target)
     prompt = [(7 * i + 3) % VOCAB for i in range(400)]
     plain = tokens(b, prompt, max_tokens=200, num_draft_tokens=0)
@@ -259,6 +267,8 @@ def test_long_generation_rolls_back_after_sliding_eviction():
     rs = list(stream_generate(b, prompt, max_tokens=200, num_draft_tokens=6, proposer=mixed))
     assert [r.token for r in rs] == plain
     assert 0 < rs[-1].draft.accepted < rs[-1].draft.drafted  # partial rejections happened
+    sliding = [c for c in caches[-1] if isinstance(c, SlidingKVCache)]
+    assert sliding and all(c.start > len(prompt) for c in sliding), "no eviction while decoding"
 
 
 def test_position_convention_is_a_parameter(pair, monkeypatch):
@@ -282,27 +292,6 @@ def test_position_convention_is_a_parameter(pair, monkeypatch):
 def test_batch_prompts_are_refused(pair):
     with pytest.raises(ValueError, match="batch size is 1"):
         tokens(bundle(*pair), [PROMPT, PROMPT])
-
-
-def test_draft_costs_are_measured_once_and_cached_on_disk(pair, monkeypatch, tmp_path):
-    import mlx_gemma_mtp.autodraft as auto
-
-    target, drafter = pair
-    monkeypatch.setenv("MLX_GEMMA_MTP_CACHE", str(tmp_path))
-    monkeypatch.setattr(auto, "_COSTS", {})
-    costs = auto.measure_costs(target, drafter, 3)
-    assert len(costs.verify) == 5 and all(t > 0 for t in costs.verify[1:])
-    assert len(costs.draft) == 4 and costs.draft[0] == 0 and all(t > 0 for t in costs.draft[1:])
-    monkeypatch.setattr(auto, "_COSTS", {})  # a new process: read back from disk, no timing
-    monkeypatch.setattr(auto, "_timed_pair", lambda *a, **k: pytest.fail("re-measured despite the disk cache"))
-    assert auto.measure_costs(target, drafter, 3) == costs
-    monkeypatch.setattr(auto, "_timed_pair", lambda *a, **k: (2e-3, 1e-3))
-    assert auto.measure_costs(target, drafter, 3, greedy=False).draft_step == 2e-3  # its own entry
-    assert auto.measure_costs(target, drafter, 3, refresh=True).verify[1:] == [1e-3] * 4
-    auto._cache_file().write_text("{not json")
-    monkeypatch.setattr(auto, "_COSTS", {})
-    with pytest.warns(UserWarning, match="unreadable draft-cost cache"):
-        assert auto.measure_costs(target, drafter, 3).draft_step == 2e-3
 
 
 def test_default_draft_length_with_a_proposer_and_no_drafter(pair):
@@ -330,8 +319,8 @@ def test_policy_switching_between_plain_and_mtp_rounds_is_exact(pair, pattern):
     plain = tokens(bundle(target, drafter), PROMPT, max_tokens=40, num_draft_tokens=0)
     calls = []
 
-    def policy(remaining):
-        calls.append(remaining)
+    def policy(remaining, finished, context):
+        calls.append((remaining, list(finished), context))
         return pattern[(len(calls) - 1) % len(pattern)]
 
     cache = target.make_cache(max_rollback=8)
@@ -346,7 +335,14 @@ def test_policy_switching_between_plain_and_mtp_rounds_is_exact(pair, pattern):
 
     steps = mtp_generate_step(target, propose, cache, first.hidden, token, policy, greedy, stats, 39)
     assert [token.item()] + [t for t, _ in steps] == plain
-    assert stats.rounds == len(calls) and calls[0] == 39
+    assert calls[0] == (39, [], len(PROMPT))
+    played = [min(pattern[i % len(pattern)], remaining - 1) for i, (remaining, _, _) in enumerate(calls)]
+    assert (stats.rounds, stats.plain_rounds) == (len(played) - played.count(0), played.count(0))
+    # every round is timed once and reported with its own K, once finished (a plain step finishes after the next
+    # round is queued: the last two rounds may end the generation unreported)
+    timed = [k for _, finished, _ in calls for k, _ in finished]
+    assert timed == played[: len(timed)] and len(timed) >= len(played) - 2
+    assert all(s >= 0 for _, finished, _ in calls for _, s in finished)
     assert cache[0].offset == len(PROMPT) + 39  # every emitted token but the newest is in the cache
     # every drafting round starts from the true state: `last` at `position`, the hidden state of the one before
     sequence = PROMPT + plain

@@ -14,16 +14,16 @@ from conftest import write_tokenizer
 from mlx.utils import tree_flatten
 from test_speculative import VOCAB, bundle, make_drafter, make_target, tokens
 
-import mlx_gemma_mtp.train_drafter as td
+import mlx_gemma_mtp.tuner.train_drafter as td
 from mlx_gemma_mtp import load
 from mlx_gemma_mtp.cli import main
-from mlx_gemma_mtp.distill_data import chunk, load_sequences
-from mlx_gemma_mtp.drafter_init import balanced_clusters, write_drafter
 from mlx_gemma_mtp.drafting import visible_kv
 from mlx_gemma_mtp.load import load_tokenizer
 from mlx_gemma_mtp.models.config import FULL, SLIDING
 from mlx_gemma_mtp.speculative import DRAFT_POSITION_OFFSET
-from mlx_gemma_mtp.train_drafter import DrafterTrainConfig, train_drafter
+from mlx_gemma_mtp.tuner.distill_data import chunk, load_sequences
+from mlx_gemma_mtp.tuner.drafter_init import balanced_clusters, write_drafter
+from mlx_gemma_mtp.tuner.train_drafter import DrafterTrainConfig, train_drafter
 
 SEQ_LEN, UNROLL = 24, 3
 CFG = DrafterTrainConfig(

@@ -7,7 +7,7 @@ seeded): collect the stdlib `.py` files (every 20th file is held out for evaluat
 tokenizer on the training files (byte-level rather than sentencepiece because sentencepiece's whitespace
 normalisation destroys code indentation); train an E2B-style target (PLE, KV sharing, double-wide MLP on shared
 layers, sliding + full layers with proportional RoPE); distill a drafter with the cluster head through
-`mlx_gemma_mtp.train_drafter`. Run time and sizes are printed; the README quotes them.
+`mlx_gemma_mtp.tuner.train_drafter`. Run time and sizes are printed; the README quotes them.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from mlx.utils import tree_flatten
 
 from ..decode import stream_generate
 from ..load import load
-from ..train_drafter import DrafterTrainConfig, train_drafter
 from ..models.config import FULL, SLIDING, ModelArgs
 from ..models.gemma4_text import Model
+from ..tuner.train_drafter import DrafterTrainConfig, train_drafter
 
 SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>"]
 TARGET_FILES = ("tokenizer.json", "tokenizer_config.json", "config.json", "generation_config.json",

@@ -21,7 +21,7 @@ import numpy as np
 
 from .. import load, stream_generate
 from ..speculative import DraftStats
-from ..train_drafter import DrafterTrainConfig, train_drafter
+from ..tuner.train_drafter import DrafterTrainConfig, train_drafter
 from . import demo_dtype, demo_path
 from .make import TARGET_FILES, batches, write_target
 

@@ -15,10 +15,10 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .models.config import FULL, SLIDING, ModelArgs
-from .models.gemma4_assistant import Drafter, DrafterArgs
-from .models.gemma4_text import Model
-from .models.masked_embedder import MaskedEmbedder
+from ..models.config import FULL, SLIDING, ModelArgs
+from ..models.gemma4_assistant import Drafter, DrafterArgs
+from ..models.gemma4_text import Model
+from ..models.masked_embedder import MaskedEmbedder
 
 _DTYPE_NAMES = {mx.float32: "float32", mx.bfloat16: "bfloat16", mx.float16: "float16"}
 

@@ -37,15 +37,15 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .decode import MAX_DRAFT_TOKENS, stream_generate
+from ..decode import MAX_DRAFT_TOKENS, stream_generate
+from ..load import Bundle, load, load_drafter, read_config, resolve
+from ..models.config import FULL, SLIDING
+from ..models.gemma4_assistant import Drafter
+from ..models.gemma4_text import KV, Model
+from ..models.masked_embedder import MaskedEmbedder
+from ..speculative import DRAFT_POSITION_OFFSET, DraftStats
 from .distill_data import batch, load_sequences, split_held_out
 from .drafter_init import add_clusters, drafter_args, new_drafter, write_drafter
-from .load import Bundle, load, load_drafter, read_config, resolve
-from .models.config import FULL, SLIDING
-from .models.gemma4_assistant import Drafter
-from .models.gemma4_text import KV, Model
-from .models.masked_embedder import MaskedEmbedder
-from .speculative import DRAFT_POSITION_OFFSET, DraftStats
 
 LOSSES = ("kl", "greedy")
 STATE_FILE = "trainer_state.json"
