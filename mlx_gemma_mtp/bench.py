@@ -31,36 +31,10 @@ import mlx.core as mx
 
 from . import autodraft, load, stream_generate
 from .autodraft import DraftCosts, measure_costs
-from .load import Bundle, GenerationDefaults
-from .models.config import FULL, SLIDING, ModelArgs
-from .models.gemma4_assistant import Drafter, DrafterArgs
-from .models.gemma4_text import Model
+from .load import Bundle
+from .presets import tiny_e2b_pair
 from .sampling import SamplerConfig
 from .speculative import DraftStats, drafter_proposer
-
-
-def random_pair(hidden: int, vocab: int = 8192, layers: int = 10, seed: int = 0) -> Bundle:
-    """A random E2B-shaped pair (PLE, KV sharing, sliding + full layers, clustered drafter head)."""
-    mx.random.seed(seed)
-    types = [FULL if (i + 1) % 5 == 0 else SLIDING for i in range(layers)]
-    head = max(32, hidden // 8)
-    target_args = ModelArgs(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
-        num_attention_heads=8, num_key_value_heads=1, head_dim=head, global_head_dim=2 * head,
-        sliding_window=128, layer_types=types, vocab_size_per_layer_input=vocab, hidden_size_per_layer_input=32,
-        num_kv_shared_layers=layers // 2, use_double_wide_mlp=True,
-    )
-    text = ModelArgs(
-        vocab_size=vocab, hidden_size=hidden // 4, intermediate_size=hidden, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=1, head_dim=head, global_head_dim=2 * head, sliding_window=128,
-        layer_types=[SLIDING, SLIDING, SLIDING, FULL], num_kv_shared_layers=4, hidden_size_per_layer_input=0,
-        final_logit_softcapping=None,
-    )
-    target = Model(target_args)
-    drafter = Drafter(DrafterArgs(text, hidden, True, num_centroids=64, centroid_intermediate_top_k=8))
-    drafter.masked_embedding.token_ordering = mx.random.permutation(vocab).astype(mx.int32)
-    mx.eval(target.parameters(), drafter.parameters())
-    return Bundle(target, drafter, None, {}, GenerationDefaults(), Path("."))
 
 
 def forced_proposer(bundle: Bundle, reference: list[int], rate: float, seed: int = 0):
@@ -212,7 +186,7 @@ def load_bundle(args) -> tuple[Bundle, str]:
         return load(demo_path(), dtype=demo_dtype()), "demo pair (held-out stdlib code)"
     if args.model:
         return load(args.model, draft=args.draft), args.model
-    return random_pair(args.random_hidden), f"random E2B-style pair, hidden {args.random_hidden}"
+    return tiny_e2b_pair(args.random_hidden), f"random E2B-style pair, hidden {args.random_hidden}"
 
 
 def print_costs(costs) -> None:

@@ -110,6 +110,31 @@ PRESETS = {
 }
 
 
+def tiny_e2b_pair(hidden: int, vocab: int = 8192, layers: int = 10, seed: int = 0) -> Bundle:
+    """A small random E2B-style pair for the benchmark and tests: PLE, KV sharing (the last half), sliding +
+    full layers (window 128), a clustered drafter head (64 x vocab/64, top 8); MLX's default init, float32."""
+    mx.random.seed(seed)
+    types = [FULL if (i + 1) % 5 == 0 else SLIDING for i in range(layers)]
+    head = max(32, hidden // 8)
+    target_args = ModelArgs(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+        num_attention_heads=8, num_key_value_heads=1, head_dim=head, global_head_dim=2 * head,
+        sliding_window=128, layer_types=types, vocab_size_per_layer_input=vocab, hidden_size_per_layer_input=32,
+        num_kv_shared_layers=layers // 2, use_double_wide_mlp=True,
+    )
+    text = ModelArgs(
+        vocab_size=vocab, hidden_size=hidden // 4, intermediate_size=hidden, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=head, global_head_dim=2 * head, sliding_window=128,
+        layer_types=[SLIDING, SLIDING, SLIDING, FULL], num_kv_shared_layers=4, hidden_size_per_layer_input=0,
+        final_logit_softcapping=None,
+    )
+    target = Model(target_args)
+    drafter = Drafter(DrafterArgs(text, hidden, True, num_centroids=64, centroid_intermediate_top_k=8))
+    drafter.masked_embedding.token_ordering = mx.random.permutation(vocab).astype(mx.int32)
+    mx.eval(target.parameters(), drafter.parameters())
+    return Bundle(target, drafter, None, {}, GenerationDefaults(), Path("."))
+
+
 def _preset(shape: str) -> Preset:
     if shape not in PRESETS:
         raise ValueError(f"shape={shape!r} is not a preset; choose one of {tuple(PRESETS)}")

@@ -16,6 +16,13 @@ CHAT_TEMPLATE = (
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
 
 
+def edit_json(file: Path, edit) -> None:
+    """Apply `edit` (a function that changes a dict in place) to a JSON file."""
+    data = json.loads(file.read_text())
+    edit(data)
+    file.write_text(json.dumps(data))
+
+
 def write_tokenizer(path: Path, vocab_size: int = 256) -> None:
     """Train a tiny BPE tokenizer (ids 0..5 are pad/eos/bos/unk/turn markers) and write HF tokenizer files."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

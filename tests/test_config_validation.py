@@ -13,6 +13,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
+from conftest import edit_json
 
 import mlx_gemma_mtp
 from mlx_gemma_mtp.models.config import FULL, SLIDING, TEXT_FIELDS, ModelArgs
@@ -22,12 +23,6 @@ from mlx_gemma_mtp.models.gemma4_assistant import DrafterArgs
 def copy_of(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
-
-
-def edit_json(file: Path, edit) -> None:
-    data = json.loads(file.read_text())
-    edit(data)
-    file.write_text(json.dumps(data))
 
 
 def setter(**values):

@@ -4,7 +4,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from test_sampling import chi2_pvalue
-from tiny_pair import random_pair
+from mlx_gemma_mtp.presets import tiny_e2b_pair as random_pair
 
 from mlx_gemma_mtp.cache import bucket_size, trim_cache
 from mlx_gemma_mtp.drafting import cache_windows, draft, draft_step, visible_kv

@@ -13,7 +13,7 @@ import hf_oracle as oracle
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import write_tokenizer
+from conftest import edit_json, write_tokenizer
 from mlx.utils import tree_flatten
 
 import mlx_gemma_mtp
@@ -44,12 +44,6 @@ def copy_of(src: Path, tmp_path: Path) -> Path:
     dst = tmp_path / "ckpt"
     shutil.copytree(src, dst)
     return dst
-
-
-def edit_json(file: Path, edit) -> None:
-    data = json.loads(file.read_text())
-    edit(data)
-    file.write_text(json.dumps(data))
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import math
 import mlx.core as mx
 import numpy as np
 import pytest
-from tiny_pair import random_pair
+from mlx_gemma_mtp.presets import tiny_e2b_pair as random_pair
 
 from mlx_gemma_mtp.bench_sampling import reference_log_probs as reference_pre_issue_10
 from mlx_gemma_mtp.drafting import _sampled_token
