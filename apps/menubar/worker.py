@@ -117,9 +117,9 @@ class RunStats:
             return "\n".join(lines + ["Speculative decoding: off"])
         d = self.draft
         per_position = "  ".join(f"{i + 1}: {a:.0%}" for i, a in enumerate(d.acceptance_per_position)) or "-"
-        return "\n".join(lines + [f"MTP rounds: {d.rounds}, drafted {d.drafted}, "
+        return "\n".join(lines + [f"MTP rounds: {d.rounds} drafting + {d.plain_rounds} plain, drafted {d.drafted}, "
                                   + f"accepted {d.accepted} ({d.acceptance_rate:.0%})",
-                                  f"Mean accepted length: {d.mean_accepted_length:.2f} drafts per round",
+                                  f"Mean accepted length: {d.mean_accepted_length:.2f} drafts per drafting round",
                                   f"Acceptance per draft position: {per_position}"])
 
 
