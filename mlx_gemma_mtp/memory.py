@@ -36,22 +36,19 @@ def wired_limit(*modules: nn.Module | None, streams: list | None = None) -> Iter
     `streams` are synchronised before the old limit is restored (changing it during an async eval is unsafe).
     """
     recommended = mx.device_info().get("max_recommended_working_set_size")
-    if not recommended:
-        try:
-            yield
-        finally:  # a pipelined step may still be queued: never leave work behind on a thread's stream
-            _synchronize(streams)
-        return
-    if (size := model_bytes(*modules)) > WARN_FRACTION * recommended:
-        print(f"[warning] the model needs {size / 2**30:.1f} GiB, close to this device's recommended working set "
-              f"of {recommended / 2**30:.1f} GiB: generation may be slow (a smaller or more quantized model, or "
-              "`sudo sysctl iogpu.wired_limit_mb=...`, helps)", file=sys.stderr)
-    old = mx.set_wired_limit(recommended)
+    old = None
+    if recommended:
+        if (size := model_bytes(*modules)) > WARN_FRACTION * recommended:
+            print(f"[warning] the model needs {size / 2**30:.1f} GiB, close to this device's recommended working "
+                  f"set of {recommended / 2**30:.1f} GiB: generation may be slow (a smaller or more quantized "
+                  "model, or `sudo sysctl iogpu.wired_limit_mb=...`, helps)", file=sys.stderr)
+        old = mx.set_wired_limit(recommended)
     try:
         yield
-    finally:
+    finally:  # a pipelined step may still be queued: never leave work behind on a thread's stream
         _synchronize(streams)
-        mx.set_wired_limit(old)
+        if old is not None:
+            mx.set_wired_limit(old)
 
 
 def _synchronize(streams: list | None) -> None:
