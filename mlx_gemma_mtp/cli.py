@@ -144,6 +144,10 @@ LAZY_SUBCOMMANDS = {
                    "KL / top-1 / MTP acceptance of a converted bundle vs its source"),
     "train-drafter": ("mlx_gemma_mtp.tuner.train_drafter", "add_train_drafter_parser",
                       "distil an MTP drafter (gemma4_assistant) for a Gemma 4 target"),
+    "chat": ("mlx_gemma_mtp.chat", "add_chat_parser",
+             "chat with a Gemma 4 checkpoint in the terminal (MTP, prompt cache)"),
+    "serve": ("mlx_gemma_mtp.server", "add_serve_parser",
+              "an OpenAI-compatible HTTP server (chat/completions, completions, models)"),
 }
 
 

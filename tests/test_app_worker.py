@@ -84,9 +84,14 @@ def test_chat_history_is_resent_each_turn(worker, bundle_dir):
     assert [m["role"] for m in worker.history] == ["user", "assistant", "user", "assistant"]
     assert worker.history[1]["content"] == first.text and worker.history[3]["content"] == second.text
     assert second.stats.prompt_tokens > first.stats.prompt_tokens
+    assert worker.prompt_cache.reused > 0  # the reply prefilled only its new turn
+    expected = mlx_gemma_mtp.generate(mlx_gemma_mtp.load(bundle_dir), worker.history[:3], max_tokens=4,
+                                      num_draft_tokens=0)
+    assert second.text == expected  # and still answered exactly as a fresh run
     worker.submit(NewChat())
     worker.submit(Ask("Hello", max_tokens=4, num_draft_tokens=0))
     assert collect(worker)[-1].stats.prompt_tokens == first.stats.prompt_tokens
+    assert worker.prompt_cache.reused == 0  # a new chat drops the cache
 
 
 class CancelAfterFirstChunk(queue.Queue):

@@ -180,6 +180,7 @@ class Worker:
         self.bundle: mtp.Bundle | None = None
         self.path: str | None = None
         self.history: list[dict] = []  # chat messages, re-sent each turn
+        self.prompt_cache = mtp.PromptCache()  # this chat's K/V: a Reply prefills only the new turn
         self._thread = threading.Thread(target=self._run, name="mlx-gemma-mtp-worker", daemon=True)
 
     def start(self) -> Worker:
@@ -213,6 +214,7 @@ class Worker:
     def _free(self) -> None:
         if self.bundle is not None:
             self.bundle = None
+            self.prompt_cache.reset()  # it holds K/V of the model being freed
             gc.collect()  # the model's arrays go now, not at some later collection
         mx.clear_cache()
 
@@ -234,11 +236,13 @@ class Worker:
         if path != self.path:
             self._free()
             self.path, self.history = path, []
+            self.prompt_cache.reset()
         if job.preload:
             self._ensure_loaded()
 
     def _new_chat(self, _job: NewChat) -> None:
         self.history = []
+        self.prompt_cache.reset()
 
     def _unload(self, _job: Unload) -> None:
         self._free()
@@ -260,7 +264,8 @@ class Worker:
         cancelled = self.cancel.is_set()  # Stop may have been pressed while the model loaded
         if not cancelled:
             stream = mtp.stream_generate(bundle, messages, max_tokens=job.max_tokens,
-                                         sampler=self._sampler(bundle, job.temperature), num_draft_tokens=k)
+                                         sampler=self._sampler(bundle, job.temperature), num_draft_tokens=k,
+                                         prompt_cache=self.prompt_cache)
             try:
                 for r in stream:
                     if cancelled := self.cancel.is_set():

@@ -1,0 +1,141 @@
+"""`mlx-gemma-mtp chat`: a terminal conversation with a Gemma 4 checkpoint (mlx_lm.chat's REPL) over one
+`PromptCache`, so each turn prefills only what is new; MTP stats follow every answer on one dim line."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+from .cli import _ChannelPrinter, _draft_tokens, format_stats
+from .prompt_cache import PromptCache
+from .sampling import SamplerConfig
+
+HELP = ("type a message; /reset starts over, /stats shows the last answer's stats, /exit, /quit or Ctrl-D "
+        "ends, Ctrl-C stops an answer")
+
+
+def add_chat_parser(sub) -> None:
+    p = sub.add_parser("chat", help="chat with a Gemma 4 checkpoint in the terminal (MTP, prompt cache)")
+    p.add_argument("--model", required=True, help="local folder or hub id of a Gemma 4 checkpoint or bundle")
+    p.add_argument("--draft", default=None, help="folder or hub id of the matching gemma4_assistant drafter")
+    p.add_argument("--max-tokens", type=int, default=1024, help="per answer")
+    p.add_argument("--temp", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=None, help="default: the checkpoint's generation_config")
+    p.add_argument("--top-k", type=int, default=None, help="default: the checkpoint's generation_config")
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--num-draft-tokens", type=_draft_tokens, default=None,
+                   help="draft length K, 0 for plain decoding, or 'auto' (default when a drafter is loaded)")
+    p.add_argument("--thinking", action="store_true", help="let Gemma 4 think first (the thought is dimmed)")
+    p.add_argument("--system", default=None, help="a system prompt for the conversation")
+    p.set_defaults(func=_main)
+
+
+def _main(args) -> None:
+    from . import load
+
+    run_chat(load(args.model, draft=args.draft), args)
+
+
+def sampler_from(args, bundle) -> SamplerConfig:
+    """The flags' sampling settings; top-p/top-k from the checkpoint's generation_config unless given."""
+    defaults = bundle.generation
+    return SamplerConfig(
+        temperature=args.temp,
+        top_p=args.top_p if args.top_p is not None else (defaults.top_p or 1.0),
+        top_k=args.top_k if args.top_k is not None else (defaults.top_k or 0),
+        min_p=args.min_p,
+        seed=args.seed,
+    )
+
+
+@dataclass
+class Chat:
+    """One conversation: its messages, the K/V already prefilled, and the last answer's final response."""
+
+    system: str | None = None
+    messages: list[dict] = field(default_factory=list)
+    cache: PromptCache = field(default_factory=PromptCache)
+    last: object = None  # the last GenerationResponse (for /stats)
+
+    def __post_init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+        self.cache.reset()
+        self.last = None
+
+
+def stats_line(r, reused: int) -> str:
+    """One line per answer: speed, MTP acceptance and how much of the prompt the cache spared."""
+    parts = [f"{r.generation_tokens} tokens, {r.generation_tps:.1f} tokens/s"]
+    if (d := r.draft) is not None:
+        parts.append(f"mean accepted length {d.mean_accepted_length:.2f} ({d.rounds} drafting rounds)")
+    parts.append(f"prompt cache: reused {reused} of {r.prompt_tokens} tokens")
+    return " | ".join(parts)
+
+
+def answer(bundle, chat: Chat, text: str, args, sampler: SamplerConfig, out) -> None:
+    """Stream the answer to `text`; Ctrl-C stops it, keeping what was shown as the assistant's message."""
+    from . import stream_generate
+
+    chat.messages.append({"role": "user", "content": text})
+    kwargs = {"enable_thinking": True} if args.thinking else None
+    responses = stream_generate(bundle, chat.messages, args.max_tokens, sampler, args.num_draft_tokens,
+                                chat_template_kwargs=kwargs, prompt_cache=chat.cache)
+    printer, shown, last, interrupted = _ChannelPrinter(out), [], None, False
+    try:
+        for last in responses:
+            printer.write(last.channel, last.text)
+            if last.channel == "answer":
+                shown.append(last.text)
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        responses.close()  # a stopped answer still leaves the cache holding what was generated
+    printer.end()
+    # the answer alone: Gemma 4's template strips earlier turns' thoughts anyway
+    chat.messages.append({"role": "assistant", "content": "".join(shown)})
+    chat.last = last or chat.last
+    if last is not None:
+        note = " (stopped)" if interrupted else ""
+        _dim(out, stats_line(last, chat.cache.reused) + note)
+
+
+def _dim(out, line: str) -> None:
+    tty = out.isatty()
+    out.write(f"{_ChannelPrinter.DIM}{line}{_ChannelPrinter.RESET}\n" if tty else line + "\n")
+    out.flush()
+
+
+def run_chat(bundle, args, input_fn=input, out=None) -> Chat:
+    """The REPL: reads lines with `input_fn` until /exit, /quit or EOF, writing answers to `out` (stdout).
+
+    Returns the conversation as it ended (its messages and prompt cache).
+    """
+    out = sys.stdout if out is None else out
+    if bundle.tokenizer is None or not bundle.tokenizer.has_chat_template:
+        raise ValueError(f"{bundle.path} has no chat template; chat needs an instruction-tuned checkpoint")
+    sampler, chat = sampler_from(args, bundle), Chat(system=args.system)
+    _dim(out, HELP)
+    while True:
+        try:
+            line = input_fn(">> ")
+        except EOFError:
+            out.write("\n")
+            break
+        except KeyboardInterrupt:  # at the prompt: drop the line, like Python's REPL
+            out.write("\n")
+            continue
+        command = line.strip()
+        if command in ("/exit", "/quit"):
+            break
+        if command == "/reset":
+            chat.reset()
+            _dim(out, "new conversation")
+        elif command == "/stats":
+            _dim(out, format_stats(chat.last) if chat.last is not None else "no answer yet")
+        elif command:
+            answer(bundle, chat, line, args, sampler, out)
+    return chat
