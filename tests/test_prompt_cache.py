@@ -127,3 +127,12 @@ def test_chat_turns_with_thoughts_stripped_equal_fresh_runs(chat_bundle):
         answer = "".join(r.text for r in cached)
         messages += [{"role": "assistant", "content": f"<|channel>thought\nthe user<channel|>{answer}"},
                      {"role": "user", "content": f"the {turn} user " * 30}]
+
+
+def test_conversation_benchmark_reuses_each_turn_and_checks_exactness(bundle):
+    from mlx_gemma_mtp.bench_conversation import format_rows, run
+
+    rows = run(bundle, [words(200, s) for s in range(4)], max_tokens=8, num_draft_tokens=3)
+    assert [n for n, *_ in rows] == sorted(n for n, *_ in rows) and rows[0][3] == 0
+    assert all(reused >= n - 200 - 1 for n, _, _, reused in rows[1:])  # all but the new turn (and one token)
+    assert "TTFT cached" in format_rows(rows)
