@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import socket
 import sys
 import time
 import types
@@ -346,3 +347,25 @@ def test_memory_hint_and_listing(models_folder, tmp_path):
     (tmp_path / "drafter-only").mkdir()
     (tmp_path / "drafter-only" / "config.json").write_text(json.dumps({"model_type": "gemma4_assistant"}))
     assert models.find_models(tmp_path) == [] and models.find_models(tmp_path / "missing") == []
+
+
+def test_server_menu_starts_and_stops_the_local_server(make_app, rumps, models_folder, tmp_path):
+    with socket.socket() as probe:  # a port that is free now
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    app = make_app(last_model=str(models_folder / "tiny-e2b"), server_port=port)
+    assert app.server_item.title == f"Start Server (127.0.0.1:{port})"
+    app.toggle_server()
+    pump(app, lambda: app.server_url is not None)
+    assert app.server_item.title == f"Stop Server (http://127.0.0.1:{port}/v1)"
+    assert app.status_item.title.startswith("Serving at")
+    app.toggle_server()
+    pump(app, lambda: app.server_url is None)
+    assert app.server_item.title.startswith("Start Server") and app.status_item.title == "Server stopped"
+    rumps.window_answers.append((1, "70000"))
+    app.set_port()
+    assert "1 to 65535" in rumps.alerts[-1][1] and app.settings.server_port == port
+    rumps.window_answers.append((1, "8123"))
+    app.set_port()
+    assert load_settings(tmp_path / "settings.json")[0].server_port == 8123
+    assert app.server_item.title == "Start Server (127.0.0.1:8123)"

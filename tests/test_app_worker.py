@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import queue
 import shutil
+import urllib.request
 
 import pytest
 
@@ -19,6 +21,10 @@ from apps.menubar.worker import (
     NewChat,
     Progress,
     Select,
+    ServerStarted,
+    ServerStopped,
+    StartServer,
+    StopServer,
     Unload,
     Unloaded,
     Worker,
@@ -207,3 +213,32 @@ def test_parse_convert_request(tmp_path):
 def test_parse_convert_request_rejects_bad_input(text, tmp_path):
     with pytest.raises(ValueError):
         parse_convert_request(text, tmp_path)
+
+
+def _post(url: str, body: dict) -> dict:
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
+        return json.loads(response.read())
+
+
+def test_the_local_server_shares_the_model_and_stops_with_it(worker, bundle_dir):
+    worker.submit(Select(str(bundle_dir)))
+    worker.submit(StartServer(0))  # any free port
+    started = collect(worker, until=(ServerStarted, Error))[-1]
+    assert isinstance(started, ServerStarted) and started.url.startswith("http://127.0.0.1:")
+    with urllib.request.urlopen(started.url.removesuffix("/v1") + "/health", timeout=TIMEOUT) as r:
+        assert r.status == 200
+    messages = [{"role": "user", "content": "Hello"}]
+    reply = _post(started.url + "/chat/completions", {"messages": messages, "max_tokens": 6, "temperature": 0})
+    expected = mlx_gemma_mtp.generate(mlx_gemma_mtp.load(bundle_dir), messages, max_tokens=6, num_draft_tokens=0)
+    assert reply["choices"][0]["message"]["content"] == expected
+    worker.submit(Ask("Hello", max_tokens=6, num_draft_tokens=0))  # the menu's questions still work alongside
+    assert collect(worker)[-1].text == expected
+    worker.submit(Unload())  # the server serves the loaded model: it stops with it
+    assert [type(m) for m in collect(worker)] == [ServerStopped, Unloaded]
+    with pytest.raises(OSError):
+        urllib.request.urlopen(started.url.removesuffix("/v1") + "/health", timeout=5)
+    worker.submit(StartServer(0))
+    assert isinstance(collect(worker, until=(ServerStarted, Error))[-1], ServerStarted)
+    worker.submit(StopServer())
+    assert isinstance(collect(worker, until=(ServerStopped, Error))[-1], ServerStopped)

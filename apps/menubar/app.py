@@ -27,6 +27,10 @@ from apps.menubar.worker import (
     NewChat,
     Progress,
     Select,
+    ServerStarted,
+    ServerStopped,
+    StartServer,
+    StopServer,
     Unload,
     Unloaded,
     Worker,
@@ -63,9 +67,12 @@ class MenuBarApp(rumps.App):
         self.model_menu = rumps.MenuItem("Model")
         self.spec_items = {m: rumps.MenuItem(m, callback=self.set_speculative) for m in ("auto", "on", "off")}
         speculative = [*self.spec_items.values(), None, rumps.MenuItem("Set K…", callback=self.set_k)]
+        self.server_url: str | None = None  # set while the local OpenAI-compatible server runs
+        self.server_item = rumps.MenuItem(self.server_label(), callback=self.toggle_server)
+        server = [self.server_item, rumps.MenuItem("Set Port…", callback=self.set_port)]
         self.menu = [self.status_item, self.preview_item, None, "Ask…", "Stop", "New Chat", None,
-                     self.model_menu, [rumps.MenuItem("Speculative"), speculative], "Stats", "Unload", None,
-                     "Quit"]
+                     self.model_menu, [rumps.MenuItem("Speculative"), speculative],
+                     [rumps.MenuItem("Server"), server], "Stats", "Unload", None, "Quit"]
         self.refresh_models()
         self.refresh_speculative()
         if self.settings.last_model:
@@ -205,6 +212,27 @@ class MenuBarApp(rumps.App):
         self.save()
         self.refresh_speculative()
 
+    def server_label(self) -> str:
+        if self.server_url:
+            return f"Stop Server ({self.server_url})"
+        return f"Start Server (127.0.0.1:{self.settings.server_port})"
+
+    def toggle_server(self, _sender=None) -> None:
+        """The selected model, served over the OpenAI-compatible API while the app runs (see `mlx-gemma-mtp
+        serve`); its requests and the menu's questions take turns."""
+        self.worker.submit(StopServer() if self.server_url else StartServer(self.settings.server_port))
+
+    def set_port(self, _sender=None) -> None:
+        text = self.ask_text("Server Port", "Port for the local server (1-65535):",
+                             default=str(self.settings.server_port))
+        if text is None:
+            return
+        if not text.isdigit() or not 1 <= int(text) <= 65535:
+            return self.show_error(f"{text!r}: enter a port number from 1 to 65535.")
+        self.settings.server_port = int(text)
+        self.save()
+        self.server_item.title = self.server_label()
+
     @rumps.clicked("Stats")
     def stats(self, _sender=None) -> None:
         rumps.alert("Last run", self.last_stats.summary() if self.last_stats else "No run yet.")
@@ -249,6 +277,11 @@ class MenuBarApp(rumps.App):
             self.title = BUSY if self.generating else GLYPH
         elif isinstance(msg, Unloaded):
             self.status_item.title, self.title = "Model unloaded", GLYPH
+        elif isinstance(msg, (ServerStarted, ServerStopped)):
+            self.server_url = msg.url if isinstance(msg, ServerStarted) else None
+            self.server_item.title = self.server_label()
+            self.status_item.title = f"Serving at {self.server_url}" if self.server_url else "Server stopped"
+            self.title = BUSY if self.generating else GLYPH
         elif isinstance(msg, Converted):
             self.title, self.status_item.title = GLYPH, f"Converted to {msg.path}"
             self.refresh_models()

@@ -40,6 +40,7 @@ class Settings:
     num_draft_tokens: int = 3
     max_tokens: int = 512
     temperature: float = 0.0
+    server_port: int = 8080  # Server ▸ Start serves the model on 127.0.0.1 at this port
 
     def __post_init__(self):
         self.models_folder = self.models_folder or str(settings_dir() / "models")
@@ -61,6 +62,7 @@ _VALID = {
     "num_draft_tokens": lambda x: _is_int(x) and 1 <= x <= MAX_DRAFT_TOKENS,
     "max_tokens": lambda x: _is_int(x) and 1 <= x <= 1_000_000,
     "temperature": lambda x: (_is_int(x) or isinstance(x, float)) and math.isfinite(x) and 0 <= x <= 10,
+    "server_port": lambda x: _is_int(x) and 1 <= x <= 65535,
 }
 
 

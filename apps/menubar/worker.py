@@ -65,6 +65,18 @@ class Convert:
 
 
 @dataclass(frozen=True)
+class StartServer:
+    """Serve the selected model over the OpenAI-compatible HTTP API on 127.0.0.1:`port` (0 = any free port)."""
+
+    port: int = 8080
+
+
+@dataclass(frozen=True)
+class StopServer:
+    pass
+
+
+@dataclass(frozen=True)
 class Shutdown:
     pass
 
@@ -86,6 +98,16 @@ class Loaded:
 
 @dataclass(frozen=True)
 class Unloaded:
+    pass
+
+
+@dataclass(frozen=True)
+class ServerStarted:
+    url: str  # e.g. http://127.0.0.1:8080/v1
+
+
+@dataclass(frozen=True)
+class ServerStopped:
     pass
 
 
@@ -181,6 +203,8 @@ class Worker:
         self.path: str | None = None
         self.history: list[dict] = []  # chat messages, re-sent each turn
         self.prompt_cache = mtp.PromptCache()  # this chat's K/V: a Reply prefills only the new turn
+        self.server = None  # the local HTTP server over the loaded bundle, while it runs
+        self._server_thread: threading.Thread | None = None
         self._thread = threading.Thread(target=self._run, name="mlx-gemma-mtp-worker", daemon=True)
 
     def start(self) -> Worker:
@@ -202,16 +226,18 @@ class Worker:
 
     def _run(self) -> None:
         handlers = {Select: self._select, Ask: self._ask, NewChat: self._new_chat, Unload: self._unload,
-                    Convert: self._convert}
+                    Convert: self._convert, StartServer: self._start_server, StopServer: self._stop_server}
         while not isinstance(job := self.jobs.get(), Shutdown):
             try:
                 handlers[type(job)](job)
             except Exception as e:  # reported to the user; the thread lives on for the next job
                 message = str(e) or type(e).__name__
                 self.results.put(Error(message, traceback.format_exc(), type(job).__name__))
+        self._stop_server()
         self.bundle = None  # the process or this worker is going away: no collection needed
 
     def _free(self) -> None:
+        self._stop_server()  # it serves the model being freed
         if self.bundle is not None:
             self.bundle = None
             self.prompt_cache.reset()  # it holds K/V of the model being freed
@@ -280,6 +306,30 @@ class Worker:
         if finish != "cancelled" or answer:  # a stopped answer stays in the chat as far as it was shown
             self.history = messages + [{"role": "assistant", "content": answer}]
         self.results.put(Done(answer, _stats(last, finish)))
+
+    def _start_server(self, job: StartServer) -> None:
+        """The server shares the loaded bundle: its requests and the app's questions take turns (one generation
+        at a time per bundle); it keeps its own prompt cache."""
+        from mlx_gemma_mtp.server import make_server  # imported only when used
+
+        self._stop_server()
+        bundle = self._ensure_loaded()
+        try:
+            self.server = make_server(bundle, port=job.port, model_name=Path(self.path).name)
+        except OSError as e:
+            raise RuntimeError(f"Could not start the server on port {job.port}: {e}") from e
+        self._server_thread = threading.Thread(target=self.server.serve_forever, name="mlx-gemma-mtp-server")
+        self._server_thread.start()
+        host, port = self.server.server_address[:2]
+        self.results.put(ServerStarted(f"http://{host}:{port}/v1"))
+
+    def _stop_server(self, _job: StopServer | None = None) -> None:
+        if self.server is not None:
+            self.server.shutdown()  # serve_forever returns
+            self.server.server_close()  # open connections end, their threads are joined
+            self._server_thread.join()
+            self.server = self._server_thread = None
+            self.results.put(ServerStopped())
 
     def _convert(self, job: Convert) -> None:
         from mlx_gemma_mtp.convert import convert  # imported only when used
