@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
-from .cli import _ChannelPrinter, _draft_tokens, format_stats
+from .cli import _ChannelPrinter, add_sampling_arguments, format_stats, sampler_from
 from .prompt_cache import PromptCache
 from .sampling import SamplerConfig
 
@@ -19,13 +19,7 @@ def add_chat_parser(sub) -> None:
     p.add_argument("--model", required=True, help="local folder or hub id of a Gemma 4 checkpoint or bundle")
     p.add_argument("--draft", default=None, help="folder or hub id of the matching gemma4_assistant drafter")
     p.add_argument("--max-tokens", type=int, default=1024, help="per answer")
-    p.add_argument("--temp", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=None, help="default: the checkpoint's generation_config")
-    p.add_argument("--top-k", type=int, default=None, help="default: the checkpoint's generation_config")
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--num-draft-tokens", type=_draft_tokens, default=None,
-                   help="draft length K, 0 for plain decoding, or 'auto' (default when a drafter is loaded)")
+    add_sampling_arguments(p)
     p.add_argument("--thinking", action="store_true", help="let Gemma 4 think first (the thought is dimmed)")
     p.add_argument("--system", default=None, help="a system prompt for the conversation")
     p.set_defaults(func=_main)
@@ -35,18 +29,6 @@ def _main(args) -> None:
     from . import load
 
     run_chat(load(args.model, draft=args.draft), args)
-
-
-def sampler_from(args, bundle) -> SamplerConfig:
-    """The flags' sampling settings; top-p/top-k from the checkpoint's generation_config unless given."""
-    defaults = bundle.generation
-    return SamplerConfig(
-        temperature=args.temp,
-        top_p=args.top_p if args.top_p is not None else (defaults.top_p or 1.0),
-        top_k=args.top_k if args.top_k is not None else (defaults.top_k or 0),
-        min_p=args.min_p,
-        seed=args.seed,
-    )
 
 
 @dataclass

@@ -32,13 +32,8 @@ def _json_object(value: str) -> dict:
     return parsed
 
 
-def add_generate_parser(sub) -> None:
-    p = sub.add_parser("generate", help="generate text from a Gemma 4 checkpoint (MTP when a drafter is given)")
-    p.add_argument("--model", default=None,
-                   help="local folder or hub id of a Gemma 4 checkpoint or bundle (default: the offline demo pair)")
-    p.add_argument("--draft", default=None, help="folder or hub id of the matching gemma4_assistant drafter")
-    p.add_argument("--prompt", default=None, help="default: a question, or a code prefix for the demo pair")
-    p.add_argument("--max-tokens", type=int, default=256)
+def add_sampling_arguments(p) -> None:
+    """Sampling and draft-length flags, shared by `generate` and `chat` (read back by `sampler_from`)."""
     p.add_argument("--temp", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=None, help="default: the checkpoint's generation_config")
     p.add_argument("--top-k", type=int, default=None, help="default: the checkpoint's generation_config")
@@ -46,6 +41,28 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--num-draft-tokens", type=_draft_tokens, default=None,
                    help="draft length K, 0 for plain decoding, or 'auto' (default when a drafter is loaded)")
+
+
+def sampler_from(args, bundle) -> SamplerConfig:
+    """The flags' sampling settings; top-p/top-k from the checkpoint's generation_config unless given."""
+    defaults = bundle.generation
+    return SamplerConfig(
+        temperature=args.temp,
+        top_p=args.top_p if args.top_p is not None else (defaults.top_p or 1.0),
+        top_k=args.top_k if args.top_k is not None else (defaults.top_k or 0),
+        min_p=args.min_p,
+        seed=args.seed,
+    )
+
+
+def add_generate_parser(sub) -> None:
+    p = sub.add_parser("generate", help="generate text from a Gemma 4 checkpoint (MTP when a drafter is given)")
+    p.add_argument("--model", default=None,
+                   help="local folder or hub id of a Gemma 4 checkpoint or bundle (default: the offline demo pair)")
+    p.add_argument("--draft", default=None, help="folder or hub id of the matching gemma4_assistant drafter")
+    p.add_argument("--prompt", default=None, help="default: a question, or a code prefix for the demo pair")
+    p.add_argument("--max-tokens", type=int, default=256)
+    add_sampling_arguments(p)
     p.add_argument("--no-chat-template", action="store_true", help="feed the prompt as raw text (BOS is added)")
     p.add_argument("--chat-template-kwargs", type=_json_object, default=None,
                    help='options for the chat template as JSON, e.g. \'{"enable_thinking": true}\'')
@@ -83,14 +100,7 @@ def run_generate(args) -> None:
               "library, with its MTP drafter). For a real Gemma 4: --model google/gemma-4-E2B-it "
               "--draft google/gemma-4-E2B-it-assistant", file=sys.stderr)
     bundle = load(model, draft=args.draft, dtype=dtype)
-    defaults = bundle.generation
-    sampler = SamplerConfig(
-        temperature=args.temp,
-        top_p=args.top_p if args.top_p is not None else (defaults.top_p or 1.0),
-        top_k=args.top_k if args.top_k is not None else (defaults.top_k or 0),
-        min_p=args.min_p,
-        seed=args.seed,
-    )
+    sampler = sampler_from(args, bundle)
     if args.prompt is None:
         args.prompt = "Write a haiku about speculative decoding."
     use_chat = not args.no_chat_template and bundle.tokenizer is not None and bundle.tokenizer.has_chat_template
