@@ -128,6 +128,8 @@ def cost_model(target: Model, drafter: Drafter) -> CostModel:
     """The analytic curve of a pair from the bytes its calls read: parameters and K/V."""
     args = target.args
     weights = _read_bytes(target, args.top_k_experts / args.num_experts if args.enable_moe_block else 1.0)
+    if (lockstep := getattr(target, "lockstep", None)) is not None:
+        weights = lockstep.same_float(weights)  # uneven shards: every rank must price K alike
     element = target.model.norm.weight.dtype.size  # K/V are kept in the activations' dtype
 
     def kv(args) -> tuple:
@@ -378,11 +380,13 @@ def draft_length_policy(num_draft_tokens: int | str, target: Model, drafter: Dra
     memory = _memory(target, drafter)
     if sampler.seed is not None and not sampler.greedy:
         return AutoDraftLength(memory.model, stats, max_k, Learned(), timed=False)
+    lockstep = getattr(target, "lockstep", None)  # a sharded target: K from rank 0's timings on every rank
     learned = memory.settings.get(_setting(sampler))
-    if learned is None:
-        learned = new_record(target, drafter, saved_costs(target, drafter, sampler.greedy))
+    if learned is None:  # each host has its own saved calibration: a sharded target starts from the model
+        learned = new_record(target, drafter, None if lockstep else saved_costs(target, drafter, sampler.greedy))
         swap_record(target, drafter, sampler, learned)
-    return AutoDraftLength(memory.model, stats, max_k, learned)
+    policy = AutoDraftLength(memory.model, stats, max_k, learned)
+    return policy if lockstep is None else lockstep.draft_length(policy)
 
 
 def _timed_pair(first: Callable[[], mx.array], second: Callable[[], mx.array], reps: int = 5) -> tuple[float, float]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import io
 import json
 import sys
 
@@ -89,7 +90,10 @@ def format_stats(r) -> str:
 
 def run_generate(args) -> None:
     from . import load, stream_generate
+    from .distributed import distributed_group
 
+    group = distributed_group()  # under `mlx.launch`: the target split across the ranks, rank 0 prints
+    out = sys.stdout if group is None or group.rank() == 0 else io.StringIO()  # the other ranks print nothing
     model, dtype = args.model, None
     if model is None:
         from .demo import demo_dtype, demo_path
@@ -98,8 +102,13 @@ def run_generate(args) -> None:
         args.prompt = DEMO_PROMPT if args.prompt is None else args.prompt
         print("Running the offline demo pair (a small Gemma 4-architecture model trained on Python's standard "
               "library, with its MTP drafter). For a real Gemma 4: --model google/gemma-4-E2B-it "
-              "--draft google/gemma-4-E2B-it-assistant", file=sys.stderr)
-    bundle = load(model, draft=args.draft, dtype=dtype)
+              "--draft google/gemma-4-E2B-it-assistant", file=sys.stderr if out is sys.stdout else out)
+    if group is None:
+        bundle = load(model, draft=args.draft, dtype=dtype)
+    else:
+        from .distributed_load import load_sharded
+
+        bundle = load_sharded(model, args.draft, group, dtype)
     sampler = sampler_from(args, bundle)
     if args.prompt is None:
         args.prompt = "Write a haiku about speculative decoding."
@@ -108,16 +117,16 @@ def run_generate(args) -> None:
     template_kwargs = dict(args.chat_template_kwargs or {})
     if args.thinking:
         template_kwargs["enable_thinking"] = True
-    printer = _ChannelPrinter(sys.stdout)
+    printer = _ChannelPrinter(out)
     if args.model is None and not use_chat:  # the demo continues its prompt: show it first, dimmed on a terminal
-        tty = sys.stdout.isatty()
-        sys.stdout.write(f"{_ChannelPrinter.DIM}{args.prompt}{_ChannelPrinter.RESET}" if tty else args.prompt)
+        tty = out.isatty()
+        out.write(f"{_ChannelPrinter.DIM}{args.prompt}{_ChannelPrinter.RESET}" if tty else args.prompt)
     last = None
     for last in stream_generate(bundle, prompt, args.max_tokens, sampler, args.num_draft_tokens,
                                 chat_template_kwargs=template_kwargs or None):
         printer.write(last.channel, last.text)
     printer.end()
-    print(format_stats(last), file=sys.stderr)
+    print(format_stats(last), file=sys.stderr if out is sys.stdout else out)
 
 
 class _ChannelPrinter:

@@ -18,6 +18,7 @@ from functools import partial
 import mlx.core as mx
 
 from .autodraft import draft_length_policy
+from .distributed import agree
 from .load import Bundle
 from .memory import generation_stream, on_stream, release_streams_at_thread_exit, wired_limit
 from .models.gemma4_text import Model, TargetOutput
@@ -91,7 +92,7 @@ def _tokens(bundle, ids, max_tokens, sampler, num_draft_tokens, stats, prefill_s
         cache, start = prompt_cache.fetch(target, ids, MAX_DRAFT_TOKENS)
         snapshot = partial(prompt_cache.snapshot, cache, len(ids) - 1)
     first = prefill(target, mx.array(ids[start:]), cache, prefill_step_size, use_mtp, snapshot)
-    token = choose(first.logits[:, -1], sampler)
+    token = agree(target, choose(first.logits[:, -1], sampler))
     yield token.item(), False
     if use_mtp:
         policy = draft_length_policy(num_draft_tokens, target, drafter, stats, MAX_DRAFT_TOKENS, sampler)
@@ -188,6 +189,8 @@ def _generate(bundle: Bundle, ids: list[int], max_tokens: int, sampler: SamplerC
               ) -> Iterator[GenerationResponse]:
     if sampler.seed is not None:
         mx.random.seed(sampler.seed)
+    elif not sampler.greedy and (lockstep := getattr(bundle.target, "lockstep", None)) is not None:
+        mx.random.seed(lockstep.shared_seed())  # the ranks of a sharded target draw the same random numbers
     stats = DraftStats() if num_draft_tokens != 0 else None
     eos = set(bundle.generation.eos_token_ids) | set(getattr(bundle.tokenizer, "eos_token_ids", None) or [])
     stop = [stop] if isinstance(stop, str) else list(stop or [])

@@ -26,11 +26,12 @@ import time
 import traceback
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from .decode import GenerationResponse, stream_generate
+from .distributed import broadcast_json, distributed_group
 from .load import Bundle
 from .prompt_cache import PromptCache
 from .sampling import SamplerConfig
@@ -62,6 +63,7 @@ class ServerState:
     prompt_cache: PromptCache = field(default_factory=PromptCache)
     lock: threading.Lock = field(default_factory=threading.Lock)
     disconnects: int = 0  # streams whose client went away before the end (their generation was stopped)
+    group: Any = None  # under mlx.launch: the ranks that follow every generation of this one (rank 0)
 
     @property
     def max_tokens_cap(self) -> int | None:
@@ -337,6 +339,8 @@ class Handler(BaseHTTPRequestHandler):
         self._streaming = False  # True once SSE headers are out: an error can then only end the stream
         completion = Completion(self.state, chat)
         with self.state.lock:  # batch 1: one generation at a time, the prompt cache is used by one request
+            if self.state.group is not None:  # the other ranks run the same generation (`follow`)
+                broadcast_json(self.state.group, {**request, "sampler": asdict(request["sampler"])})
             responses = stream_generate(self.state.bundle, num_draft_tokens=self.state.num_draft_tokens,
                                         prompt_cache=self.state.prompt_cache, **request)
             try:
@@ -355,6 +359,8 @@ class Handler(BaseHTTPRequestHandler):
             except Exception as e:  # noqa: BLE001  (as above, once generating)
                 self.fail(e)
             finally:
+                if self.state.group is not None:  # the other ranks generate to the end: so must this one
+                    _drain(responses)
                 responses.close()
 
     def stream(self, completion: Completion, first: GenerationResponse,
@@ -393,9 +399,28 @@ class Handler(BaseHTTPRequestHandler):
         self.send_json(500, error_body(f"generation failed: {type(e).__name__}: {e}", kind="server_error"))
 
 
+def _drain(responses: Iterator[GenerationResponse]) -> None:
+    with contextlib.suppress(Exception):  # a failure was reported already; the generator is closed after
+        for _ in responses:
+            pass
+
+
+def follow(state: ServerState) -> None:
+    """A rank other than 0 of a sharded server: run every generation rank 0 announces, to its end (a client's
+    disconnect does not stop a sharded generation early: every rank must leave it at the same token)."""
+    while True:
+        request = broadcast_json(state.group)
+        request["sampler"] = SamplerConfig(**request["sampler"])
+        responses = stream_generate(state.bundle, num_draft_tokens=state.num_draft_tokens,
+                                    prompt_cache=state.prompt_cache, **request)
+        with contextlib.suppress(ValueError):  # a bad prompt fails on rank 0 alike, before any collective
+            _drain(responses)
+
+
 def _chain(first: GenerationResponse, rest: Iterator[GenerationResponse]) -> Iterator[GenerationResponse]:
     yield first
-    yield from rest
+    for r in rest:  # noqa: UP028  `yield from` would close `rest` with a chain dropped when its client left
+        yield r
 
 
 class Server(ThreadingHTTPServer):
@@ -461,8 +486,17 @@ def add_serve_parser(sub) -> None:
 def run_serve(args) -> None:
     from . import load
 
-    bundle = load(args.model, draft=args.draft)
+    group = distributed_group()  # under mlx.launch: rank 0 serves, the others follow its generations
+    if group is None:
+        bundle = load(args.model, draft=args.draft)
+    else:
+        from .distributed_load import load_sharded
+
+        bundle = load_sharded(args.model, args.draft, group)
+        if group.rank() != 0:
+            follow(ServerState(bundle, args.model, args.num_draft_tokens, args.max_tokens, group=group))
     server = make_server(bundle, args.host, args.port, args.model, args.num_draft_tokens, args.max_tokens)
+    server.RequestHandlerClass.state.group = group
     host, port = server.server_address[:2]
     print(f"serving {args.model} on http://{host}:{port}/v1 (Ctrl-C stops)", file=sys.stderr)
     try:

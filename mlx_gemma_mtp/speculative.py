@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 
 from .cache import trim_cache
+from .distributed import agree, agree_pair
 from .drafting import KVWindow, cache_windows, draft, draft_step
 from .models.gemma4_assistant import Drafter
 from .models.gemma4_text import Model, TargetOutput
@@ -142,7 +143,7 @@ def plain_step(target: Model, cache: list, y: mx.array, sampler: SamplerConfig) 
     """Queue one plain decoding step for token `y` (1,): (the next token (1,), the hidden state of `y`'s position),
     computing while the caller reads the previous token (mlx-lm's pipelining)."""
     out = target.forward(y[None], cache, return_hidden=True)
-    token = choose(out.logits[:, -1], sampler)
+    token = agree(target, choose(out.logits[:, -1], sampler))  # rank 0's token on every rank of a sharded target
     mx.async_eval(token, out.hidden)
     return token, out.hidden
 
@@ -180,6 +181,7 @@ def _queue_round(target: Model, propose: Proposer, cache: list, last: mx.array, 
         return plain_step(target, cache, last, sampler)
     # `last` sits at the cache's offset; the cache holds exactly the accepted tokens before it
     drafts, q = propose(last, hidden, cache_windows(target, cache), cache[0].offset, k)
+    drafts = agree(target, drafts)
     mx.async_eval(drafts)  # the drafter computes while the caller reads the previous round's tokens
     return drafts, q
 
@@ -191,7 +193,7 @@ def _verify(target: Model, cache: list, last: mx.array, drafts: mx.array, q: mx.
     it)."""
     k = drafts.size
     out = target.forward(mx.concatenate([last, drafts])[None], cache, rows=k + 1, return_hidden=True)
-    n, tokens = accept(out, drafts, q, sampler)
+    n, tokens = agree_pair(target, *accept(out, drafts, q, sampler))
     mx.eval(n, tokens)  # the round's one host sync
     n, tokens = n.item(), tokens.tolist()
     trim_cache(cache, k - n)

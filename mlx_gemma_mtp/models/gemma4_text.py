@@ -87,6 +87,9 @@ class Attention(nn.Module):
         self.n_heads = args.num_attention_heads
         self.n_kv_heads = args.layer_kv_heads[layer_idx]
         self.is_kv_shared = layer_idx >= args.first_kv_shared_layer
+        # tensor parallelism (distributed.py): the K/V heads of this rank's query heads when the K/V it attends
+        # to hold more heads than those (replicated producers); None: all of them
+        self.kv_slice: slice | None = None
         H = args.hidden_size
         self.q_proj = nn.Linear(H, self.n_heads * d, bias=False)
         self.q_norm = RMSNorm(d, args.rms_norm_eps)
@@ -126,6 +129,8 @@ class Attention(nn.Module):
                 k_start = cache.start
             shared = (k, v, k_start)
         k, v, k_start = shared
+        if self.kv_slice is not None:
+            k, v = k[:, self.kv_slice], v[:, self.kv_slice]
         mask = explicit_mask
         if mask is None:
             mask = shared_mask(masks, offset, T, k_start, k.shape[2], self.window)
@@ -186,10 +191,12 @@ class Experts(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.switch_glu = SwitchGLU(args.hidden_size, args.moe_intermediate_size, args.num_experts, GeGLU())
+        self.sharding_group = None  # set by distributed.shard: each rank holds a slice of every expert
 
     def __call__(self, x, idx, weights):
         y = self.switch_glu(x, idx)  # (..., top_k, H)
-        return (y * weights[..., None].astype(y.dtype)).sum(axis=-2)
+        y = (y * weights[..., None].astype(y.dtype)).sum(axis=-2)
+        return y if self.sharding_group is None else mx.distributed.all_sum(y, group=self.sharding_group)
 
 
 class DecoderLayer(nn.Module):

@@ -1,0 +1,138 @@
+"""Load a Gemma 4 target sharded across the ranks of an `mx.distributed` group, reading only each rank's slices.
+
+The model is built and quantized as `load.load_target` does, then `distributed.shard` splits its layers (the
+initial weights are lazy and never computed) and returns which range of each stored tensor this rank holds. Each
+such tensor is read through a memory map of its safetensors file, sliced before anything is copied, so a rank reads
+about its share of the bytes (whole pages: a column slice of a row-major matrix touches its rows' pages). Tensors
+stored fused in the HF layout (the MoE `gate_up_proj`) are read whole, split by `sanitize`, then sliced. The
+drafter is small and replicated: `load.load_drafter` reads it on every rank.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
+
+from .distributed import Plan, shard
+from .load import (
+    DRAFTER_DIR,
+    Bundle,
+    _cast,
+    _load_module,
+    _quantize,
+    load_drafter,
+    load_tokenizer,
+    materialize,
+    read_config,
+    read_generation_defaults,
+    resolve,
+    safetensors_files,
+    safetensors_header,
+)
+from .models.config import ModelArgs
+from .models.gemma4_text import Model, canonical_key
+from .prompt import special_tokens
+
+# safetensors dtype -> (numpy dtype to read, MLX dtype to view it as)
+_DTYPES = {
+    "F32": (np.float32, mx.float32), "F16": (np.float16, mx.float16), "BF16": (np.uint16, mx.bfloat16),
+    "U32": (np.uint32, mx.uint32), "I32": (np.int32, mx.int32), "I64": (np.int64, mx.int64),
+    "U8": (np.uint8, mx.uint8), "I8": (np.int8, mx.int8), "U16": (np.uint16, mx.uint16),
+}
+
+
+class SliceReader:
+    """Reads tensors, or slices of them, from safetensors files through memory maps; counts the bytes asked for."""
+
+    def __init__(self):
+        self.bytes_read = 0
+
+    def read(self, file: Path, header: dict, name: str, axis: int | None = None, start: int = 0,
+             stop: int | None = None) -> mx.array:
+        entry = header[name]
+        if entry["dtype"] not in _DTYPES:
+            raise ValueError(f"{file}: tensor {name} has dtype {entry['dtype']}, which this loader cannot read")
+        np_dtype, mx_dtype = _DTYPES[entry["dtype"]]
+        begin, end = entry["data_offsets"]
+        with open(file, "rb") as f:
+            offset = 8 + int.from_bytes(f.read(8), "little")
+        shape = tuple(entry["shape"])
+        if begin == end:
+            return mx.zeros(shape, mx_dtype)
+        data = np.memmap(file, np_dtype, "r", offset + begin, shape)
+        if axis is not None:
+            data = data[(slice(None),) * axis + (slice(start, stop),)]
+        data = np.ascontiguousarray(data)  # only the pages of the slice are read
+        self.bytes_read += data.nbytes
+        array = mx.array(data)
+        return array.view(mx_dtype) if array.dtype != mx_dtype else array
+
+
+def _sliced(value: mx.array, cut: tuple[int, int, int] | None) -> mx.array:
+    if cut is None:
+        return value
+    axis, start, stop = cut
+    return mx.contiguous(value[(slice(None),) * axis + (slice(start, stop),)])
+
+
+def read_target_weights(model: Model, plan: Plan, files: list[Path], dtype: mx.Dtype | None,
+                        reader: SliceReader) -> dict[str, mx.array]:
+    """This rank's tensors of the text model: sliced per `plan`, sanitized, cast to `dtype` when given."""
+    expected = dict(tree_flatten(model.parameters()))
+    weights = {}
+    for file in files:
+        header = safetensors_header(file)
+        for name in header:
+            key = canonical_key(name) if name != "__metadata__" else None
+            if key is None or model._unused(key):
+                continue
+            if key in expected:  # stored as the model holds it: read the slice only
+                weights[key] = reader.read(file, header, name, *(plan.get(key) or (None,)))
+            else:  # another layout (fused experts): whole, then sanitized and sliced
+                parts = {k: _sliced(v, plan.get(k)) for k, v in
+                         model.sanitize({name: reader.read(file, header, name)}).items()}
+                mx.eval(list(parts.values()))  # the whole tensor is freed here, not at the end
+                weights.update(parts)
+    return _cast(weights, dtype)
+
+
+def load_sharded_target(path: Path, group: mx.distributed.Group, dtype: mx.Dtype | None = None
+                        ) -> tuple[Model, dict, SliceReader]:
+    """The target of `path` with its layers split across `group` (this rank's part only)."""
+    config = read_config(path)
+    try:
+        args = ModelArgs.from_dict(config)
+    except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"{path / 'config.json'}: {e}") from e
+    model = Model(args)
+    files = safetensors_files(path)
+    names = {canonical_key(k) or k: None for f in files for k in safetensors_header(f)}
+    _quantize(model, config, names, canonical=lambda k: canonical_key(k) or k)
+    plan = shard(model, group)
+    reader = SliceReader()
+    weights = read_target_weights(model, plan, files, dtype, reader)
+    _load_module(model, weights, path)
+    return model, config, reader
+
+
+def load_sharded(model: str | Path, draft: str | Path | None = None, group: mx.distributed.Group | None = None,
+                 dtype: mx.Dtype | None = None) -> Bundle:
+    """`load.load` for one rank of a tensor-parallel group: the target split across `group`, the drafter whole.
+
+    Args:
+        model, draft, dtype: as `load.load`.
+        group: the ranks (default: `mx.distributed.init()`, i.e. the processes `mlx.launch` started).
+    """
+    group = group or mx.distributed.init()
+    path = resolve(model, "model")
+    target, config, _ = load_sharded_target(path, group, dtype)
+    draft_path = resolve(draft, "drafter") if draft is not None else path / DRAFTER_DIR
+    drafter = load_drafter(draft_path, target.args, dtype) if draft is not None or draft_path.is_dir() else None
+    materialize(target, drafter)
+    generation = read_generation_defaults(path, config)
+    tokenizer = load_tokenizer(path, generation.eos_token_ids)
+    return Bundle(target, drafter, tokenizer, config, generation, path,
+                  special_tokens(tokenizer, generation.bos_token_id))
