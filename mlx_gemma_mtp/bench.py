@@ -13,8 +13,15 @@ wall time of a first generation on a freshly loaded pair against the best fixed 
 costs and saves them as the prior of "auto" on this machine.
 
 Random weights accept nothing, so `--force-acceptance R` substitutes, with probability R per draft, the target's own
-greedy continuation for the drafter's token (the drafter still runs, so its cost is measured); such rows are
-marked "forced". Without `--model`, a random Gemma 4 E2B-style pair of the given `--random-hidden` size is built.
+greedy continuation for the drafter's token (the drafter still runs, so its cost is measured); such rows (every
+MTP row then, "auto" included) are marked "forced". Without `--model`, a random Gemma 4 E2B-style pair of the
+given `--random-hidden` size is built; `--shape e2b|e4b|26b-a4b|31b --bits 4|8|16|32` builds a random pair of a
+released shape instead (bench_shape.py; `--layers`, `--vocab`, `--experts` cut it).
+
+Plain decoding also runs through mlx-lm's own `gemma4_text` model and `generate_step` on the same weights
+(greedy; its tokens must equal ours on float32 weights), and the measured costs feed the cost model
+(costmodel.py): expected speedup per K under the published 31B acceptance profile (or `--profile`) and under this
+run's own profile, next to the measured speedup.
 """
 
 from __future__ import annotations
@@ -29,10 +36,10 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from . import autodraft, load, stream_generate
+from . import autodraft, bench_shape, costmodel, load, stream_generate
 from .autodraft import DraftCosts, measure_costs
 from .load import Bundle
-from .presets import tiny_e2b_pair
+from .presets import PRESETS, tiny_e2b_pair
 from .sampling import SamplerConfig
 from .speculative import DraftStats, drafter_proposer
 
@@ -51,6 +58,9 @@ def forced_proposer(bundle: Bundle, reference: list[int], rate: float, seed: int
     return propose
 
 
+LABEL = 30  # width of the table's first column
+
+
 @dataclass
 class Mode:
     """One row of the table: `measure()` -> (tokens/s, DraftStats or None, outputs) of one run over the prompts."""
@@ -66,10 +76,10 @@ def our_modes(bundle: Bundle, prompts, reference, args, sampler: SamplerConfig, 
     auto's schedule count-based), auto from stale costs, and at T > 0 auto with a seed."""
     modes = [Mode("plain", 0, partial(run, bundle, prompts, args.max_tokens, 0, sampler))]
     rules = ["leviathan", "match"] if args.temp > 0 else ["greedy"]
+    forced = args.force_acceptance is not None
+    proposer = (lambda i: forced_proposer(bundle, prompts[i] + reference[i], args.force_acceptance)) if forced \
+        else None
     for k in args.k + ["auto"]:
-        forced = args.force_acceptance is not None and k != "auto"
-        proposer = (lambda i: forced_proposer(bundle, prompts[i] + reference[i], args.force_acceptance)) if forced \
-            else None
         for rule in rules:
             cfg = sampler if rule == "greedy" else SamplerConfig(temperature=args.temp, speculative_rule=rule)
             label = f"K={k}" + (" forced" if forced else "") + ("" if rule == "greedy" else f" {rule}")
@@ -77,8 +87,9 @@ def our_modes(bundle: Bundle, prompts, reference, args, sampler: SamplerConfig, 
             modes.append(Mode(label, k, measure, exact=cfg.greedy))
     live = live_sampler(args)
     for name, prior in stale_costs(costs).items():
-        measure = partial(run_from, prior, bundle, prompts, args.max_tokens, live)
-        modes.append(Mode(f"auto stale ({name})", "auto", measure, exact=live.greedy))
+        measure = partial(run_from, prior, bundle, prompts, args.max_tokens, live, proposer)
+        modes.append(Mode(f"auto stale ({name})" + (" forced" if forced else ""), "auto", measure,
+                          exact=live.greedy))
     if args.temp > 0:
         seeded = SamplerConfig(temperature=args.temp, seed=0)
         modes.append(Mode("K=auto seeded", "auto", partial(run, bundle, prompts, args.max_tokens, "auto", seeded)))
@@ -99,12 +110,12 @@ def stale_costs(measured: DraftCosts) -> dict[str, DraftCosts]:
     return {"slow MTP": slow, "free MTP": free}
 
 
-def run_from(prior: DraftCosts, bundle: Bundle, prompts, max_tokens: int, sampler: SamplerConfig):
+def run_from(prior: DraftCosts, bundle: Bundle, prompts, max_tokens: int, sampler: SamplerConfig, proposer=None):
     """`run` of "auto" from a fresh record whose prior is `prior`; the "K=auto" row's record is put back after."""
     fresh = autodraft.new_record(bundle.target, bundle.drafter, prior)
     saved = autodraft.swap_record(bundle.target, bundle.drafter, sampler, fresh)
     try:
-        return run(bundle, prompts, max_tokens, "auto", sampler)
+        return run(bundle, prompts, max_tokens, "auto", sampler, proposer)
     finally:
         autodraft.swap_record(bundle.target, bundle.drafter, sampler, saved)
 
@@ -132,6 +143,16 @@ def mlx_vlm_modes(bundle: Bundle, prompts, args) -> tuple[list[Mode], str]:
     pair = bench_mlx_vlm.MlxVlmPair(bundle, max(args.k))
     modes = [Mode(f"mlx-vlm K={k}", k, partial(pair.run, prompts, args.max_tokens, k)) for k in args.k]
     return modes, f"mlx-vlm {version}, its MTP path on the same pair and prompts (drafter at the hidden state's position):"
+
+
+def mlx_lm_modes(bundle: Bundle, prompts, args) -> tuple[list[Mode], str]:
+    """Plain greedy decoding through mlx-lm's own `gemma4_text` on the same arrays, and a line saying what ran."""
+    if args.temp > 0:
+        return [], "mlx-lm: plain decoding compared at temperature 0 only"
+    plain = bench_shape.MlxLmPlain(bundle)
+    mode = Mode("mlx-lm plain", 0, partial(plain.run, prompts, args.max_tokens))
+    return [mode], (f"mlx-lm {bench_shape.mlx_lm_version()}: its gemma4_text model, generate_step and cache on the "
+                    "same weights and prompts (plain greedy decoding):")
 
 
 def interleaved_best(modes: list[Mode], repeats: int) -> dict[str, tuple]:
@@ -186,6 +207,11 @@ def load_bundle(args) -> tuple[Bundle, str]:
         return load(demo_path(), dtype=demo_dtype()), "demo pair (held-out stdlib code)"
     if args.model:
         return load(args.model, draft=args.draft), args.model
+    if args.shape:
+        try:
+            return bench_shape.shape_pair(args.shape, args.bits, args.layers, args.vocab, args.experts)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
     return tiny_e2b_pair(args.random_hidden), f"random E2B-style pair, hidden {args.random_hidden}"
 
 
@@ -199,7 +225,7 @@ def print_costs(costs) -> None:
 def row(label, tps, plain_tps, stats, overhead="") -> str:
     acc = " ".join(f"{a:.2f}" for a in stats.acceptance_per_position) if stats and stats.rounds else ""
     mean = f"{stats.mean_accepted_length:.2f}" if stats and stats.rounds else ""
-    return f"{label:<22}{tps:>9.1f}{tps / plain_tps:>10.2f}{mean:>10}{overhead:>10}  {acc}".rstrip()
+    return f"{label:<{LABEL}}{tps:>9.1f}{tps / plain_tps:>10.2f}{mean:>10}{overhead:>10}  {acc}".rstrip()
 
 
 def calibrate(bundle: Bundle, context: int, greedy: bool) -> None:
@@ -220,15 +246,16 @@ def best_fixed(ours: list[Mode], results: dict) -> Mode:
 
 def print_auto_summary(bundle: Bundle, ours: list[Mode], results: dict, args, prompt: list[int]) -> None:
     """Auto against the best fixed K: tokens/s of the auto rows, and a first generation on a fresh load."""
-    if args.force_acceptance is not None:
-        print("\nauto vs the best fixed K: not compared (the fixed-K rows are forced, auto's are not)")
-        return
     best = best_fixed(ours, results)
     best_tps = results[best.label][0]
     autos = [m for m in ours if m.k == "auto" and "match" not in m.label]
     print(f"\nauto vs the best fixed K ({best.label}): "
           + ", ".join(f"{m.label} {results[m.label][0] / best_tps:.2f}x" for m in autos))
     if args.no_first_generation:
+        return
+    if args.force_acceptance is not None or args.shape:  # a fresh pair runs unforced; --shape: a second big pair
+        why = "forced acceptance" if args.force_acceptance is not None else "--shape: it would build a second pair"
+        print(f"first generation on a freshly loaded pair: not timed ({why})")
         return
     live, first = live_sampler(args), {}
     for _ in range(args.repeats):  # alternately, best of the repeats
@@ -240,12 +267,64 @@ def print_auto_summary(bundle: Bundle, ours: list[Mode], results: dict, args, pr
           f"{first[best.k]:.3f} s: auto takes {first['auto'] / first[best.k]:.2f}x the time")
 
 
-def main(argv: list[str] | None = None) -> None:
+def float32(bundle: Bundle) -> bool:
+    """Whether the target computes in float32 (where every output must match exactly)."""
+    return bundle.target.model.embed_tokens.weight.dtype == mx.float32
+
+
+def print_mlx_lm(bundle: Bundle, theirs: list[Mode], results: dict, reference, line: str) -> None:
+    """mlx-lm's plain row, whether its tokens equal ours (required on float32 weights), and ours / theirs."""
+    print(f"\n{line}")
+    plain_tps = results["plain"][0]
+    for mode in theirs:
+        tps, _, outputs = results[mode.label]
+        same = outputs == reference
+        print(row(mode.label, tps, plain_tps, None) + f"  (output {'identical to' if same else 'DIFFERS from'} ours)")
+        if not same and float32(bundle):
+            raise SystemExit("error: mlx-lm's plain greedy output differs from ours on float32 weights")
+        print(f"plain decoding, ours / mlx-lm: {plain_tps / tps:.2f}x")
+
+
+def print_cost_model(costs: DraftCosts, ours: list[Mode], results: dict, args) -> None:
+    """Expected speedup per K from the measured costs under the published (or --profile) acceptance profile and
+    under this run's own (that of its longest fixed-K row), next to the measured speedup of each K row."""
+    fixed = [m for m in ours if isinstance(m.k, int) and m.k > 0 and m.label.split(" ")[-1] != "match"]
+    plain_tps = results["plain"][0]
+    measured = {m.k: results[m.label][0] / plain_tps for m in fixed}
+    profiles = {"--profile" if args.profile else "published 31B": args.profile or costmodel.PUBLISHED_31B}
+    if fixed and (stats := results[max(fixed, key=lambda m: m.k).label][1]).rounds:
+        profiles[f"this run (K={max(measured)} row)"] = costmodel.monotone(stats.acceptance_per_position)
+    print("\nexpected speedup from these costs (costmodel.py: E[tokens] = 1 + s_1 + ... + s_K per round, speedup = "
+          "E[tokens] * T_verify(1) / (T_verify(K+1) + T_draft(K)); s_i = acceptance per position, extended "
+          "geometrically past the profile; the loop's overhead is not modelled):")
+    for name, profile in profiles.items():
+        print(f"  {name}: " + " ".join(f"{p:.2f}" for p in profile))
+    for line in costmodel.speedup_table(costs, profiles, measured):
+        print(line)
+
+
+def profile_arg(text: str) -> tuple[float, ...]:
+    try:
+        return costmodel.parse_profile(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m mlx_gemma_mtp.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="target (or bundle) folder / hub id; default: a random pair")
     p.add_argument("--draft", default=None)
     p.add_argument("--demo", action="store_true", help="the shipped demo pair on held-out stdlib code")
     p.add_argument("--random-hidden", type=int, default=512)
+    p.add_argument("--shape", default=None, choices=tuple(PRESETS), help="a random pair of a released shape")
+    p.add_argument("--bits", type=int, default=4, choices=bench_shape.BITS,
+                   help="--shape weights: 4/8 quantized (mixed recipe), 16 bfloat16, 32 float32 (default 4)")
+    p.add_argument("--layers", type=int, default=None, help="--shape: keep this many target layers")
+    p.add_argument("--vocab", type=int, default=None, help="--shape: a smaller vocabulary (default 262144)")
+    p.add_argument("--experts", type=int, default=None, help="--shape 26b-a4b: keep this many experts")
+    p.add_argument("--profile", type=profile_arg, default=None, metavar="S1,S2,...",
+                   help="acceptance per draft position for the cost model (default: published 31B, "
+                        + ",".join(map(str, costmodel.PUBLISHED_31B)) + ")")
     p.add_argument("--prompts", type=int, default=4)
     p.add_argument("--prompt-tokens", type=int, default=256)
     p.add_argument("--max-tokens", type=int, default=128)
@@ -258,10 +337,35 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--calibrate", action="store_true",
                    help="only measure this pair's costs and save them as the prior of 'auto' on this machine")
     args = p.parse_args(argv)
+    cut = [f"--{k}" for k in ("layers", "vocab", "experts") if getattr(args, k) is not None]
+    if cut and not args.shape:
+        p.error(f"{', '.join(cut)} need --shape")
+    if args.shape and (args.model or args.demo):
+        p.error("--shape builds a random pair: drop --model/--demo")
+    return args
 
+
+@dataclass
+class Summary:
+    """What a benchmark run measured: {label: (tokens/s, DraftStats, outputs)} of every row, the costs, the rows."""
+
+    results: dict
+    costs: DraftCosts
+    ours: list[Mode]
+    mtp_same: bool  # every greedy MTP row's output equals plain decoding's
+    mlx_lm_same: bool | None  # mlx-lm's plain output equals ours (None: not compared)
+
+
+def main(argv: list[str] | None = None) -> Summary | None:
+    args = parse_args(argv)
     bundle, name = load_bundle(args)
     if bundle.drafter is None:
         raise SystemExit("error: the benchmark needs a drafter (--draft, or a bundle with drafter/)")
+    return benchmark(bundle, name, args)
+
+
+def benchmark(bundle: Bundle, name: str, args: argparse.Namespace) -> Summary | None:
+    """Run and print the whole comparison for a loaded pair (`parse_args` gives `args`); None with --calibrate."""
     vocab = bundle.target.args.vocab_size
     if args.demo:
         prompts = demo_prompts(bundle, args.prompts, args.prompt_tokens)
@@ -278,32 +382,42 @@ def main(argv: list[str] | None = None) -> None:
     # costs measured around the timed runs (the saved calibration is not read)
     before = measure_costs(bundle.target, bundle.drafter, 8, context, sampler.greedy)
     ours = our_modes(bundle, prompts, reference, args, sampler, before)
-    theirs, theirs_line = mlx_vlm_modes(bundle, prompts, args)
-    results = interleaved_best(ours + theirs, args.repeats)
+    theirs, theirs_line = mlx_vlm_modes(bundle, prompts, args) if not args.shape else \
+        ([], "mlx-vlm: comparison skipped (--shape: its export would hold a second copy of the pair)")
+    lm, lm_line = mlx_lm_modes(bundle, prompts, args)
+    results = interleaved_best(ours + lm + theirs, args.repeats)
     costs = min_costs(before, measure_costs(bundle.target, bundle.drafter, 8, context, sampler.greedy))
 
     print(f"model: {name} | {len(prompts)} prompts x {len(prompts[0])} tokens | {args.max_tokens} new tokens | "
           f"temperature {args.temp} | device {mx.default_device()} | each mode the best of {args.repeats} runs")
     print_costs(costs)
-    print(f"\n{'mode':<22}{'tok/s':>9}{'vs plain':>10}{'mean acc':>10}{'overhead':>10}  acceptance per position")
+    print(f"\n{'mode':<{LABEL}}{'tok/s':>9}{'vs plain':>10}{'mean acc':>10}{'overhead':>10}  acceptance per position")
     plain_tps = results["plain"][0]
+    differ = [m.label for m in ours if m.exact and results[m.label][2] != reference]
+    if differ and (float32(bundle) or not args.shape):
+        raise SystemExit(f"error: {differ[0]} output differs from plain greedy decoding (an exactness bug)")
     for mode in ours:
         tps, stats, outputs = results[mode.label]
-        if mode.exact and outputs != reference:
-            raise SystemExit(f"error: {mode.label} output differs from plain greedy decoding (an exactness bug)")
         overhead = ""
         if isinstance(mode.k, int) and mode.k > 0 and stats.rounds:
             per_round = (sum(map(len, outputs)) / tps) / (stats.rounds + stats.plain_rounds)
             overhead = f"{per_round / (costs.verify[mode.k + 1] + costs.draft[mode.k]):.2f}"
         print(row(mode.label, tps, plain_tps, stats, overhead))
-    if sampler.greedy:
+    if sampler.greedy and differ:
+        print(f"\nDIFFER from plain greedy decoding: {', '.join(differ)} (random weights in low precision: a "
+              "K+1-token verify may round differently from one-token steps and flip one of the near-ties of random "
+              "logits; float32 and real pairs must match exactly)")
+    elif sampler.greedy:
         print("\nall MTP outputs are identical to plain greedy decoding")
     print_auto_summary(bundle, ours, results, args, prompts[0])
+    print_mlx_lm(bundle, lm, results, reference, lm_line)
+    print_cost_model(costs, ours, results, args)
     print(f"\n{theirs_line}")
     for mode in theirs:
         tps, stats, outputs = results[mode.label]
         same = all(out[: len(ref)] == ref for out, ref in zip(outputs, reference))
         print(row(mode.label, tps, plain_tps, stats) + f"  (output {'identical to' if same else 'DIFFERS from'} plain)")
+    return Summary(results, costs, ours, not differ, results["mlx-lm plain"][2] == reference if lm else None)
 
 
 if __name__ == "__main__":

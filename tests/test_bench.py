@@ -2,6 +2,7 @@
 
 import re
 
+import mlx.core as mx
 import pytest
 
 from mlx_gemma_mtp import bench
@@ -64,3 +65,115 @@ def test_bench_says_when_mlx_vlm_is_missing(capsys, monkeypatch):
     monkeypatch.setattr(bench_mlx_vlm, "version", lambda: None)
     bench.main(ARGS)
     assert "mlx-vlm: not installed, comparison skipped" in capsys.readouterr().out
+
+
+# --- released shapes (bench_shape.py, costmodel.py, bench_gpu.py): tiny cuts of E2B, real layout -------------
+
+SHAPE = ["--shape", "e2b", "--bits", "32", "--layers", "2", "--vocab", "2048", "--force-acceptance", "0.8",
+         "--prompts", "1", "--prompt-tokens", "32", "--max-tokens", "12", "--k", "2", "--repeats", "1"]
+
+
+def test_bench_shape_compares_mlx_lm_and_prints_the_cost_model(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("MLX_GEMMA_MTP_CACHE", str(tmp_path))
+    summary = bench.main(SHAPE)
+    out = capsys.readouterr().out
+    assert "model: random e2b pair (float32, 2 layers, vocab 2048; V = 2048)" in out
+    assert re.search(r"T_verify\(T\) for T=1\.\.9 \(ms\):( \d+\.\d\d){9}", out)
+    assert re.search(r"T_draft\(K\)/K for K=1\.\.8", out)
+    assert re.search(r"^K=2 forced\s+\d+\.\d\s+\d+\.\d\d\s+\d\.\d\d\s+\d+\.\d\d  \d\.\d\d \d\.\d\d$", out, re.MULTILINE)
+    for label in ("K=auto forced", "auto stale (slow MTP) forced", "auto stale (free MTP) forced"):
+        assert re.search(rf"^{re.escape(label)}\s+\d+\.\d\s+\d+\.\d\d", out, re.MULTILINE), label
+    assert "all MTP outputs are identical to plain greedy decoding" in out
+    assert re.search(r"^auto vs the best fixed K \((plain|K=2 forced)\): K=auto forced \d+\.\d\dx", out, re.MULTILINE)
+    # mlx-lm's own model and loop on the same float32 weights: the same tokens (the run stops otherwise)
+    assert re.search(r"^mlx-lm 0\.\d+\.\d+: its gemma4_text model", out, re.MULTILINE)
+    assert re.search(r"^mlx-lm plain\s+\d+\.\d\s+\d+\.\d\d\s+\(output identical to ours\)$", out, re.MULTILINE)
+    assert re.search(r"^plain decoding, ours / mlx-lm: \d+\.\d\dx$", out, re.MULTILINE)
+    assert summary.mtp_same and summary.mlx_lm_same
+    # the cost model: both profiles, K = 1..8 from the measured costs; at K = 4 the 31B profile gives 3.94 tokens
+    assert "  published 31B: 0.92 0.78 0.67 0.57" in out and re.search(r"^  this run \(K=2 row\): \d\.\d\d \d\.\d\d$",
+                                                                      out, re.MULTILINE)
+    assert re.search(r"^2\s+\d+\.\d\s+2\.70\s+\d+\.\d\dx\s+\d\.\d\d\s+\d+\.\d\dx\s+\d+\.\d\dx$", out, re.MULTILINE)
+    assert re.search(r"^4\s+\d+\.\d\s+3\.94\s+\d+\.\d\dx\s+\d\.\d\d\s+\d+\.\d\dx$", out, re.MULTILINE)
+    assert re.search(r"^best K\s+K=\d\s+\d+\.\d\dx\s+K=\d\s+\d+\.\d\dx$", out, re.MULTILINE)
+    assert "mlx-vlm: comparison skipped (--shape" in out
+
+
+def test_bench_shape_profile_and_bad_arguments(capsys):
+    args = bench.parse_args(["--shape", "31b", "--profile", "0.9,0.8"])
+    assert args.profile == (0.9, 0.8) and args.bits == 4 and args.layers is None
+    for argv, message in ((["--layers", "2"], "--layers need --shape"),
+                          (["--shape", "e2b", "--demo"], "drop --model/--demo"),
+                          (["--shape", "e2b", "--bits", "3"], "invalid choice"),
+                          (["--shape", "e2b", "--profile", "0.5,0.9"], "cannot increase")):
+        with pytest.raises(SystemExit):
+            bench.parse_args(argv)
+        assert message in capsys.readouterr().err, argv
+    if mx.default_device() == mx.cpu:  # refused before anything is built
+        with pytest.raises(SystemExit, match="gather_mm in float32 only; use --bits 32"):
+            bench.main(["--shape", "26b-a4b", "--bits", "16", "--layers", "2"])
+
+
+def test_converted_pairs_equal_random_pairs():
+    from mlx.utils import tree_flatten
+
+    from mlx_gemma_mtp.bench_shape import converted
+    from mlx_gemma_mtp.presets import random_pair
+
+    base = random_pair("e2b", bits=16, layers=2, vocab=512)
+    made = random_pair("e2b", bits=4, layers=2, vocab=512)
+    ours = dict(tree_flatten(converted(base, 4).target.parameters()))
+    theirs = dict(tree_flatten(made.target.parameters()))
+    assert ours.keys() == theirs.keys() and all(mx.array_equal(ours[k], theirs[k]) for k in ours)
+    f32 = converted(base, 32)
+    assert f32.target.model.embed_tokens.weight.dtype == mx.float32
+    assert mx.array_equal(f32.drafter.pre_projection.weight, base.drafter.pre_projection.weight.astype(mx.float32))
+    assert converted(base, 16) is base
+
+
+def test_bench_gpu_dry_run_prints_one_table(capsys, monkeypatch, tmp_path):
+    from mlx_gemma_mtp import bench_gpu
+
+    monkeypatch.setenv("MLX_GEMMA_MTP_CACHE", str(tmp_path))
+    bench_gpu.main(["--shapes", "e2b", "--bits", "32", "--layers", "2", "--vocab", "2048", "--prompt-tokens",
+                    "24", "--max-tokens", "8", "--repeats", "1", "--k", "2", "4"])
+    out = capsys.readouterr().out
+    assert "=== e2b, float32 ===" in out
+    head = re.search(r"^\| shape \| weights \| build s \| plain tok/s \| mlx-lm tok/s \| ours/mlx-lm \| same \| "
+                     r"MTP=plain \| K=2\s+\| K=4\s+\| auto\s+\| T_v\(1\) ms \| T_v\(5\)/T_v\(1\) \| T_d\(4\) ms \| "
+                     r"model \(31B profile\) \|$", out, re.MULTILINE)
+    assert head, out
+    assert re.search(r"^\| e2b\s+\| float32 \|( \d+\.?\d*\s+\|){3} \d+\.\d\dx\s+\| yes\s+\| yes\s+\|"
+                     r"( \d+\.\d\dx \|){3}", out, re.MULTILINE), out
+
+
+def test_bench_gpu_refuses_full_shapes_on_a_cpu_and_reports_failed_rows(capsys):
+    from mlx_gemma_mtp import bench_gpu
+
+    if mx.default_device() != mx.cpu:
+        pytest.skip("the refusal and the bf16-MoE failure are the CPU backend's")
+    with pytest.raises(SystemExit):
+        bench_gpu.main([])
+    assert "full shapes would take hours" in capsys.readouterr().err
+    bench_gpu.main(["--shapes", "26b-a4b", "--bits", "16", "--layers", "2", "--vocab", "512", "--experts", "2"])
+    out = capsys.readouterr().out
+    assert re.search(r"^\| 26b-a4b \| bfloat16 \| error: --shape 26b-a4b --bits 16: MLX's CPU backend", out,
+                     re.MULTILINE), out
+
+
+@pytest.mark.parametrize("shape", ["e2b", "e4b", "26b-a4b"])  # 31B's layer kinds are 26B-A4B's less the MoE
+def test_mlx_lm_decodes_every_preset_like_ours(shape):
+    """mlx-lm's gemma4_text given our arrays (no renaming) decodes the same tokens in float32; quantized modules
+    are quantized alike."""
+    from mlx_gemma_mtp.bench_shape import MlxLmPlain, converted
+    from mlx_gemma_mtp.presets import random_pair
+    from mlx_gemma_mtp.sampling import SamplerConfig
+
+    base = random_pair(shape, layers=2, vocab=512, experts=2 if shape == "26b-a4b" else None)
+    prompts = [[(i * 7919) % 512 for i in range(16)]]
+    pair = converted(base, 32)
+    ours = bench.run(pair, prompts, 8, 0, SamplerConfig())[2]
+    assert MlxLmPlain(pair).run(prompts, 8)[2] == ours
+    if shape == "e2b":
+        quantized = converted(base, 4)
+        assert MlxLmPlain(quantized).run(prompts, 4)[2] == bench.run(quantized, prompts, 4, 0, SamplerConfig())[2]

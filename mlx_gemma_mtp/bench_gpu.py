@@ -1,0 +1,125 @@
+"""The four released shapes at 4-bit and bfloat16 on a GPU, in one table: `python -m mlx_gemma_mtp.bench_gpu`.
+
+For each shape a random pair is made once in bfloat16 (`presets.random_pair`, full layer counts, V = 262,144) and
+its 4-bit copy from it (`bench_shape.converted`, the converter's mixed recipe: what `random_pair(bits=4)` makes,
+without generating the values twice). Each runs the whole `bench` comparison (printed as it goes): our
+plain decoding against mlx-lm's `gemma4_text` on the same weights, MTP per K and auto with acceptance forced to
+0.8, T_verify(T) for T = 1..9 and T_draft(K), and the cost model under the published 31B profile. The summary
+table at the end has one row per shape and weight format. It installs nothing: run it where MLX's CUDA build is
+installed (README, "Real shapes"). A combination that fails (e.g. an op the backend lacks) gets its error in its
+row and the run goes on. On a CPU it refuses full shapes (hours); `--layers 2 --vocab 2048 --bits 32` is the dry
+run the tests use (32 = float32, for CPUs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+
+import mlx.core as mx
+
+from . import bench, bench_shape, costmodel
+from .presets import PRESETS, random_pair
+
+SHAPES = tuple(PRESETS)
+FORMATS = (4, 16)  # bits; 16 = bfloat16, 4 = the mixed 4-bit recipe
+
+
+def bench_argv(shape: str, bits: int, args: argparse.Namespace) -> list[str]:
+    """`bench`'s options for one combination (the pair itself is passed in, already built)."""
+    argv = ["--shape", shape, "--bits", str(bits), "--force-acceptance", str(args.force_acceptance),
+            "--prompts", str(args.prompts), "--prompt-tokens", str(args.prompt_tokens),
+            "--max-tokens", str(args.max_tokens), "--repeats", str(args.repeats), "--k", *map(str, args.k)]
+    for name in ("layers", "vocab", "experts"):
+        if getattr(args, name) is not None:
+            argv += [f"--{name}", str(getattr(args, name))]
+    return argv
+
+
+def summary_row(shape: str, bits: int, build: float, summary: bench.Summary, ks: list[int]) -> list[str]:
+    """The table's cells for one finished combination."""
+    results, costs = summary.results, summary.costs
+    plain, theirs = results["plain"][0], results["mlx-lm plain"][0]
+    speed = {m.k: results[m.label][0] / plain for m in summary.ours
+             if m.label.startswith("K=") and m.label.endswith("forced")}
+    best = costmodel.best_k(costs, costmodel.PUBLISHED_31B)
+    return [shape, bench_shape.dtype_name(bits).split(" ")[0], f"{build:.0f}", f"{plain:.1f}", f"{theirs:.1f}",
+            f"{plain / theirs:.2f}x", "yes" if summary.mlx_lm_same else "NO", "yes" if summary.mtp_same else "NO",
+            *(f"{speed[k]:.2f}x" for k in ks), f"{speed['auto']:.2f}x",
+            f"{costs.verify[1] * 1e3:.1f}", f"{costs.verify[5] / costs.verify[1]:.2f}", f"{costs.draft[4] * 1e3:.1f}",
+            f"K={best} {costmodel.expected_speedup(costs, costmodel.PUBLISHED_31B, best):.2f}x"]
+
+
+def print_table(rows: list[list[str]], ks: list[int], rate: float) -> None:
+    """The summary as a Markdown table (a failed combination's row: shape, weights, its error)."""
+    head = ["shape", "weights", "build s", "plain tok/s", "mlx-lm tok/s", "ours/mlx-lm", "same", "MTP=plain",
+            *(f"K={k}" for k in ks), "auto", "T_v(1) ms", "T_v(5)/T_v(1)", "T_d(4) ms", "model (31B profile)"]
+    done = [r for r in rows if len(r) == len(head)]
+    widths = [max([len(h)] + [len(r[i]) for r in done]) for i, h in enumerate(head)]
+    print(f"\nsummary (device {mx.default_device()}, MLX {mx.__version__}; K and auto columns: tokens/s vs our plain "
+          f"decoding at forced acceptance {rate}; same: mlx-lm's tokens equal ours; model: the cost model's best K "
+          f"and expected speedup under the published 31B profile {'/'.join(map(str, costmodel.PUBLISHED_31B))}):")
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(head, widths)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in rows:
+        print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |")
+
+
+def run_shape(shape: str, args: argparse.Namespace) -> list[list[str]]:
+    """Both formats of one shape: the bfloat16 pair, then its quantized copies."""
+    tic = time.perf_counter()
+    base = random_pair(shape, bits=16, layers=args.layers, vocab=args.vocab,
+                       experts=args.experts if PRESETS[shape].text.get("enable_moe_block") else None)
+    built, rows = time.perf_counter() - tic, []
+    for bits in args.bits:
+        print(f"\n=== {shape}, {bench_shape.dtype_name(bits)} ===", flush=True)
+        try:
+            bench_shape.check_shape_args(shape, bits)
+            tic = time.perf_counter()
+            bundle = bench_shape.converted(base, bits)
+            build = built + time.perf_counter() - tic
+            bench_args = bench.parse_args(bench_argv(shape, bits, args))
+            summary = bench.benchmark(bundle, f"random {shape} pair ({bench_shape.dtype_name(bits)})", bench_args)
+            rows.append(summary_row(shape, bits, build, summary, args.k))
+        except (ValueError, RuntimeError, SystemExit, MemoryError) as e:  # reported in its row; the next runs
+            print(f"error: {e}", flush=True)
+            rows.append([shape, bench_shape.dtype_name(bits).split(" ")[0], f"error: {e}"])
+        bundle = summary = None
+        gc.collect()
+        mx.clear_cache()
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m mlx_gemma_mtp.bench_gpu", description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=SHAPES)
+    p.add_argument("--bits", type=int, nargs="+", default=list(FORMATS), choices=bench_shape.BITS,
+                   help="4 / 8: quantized (mixed recipe); 16: bfloat16; 32: float32 (CPU dry runs)")
+    p.add_argument("--force-acceptance", type=float, default=0.8, metavar="R")
+    p.add_argument("--prompts", type=int, default=1)
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--k", type=int, nargs="+", default=[2, 3, 4, 6])
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--layers", type=int, default=None, help="cut every shape (a dry run; default: full)")
+    p.add_argument("--vocab", type=int, default=None, help="a smaller vocabulary (a dry run)")
+    p.add_argument("--experts", type=int, default=None, help="26b-a4b: keep this many experts (a dry run)")
+    args = p.parse_args(argv)
+    if not set(args.k) <= set(range(1, 9)):
+        p.error("--k values must be in 1..8 (the costs are measured up to K = 8)")
+    if 4 not in args.k:
+        p.error("--k must include 4 (the table's T_draft(4) and the 31B profile are at K = 4)")
+    if mx.default_device() == mx.cpu and args.layers is None:
+        p.error("the device is the CPU: full shapes would take hours; install MLX's CUDA build (README, 'Real "
+                "shapes'), or pass --layers 2 --vocab 2048 --experts 4 for a dry run")
+    tic, rows = time.perf_counter(), []
+    for shape in args.shapes:
+        rows += run_shape(shape, args)
+        mx.clear_cache()
+    print_table(rows, args.k, args.force_acceptance)
+    print(f"total {time.perf_counter() - tic:.0f} s; peak memory {mx.get_peak_memory() / 1e9:.1f} GB")
+
+
+if __name__ == "__main__":
+    main()
