@@ -62,10 +62,10 @@ def prefill(model: Model, prompt: mx.array, cache: list, step: int, want_hidden:
 
 def generate_step(model: Model, cache: list, first_token: mx.array, sampler: SamplerConfig
                   ) -> Generator[tuple[int, bool], None, None]:
-    """Plain decoding after the first token; each step is queued before the previous token is read, so building
-    the next graph overlaps the computation of the current one (mlx-lm's pattern)."""
-
-    y, _ = plain_step(model, cache, first_token, sampler)
+    """Plain decoding from the first token (chosen, maybe still computing) on; each step is queued before the
+    previous token is read, the first one included, so building the next graph overlaps the computation of the
+    current one (mlx-lm's pattern)."""
+    y = first_token
     while True:
         following, _ = plain_step(model, cache, y, sampler)
         yield y.item(), False
@@ -93,12 +93,11 @@ def _tokens(bundle, ids, max_tokens, sampler, num_draft_tokens, stats, prefill_s
         snapshot = partial(prompt_cache.snapshot, cache, len(ids) - 1)
     first = prefill(target, mx.array(ids[start:]), cache, prefill_step_size, use_mtp, snapshot)
     token = agree(target, choose(first.logits[:, -1], sampler))
-    yield token.item(), False
-    if use_mtp:
+    if use_mtp:  # both loops queue their next step or round before they hand out the first token
         policy = draft_length_policy(num_draft_tokens, target, drafter, stats, MAX_DRAFT_TOKENS, sampler)
         proposer = proposer or drafter_proposer(target, drafter, sampler)
         yield from mtp_generate_step(target, proposer, cache, first.hidden, token, policy, sampler, stats,
-                                     max_tokens - 1)
+                                     max_tokens - 1, emit_first=True)
     else:
         yield from generate_step(target, cache, token, sampler)
 

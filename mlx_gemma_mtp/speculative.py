@@ -203,9 +203,10 @@ def _verify(target: Model, cache: list, last: mx.array, drafts: mx.array, q: mx.
 def mtp_generate_step(
     target: Model, propose: Proposer, cache: list, first_hidden: mx.array, first_token: mx.array,
     draft_length: DraftLength, sampler: SamplerConfig, stats: DraftStats, max_tokens: int,
-    clock: Callable[[], float] = time.perf_counter,
+    clock: Callable[[], float] = time.perf_counter, emit_first: bool = False,
 ) -> Generator[tuple[int, bool], None, None]:
-    """Yield (token, from_draft) after the first token (which the caller already emitted), `max_tokens` at most.
+    """Yield (token, from_draft) after the first token, `max_tokens` at most; with `emit_first` the first token
+    itself comes first, read once the first round is queued (else the caller has already emitted it).
 
     Every round's first work is queued before the previous round's tokens are handed out (mlx-lm's pipelining): a
     plain step, or the drafts, which the drafter computes while the caller reads those tokens. A drafting round
@@ -223,11 +224,17 @@ def mtp_generate_step(
         clock: the time source of those seconds (tests pass a fake one).
     """
     if max_tokens <= 0:
+        if emit_first:
+            yield first_token.item(), False
         return
     watch, finished = Stopwatch(clock), []
     last, hidden, remaining = first_token, first_hidden, max_tokens
     k = _next_k(draft_length, remaining, finished, cache)
     queued = _queue_round(target, propose, cache, last, hidden, k, sampler)
+    if emit_first:
+        watch.pause()
+        yield first_token.item(), False
+        watch.resume()
     while True:
         if k == 0:
             (last, hidden), n, tokens = queued, 0, None
