@@ -4,10 +4,12 @@ Reference: mlx-lm `convert.py` / `utils.py: save_model, quantize_model` (sharded
 `config["quantization"]` with per-path overrides); spec §6. Keys go through the loader's own `sanitize`
 (`Model.sanitize`, `Drafter.sanitize`), so the bundle holds exactly the names `load` expects. Tensors are read
 lazily one at a time, cast/quantized with `mx.quantize` and appended to output shards capped at
-`max_shard_size` (convert/shards.py): peak memory is about one tensor plus its output, never a whole shard or
-model. Vision/audio towers are never read. Everything is written to a temporary folder next to the output and
-renamed into place only on success; an error, Ctrl-C or SIGTERM removes it, and the next conversion to the
-same output removes those a killed run (SIGKILL, power loss) left behind.
+`max_shard_size` (convert/shards.py), each shard file written once: peak memory is about one tensor plus its
+output, never a whole shard or model, and a tensor over SLICE_BYTES (E2B's 4.7 GB per-layer embedding table)
+is read, quantized and written in row slices. Vision/audio towers are never read. Everything is written to a
+temporary folder next to the output and renamed into place only on success; an error, Ctrl-C or SIGTERM
+removes it, and the next conversion to the same output removes those a killed run (SIGKILL, power loss) left
+behind.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import argparse
 import contextlib
 import copy
 import json
+import math
 import os
 import shutil
 import signal
@@ -23,7 +26,7 @@ import socket
 import sys
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,9 +52,10 @@ from .quantize import (
     target_plan,
     transform,
 )
-from .shards import SAFETENSORS_DTYPES, ShardWriter
+from .shards import SAFETENSORS_DTYPES, ShardWriter, data_start, read_rows
 
 DEFAULT_MAX_SHARD_BYTES = 2 * 10**9
+SLICE_BYTES = 256 << 20  # tensors above this are read and converted in row slices of about this size
 OWNER_FILE = ".convert-owner.json"  # in a temporary folder: the pid and host of the run writing it
 COPY_PATTERNS = (
     "tokenizer*",
@@ -158,13 +162,57 @@ def check_weights(source: Source) -> None:
     _shape_mismatch(source.path, got, _expected_shapes(source.module))
 
 
+def output_names(module: nn.Module, plan: Plan) -> list[str]:
+    """Names of the tensors a conversion writes: the module's parameters, plus scales/biases where quantized."""
+    names = []
+    for key, _ in tree_flatten(module.parameters()):
+        path, leaf = key.rsplit(".", 1)
+        names += [key] + ([f"{path}.scales", f"{path}.biases"] if leaf == "weight" and path in plan else [])
+    return names
+
+
+def _sliced_key(source: Source, name: str, info: dict, quantizable: set[str]) -> str | None:
+    """The output key of a tensor to convert in row slices (None: convert it whole): a Linear/Embedding
+    weight bigger than SLICE_BYTES that sanitize only renames, so its rows convert independently."""
+    dtype = SAFETENSORS_DTYPES.get(info["dtype"])
+    shape = info["shape"]
+    if dtype is None or len(shape) < 2 or math.prod(shape) * dtype.size <= SLICE_BYTES:
+        return None
+    placeholder = mx.zeros(shape, dtype)  # lazy: never allocated
+    (key, value), *more = source.module.sanitize({name: placeholder}).items() or [(None, None)]
+    path, leaf = key.rsplit(".", 1) if key else (None, None)
+    ok = not more and value.shape == placeholder.shape and leaf == "weight" and path in quantizable
+    return key if ok else None
+
+
+def _row_slices(source: Source, file: Path, name: str, info: dict, transform_rows) -> Iterator[dict]:
+    shape, size = info["shape"], SAFETENSORS_DTYPES[info["dtype"]].size
+    step = max(1, SLICE_BYTES // (math.prod(shape[1:]) * size))
+    offset = data_start(file)
+    for start in range(0, shape[0], step):
+        rows = read_rows(file, info, start, min(start + step, shape[0]), offset)
+        (w,) = source.module.sanitize({name: rows}).values()
+        yield transform_rows(w)
+        mx.clear_cache()
+
+
 def stream_weights(source: Source, folder: Path, plan: Plan, dtype: mx.Dtype, max_shard_size: int) -> int:
-    """Read, sanitize, cast/quantize and write the source's tensors one at a time; returns bytes written."""
+    """Read, sanitize, cast/quantize and write the source's tensors one at a time (tensors over SLICE_BYTES
+    in row slices); returns bytes written."""
     quantizable = set(quantizable_modules(source.module))
-    with ShardWriter(folder, max_shard_size) as writer:
+    with ShardWriter(folder, max_shard_size, output_names(source.module, plan)) as writer:
         for file in source.files:
-            lazy = load_safetensors([file], source.keep)  # tensor data is read when evaluated
-            for name in list(lazy):
+            header = safetensors_header(file)
+            names = [k for k in header if k != "__metadata__" and source.keep(k)]
+            sliced = {k: key for k in names if (key := _sliced_key(source, k, header[k], quantizable))}
+            lazy = load_safetensors([file], lambda k, sliced=sliced: source.keep(k) and k not in sliced)
+            for name in names:
+                if name in sliced:
+                    def rows(w, key=sliced[name]):
+                        return transform(key, w, plan, quantizable, dtype)
+
+                    writer.add_rows(_row_slices(source, file, name, header[name], rows), header[name]["shape"][0])
+                    continue
                 # pop: an evaluated array held here would keep its data, growing to the whole shard
                 for key, w in source.module.sanitize({name: lazy.pop(name)}).items():
                     writer.add(transform(key, w, plan, quantizable, dtype))

@@ -3,14 +3,19 @@
 Measures what quantization costs where MTP feels it (spec §6.3: acceptance collapses on badly quantized
 targets): the mean KL(p_ref || p_quant) and top-1 agreement of the next-token distributions over every
 position of a few built-in prompts, and the drafter's greedy acceptance rate with the converted target (and,
-when the reference folder has a drafter, with the float32 reference). The result is printed as a small table
-and written to `quality_report.json` in the bundle.
+when the reference folder has a drafter and its float32 copy is small, with the float32 reference). The result
+is printed as a small table and written to `quality_report.json` in the bundle.
+
+Memory: the reference logits are computed first, layer by layer from the source files (convert/reference.py),
+and only they are kept; the bundle is loaded after that. The two models are never in memory together, and the
+float32 reference never whole (it would be 4 bytes per parameter: 18 GB for E2B).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 from collections import deque
 from pathlib import Path
@@ -18,7 +23,19 @@ from pathlib import Path
 import mlx.core as mx
 
 from ..decode import stream_generate
-from ..load import Bundle, load
+from ..load import (
+    Bundle,
+    load,
+    load_tokenizer,
+    read_config,
+    read_generation_defaults,
+    resolve,
+    safetensors_files,
+    safetensors_header,
+)
+from ..models.config import ModelArgs
+from ..models.gemma4_text import canonical_key
+from .reference import reference_logits
 
 PROMPTS = (
     "The capital of France is Paris. The capital of Japan is",
@@ -28,24 +45,27 @@ PROMPTS = (
 )
 RANDOM_PROMPT_LEN = 24
 REPORT_FILE = "quality_report.json"
+# the MTP acceptance of the float32 reference needs the whole reference loaded: only up to this size
+REFERENCE_IN_MEMORY_BYTES = 2 << 30
 
 
-def prompt_ids(bundle: Bundle) -> list[list[int]]:
+def prompt_ids(tokenizer, vocab_size: int) -> list[list[int]]:
     """The built-in prompts through the bundle's tokenizer, or fixed random ids when it has none."""
-    if bundle.tokenizer is not None:
-        return [list(bundle.tokenizer.encode(p)) for p in PROMPTS]
+    if tokenizer is not None:
+        return [list(tokenizer.encode(p)) for p in PROMPTS]
     rng = random.Random(0)
-    vocab = bundle.target.args.vocab_size
-    return [[rng.randrange(vocab) for _ in range(RANDOM_PROMPT_LEN)] for _ in PROMPTS]
+    return [[rng.randrange(vocab_size) for _ in range(RANDOM_PROMPT_LEN)] for _ in PROMPTS]
 
 
-def next_token_divergence(model, reference, ids: list[int]) -> tuple[mx.array, mx.array]:
-    """Per position: KL(p_ref || p_model) in nats and whether the argmax tokens agree, each (T,)."""
-    x = mx.array(ids)[None]
-    log_q = model(x)[0].astype(mx.float32)
-    log_p = reference(x)[0].astype(mx.float32)
-    log_q = log_q - mx.logsumexp(log_q, axis=-1, keepdims=True)
-    log_p = log_p - mx.logsumexp(log_p, axis=-1, keepdims=True)
+def _log_softmax(logits: mx.array) -> mx.array:
+    logits = logits.astype(mx.float32)
+    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+
+
+def next_token_divergence(model, log_p: mx.array, ids: list[int]) -> tuple[mx.array, mx.array]:
+    """Per position: KL(p_ref || p_model) in nats, given the reference's log-probs `log_p` (T, V), and whether
+    the argmax tokens agree, each (T,)."""
+    log_q = _log_softmax(model(mx.array(ids)[None])[0])
     kl = (mx.exp(log_p) * (log_p - log_q)).sum(axis=-1)
     return kl, mx.argmax(log_q, axis=-1) == mx.argmax(log_p, axis=-1)
 
@@ -54,7 +74,7 @@ def acceptance(
     bundle: Bundle, prompts: list[list[int]], max_tokens: int, num_draft_tokens: int
 ) -> dict | None:
     """Greedy MTP acceptance over the prompts: accepted / drafted draft tokens (None without a drafter)."""
-    if bundle.drafter is None:
+    if bundle.drafter is None or max_tokens < 1:
         return None
     accepted = drafted = 0
     for ids in prompts:
@@ -69,30 +89,61 @@ def acceptance(
     }
 
 
+def _float32_bytes(path: Path) -> int:
+    """Bytes of the checkpoint's text-model tensors in float32 (headers only)."""
+    headers = [safetensors_header(file) for file in safetensors_files(path)]
+    return sum(4 * math.prod(info["shape"]) for h in headers for name, info in h.items()
+               if name != "__metadata__" and canonical_key(name) is not None)
+
+
+def _reference_acceptance(reference: Path, prompts, max_tokens: int, num_draft_tokens: int) -> dict | None:
+    """Acceptance with the float32 reference as target, when it is small enough to load whole (None if not,
+    or without a drafter in the reference folder)."""
+    if max_tokens < 1 or _float32_bytes(reference) > REFERENCE_IN_MEMORY_BYTES:
+        return None
+    ref = load(reference, dtype=mx.float32)
+    return acceptance(ref, prompts, max_tokens, num_draft_tokens)
+
+
 def quality_report(
-    model: str | Path, reference: str | Path, max_tokens: int = 32, num_draft_tokens: int = 3
+    model: str | Path,
+    reference: str | Path,
+    max_tokens: int = 32,
+    num_draft_tokens: int = 3,
+    num_prompts: int = len(PROMPTS),
+    prompt_tokens: int | None = None,
 ) -> dict:
-    """Compare a converted bundle with its source weights loaded unquantized in float32.
+    """Compare a converted bundle with its source weights computed unquantized in float32.
 
     Args:
         model: the converted bundle (folder or hub id); a local folder receives `quality_report.json`.
         reference: the source checkpoint (e.g. the HF folder the bundle was converted from).
-        max_tokens: tokens generated per prompt for the acceptance measurement.
+        max_tokens: tokens generated per prompt for the acceptance measurement (0: no acceptance).
         num_draft_tokens: draft length K of the acceptance measurement.
+        num_prompts: how many of the built-in prompts to use (at most 4).
+        prompt_tokens: cut each prompt to its first this many tokens (default: whole).
 
     Returns:
         A JSON-ready dict: per-prompt and overall mean KL, max KL, top-1 agreement and MTP acceptance.
     """
-    bundle = load(model)
-    ref = load(reference, dtype=mx.float32)
-    if bundle.target.args.vocab_size != ref.target.args.vocab_size:
+    if not 1 <= num_prompts <= len(PROMPTS) or (prompt_tokens is not None and prompt_tokens < 1):
+        raise ValueError(f"num_prompts={num_prompts!r} must be in [1, {len(PROMPTS)}] and prompt_tokens="
+                         f"{prompt_tokens!r} None or >= 1")
+    path, ref_path = resolve(model, "model"), resolve(reference, "reference")
+    config = read_config(path)
+    vocab = ModelArgs.from_dict(config).vocab_size
+    if vocab != ModelArgs.from_dict(read_config(ref_path)).vocab_size:
         raise ValueError(
             f"{model} and {reference} have different vocabularies: not a conversion of each other"
         )
-    prompts = prompt_ids(bundle)
+    tokenizer = load_tokenizer(path, read_generation_defaults(path, config).eos_token_ids)
+    prompts = [ids[:prompt_tokens] for ids in prompt_ids(tokenizer, vocab)[:num_prompts]]
+    log_ps = [_log_softmax(logits) for logits in reference_logits(ref_path, prompts)]  # reference gone after
+    mx.eval(log_ps)
+    bundle = load(path)
     rows, all_kl, all_agree = [], [], []
-    for i, ids in enumerate(prompts):
-        kl, agree = next_token_divergence(bundle.target, ref.target, ids)
+    for i, (ids, log_p) in enumerate(zip(prompts, log_ps)):
+        kl, agree = next_token_divergence(bundle.target, log_p, ids)
         rows.append(
             {
                 "prompt": i,
@@ -117,8 +168,10 @@ def quality_report(
         "num_draft_tokens": num_draft_tokens,
         "max_tokens": max_tokens,
         "acceptance": acceptance(bundle, prompts, max_tokens, num_draft_tokens),
-        "reference_acceptance": acceptance(ref, prompts, max_tokens, num_draft_tokens),
     }
+    del bundle, log_ps  # the converted model goes before a float32 reference may be loaded
+    mx.clear_cache()
+    report["reference_acceptance"] = _reference_acceptance(ref_path, prompts, max_tokens, num_draft_tokens)
     if Path(model).expanduser().is_dir():
         (Path(model).expanduser() / REPORT_FILE).write_text(json.dumps(report, indent=2))
     return report
@@ -150,7 +203,7 @@ def format_report(report: dict) -> str:
     )
     k = report["num_draft_tokens"]
     for name, key in (("converted", "acceptance"), ("reference", "reference_acceptance")):
-        if (a := report[key]) is not None:
+        if (a := report.get(key)) is not None:
             lines.append(
                 f"MTP greedy acceptance (K={k}), {name} target: {a['accepted']}/{a['drafted']} "
                 f"= {a['acceptance_rate']:.1%}"
@@ -159,7 +212,8 @@ def format_report(report: dict) -> str:
 
 
 def run_eval_quant(args: argparse.Namespace) -> None:
-    print(format_report(quality_report(args.model, args.reference, args.max_tokens, args.num_draft_tokens)))
+    print(format_report(quality_report(args.model, args.reference, args.max_tokens, args.num_draft_tokens,
+                                       args.num_prompts, args.prompt_tokens)))
 
 
 def add_eval_quant_parser(sub) -> None:
@@ -167,8 +221,12 @@ def add_eval_quant_parser(sub) -> None:
     p = sub.add_parser("eval-quant", help="KL / top-1 / MTP acceptance of a converted bundle vs its source")
     p.add_argument("--model", required=True, help="converted bundle folder (receives quality_report.json)")
     p.add_argument(
-        "--reference", required=True, help="source checkpoint folder or hub id (loaded in float32)"
+        "--reference", required=True, help="source checkpoint folder or hub id (computed in float32)"
     )
-    p.add_argument("--max-tokens", type=int, default=32, help="tokens per prompt for the acceptance rate")
+    p.add_argument("--max-tokens", type=int, default=32,
+                   help="tokens per prompt for the acceptance rate (0: skip it)")
     p.add_argument("--num-draft-tokens", type=int, default=3, help="draft length K for the acceptance rate")
+    p.add_argument("--num-prompts", type=int, default=len(PROMPTS),
+                   help=f"how many built-in prompts (1-{len(PROMPTS)})")
+    p.add_argument("--prompt-tokens", type=int, default=None, help="cut each prompt to this many tokens")
     p.set_defaults(func=run_eval_quant)

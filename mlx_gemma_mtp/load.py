@@ -183,10 +183,21 @@ def load_safetensors(files: list[Path], keep: Callable[[str], bool] = lambda k: 
 
 
 def _cast(weights: dict[str, mx.array], dtype: mx.Dtype | None) -> dict[str, mx.array]:
-    """Cast floating tensors only: integer buffers (token_ordering) and quantized ints stay as they are."""
+    """Cast floating tensors only: integer buffers (token_ordering) and quantized ints stay as they are.
+
+    Empties `weights` and casts one tensor at a time, so each source tensor is freed once its copy exists: the
+    source and its cast copy are never held whole together (a bf16 checkpoint loaded in float32 peaks at the
+    float32 model plus one source tensor, not plus the bf16 model)."""
     if dtype is None:
         return weights
-    return {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
+    out = {}
+    for k in list(weights):
+        v = weights.pop(k)
+        if mx.issubdtype(v.dtype, mx.floating) and v.dtype != dtype:
+            v = v.astype(dtype)
+            mx.eval(v)
+        out[k] = v
+    return out
 
 
 def _quantize(module: nn.Module, config: dict, weights: dict[str, mx.array], canonical=lambda k: k) -> None:

@@ -731,3 +731,112 @@ def test_output_permissions_follow_the_umask(umask, fresh_src, tmp_path):
     assert stat.S_IMODE((out / "drafter").stat().st_mode) == 0o777 & ~umask
     assert stat.S_IMODE((out / "config.json").stat().st_mode) == 0o666 & ~umask
     assert not (out / convert_module.OWNER_FILE).exists()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# memory at real size: row-sliced huge tensors, shards written once, a layer-streamed report reference
+# ------------------------------------------------------------------------------------------------------------
+
+shards_module = sys.modules["mlx_gemma_mtp.convert.shards"]
+report_module = sys.modules["mlx_gemma_mtp.convert.report"]
+reference_module = sys.modules["mlx_gemma_mtp.convert.reference"]
+
+
+@pytest.mark.parametrize("options", [{}, dict(quantize=True, q_bits=4, q_group_size=32)], ids=["bf16", "q4"])
+def test_huge_tensors_convert_in_row_slices_to_the_same_bundle(options, sources, tmp_path, monkeypatch):
+    """With a tiny SLICE_BYTES every big table (embedding, PLE) goes through the row-sliced path: same bytes."""
+    src = sources("e2b", "multimodal")
+    whole = convert(src, tmp_path / "whole", **options)
+    sliced_names, real_read_rows = [], convert_module.read_rows
+
+    def read_rows(file, info, start, stop, offset=None):
+        sliced_names.append(info["shape"])
+        return real_read_rows(file, info, start, stop, offset)
+
+    monkeypatch.setattr(convert_module, "SLICE_BYTES", 4096)
+    monkeypatch.setattr(convert_module, "read_rows", read_rows)
+    sliced = convert(src, tmp_path / "sliced", max_shard_size=50_000, **options)
+    assert len(sliced_names) > 10, "nothing went through the sliced path"
+    for part in ("", "drafter"):
+        a, b = _written(whole / part), _written(sliced / part)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k].dtype == b[k].dtype and mx.array_equal(a[k], b[k]).item(), k
+    assert load(sliced).target is not None
+
+
+def test_each_shard_is_written_once(fresh_src, tmp_path, monkeypatch):
+    """Every byte of every shard is written once (header slot filled at close, no spill file copied), and no
+    other file is written into the bundle's weight folders."""
+    written: dict[str, int] = {}
+    opened: list[str] = []
+
+    class Counting:
+        def __init__(self, path, mode):
+            self.f, self.name = open(path, mode), Path(path).name  # noqa: SIM115 - closed by close()
+            opened.append(self.name)
+            written.setdefault(self.name, 0)
+
+        def write(self, data):
+            n = self.f.write(data)
+            written[self.name] += n
+            return n
+
+        def seek(self, *args):
+            return self.f.seek(*args)
+
+        def close(self):
+            self.f.close()
+
+    monkeypatch.setattr(shards_module, "open", Counting, raising=False)
+    out = convert(fresh_src, tmp_path / "out", quantize=True, q_group_size=32, max_shard_size=20_000)
+    shards = sorted(out.glob("model-*.safetensors")) + sorted((out / "drafter").glob("model-*.safetensors"))
+    assert len(shards) > 3 and len(opened) == len(shards) and len(set(opened)) < len(opened)  # part names restart in drafter/
+    assert all(name.startswith("part-") and name.endswith(".safetensors") for name in opened)
+    assert sum(written.values()) == sum(s.stat().st_size for s in shards)  # no byte written twice
+    assert not list(out.rglob("*.spill"))
+    for shard in shards:  # the space-padded header slot is valid safetensors for every reader
+        header = safetensors_header(shard)
+        assert mx.load(str(shard)).keys() == header.keys() - {"__metadata__"}
+
+
+@pytest.mark.parametrize("kind,layout", [("e2b", "multimodal"), ("moe", "text"), ("31b", "text")])
+def test_layer_streamed_reference_equals_the_float32_model(kind, layout, sources, monkeypatch):
+    """The report's reference, computed one layer at a time with the head in vocabulary slices, gives the
+    logits of the whole source loaded in float32."""
+    src = sources(kind, layout)
+    monkeypatch.setattr(reference_module, "HEAD_SLICE_BYTES", 4 * 64 * 100)  # ~100 rows per slice
+    full = load(src, dtype=mx.float32).target
+    prompts = [PROMPT, PROMPT[3:] + [5, 6, 7]]
+    for ids, logits in zip(prompts, reference_module.reference_logits(src, prompts)):
+        want = np.array(full(mx.array(ids)[None])[0])
+        np.testing.assert_allclose(np.array(logits), want, atol=1e-5, rtol=1e-5)
+
+
+def test_report_numbers_equal_the_two_model_computation(converted, sources, monkeypatch):
+    """KL / top-1 as before (both models whole in memory), but the reference is never loaded whole: with
+    REFERENCE_IN_MEMORY_BYTES at 0 only the bundle is loaded, and the reference acceptance is skipped."""
+    src = sources("e2b", "multimodal")
+    out = converted("e2b", "multimodal", quantize=True, q_group_size=32)
+    bundle, ref = load(out), load(src, dtype=mx.float32)
+    kl, agree = [], []
+    for ids in report_module.prompt_ids(bundle.tokenizer, bundle.target.args.vocab_size):
+        x = mx.array(ids)[None]
+        log_q = bundle.target(x)[0] - mx.logsumexp(bundle.target(x)[0], axis=-1, keepdims=True)
+        log_p = ref.target(x)[0] - mx.logsumexp(ref.target(x)[0], axis=-1, keepdims=True)
+        kl.append((mx.exp(log_p) * (log_p - log_q)).sum(axis=-1))
+        agree.append(mx.argmax(log_q, axis=-1) == mx.argmax(log_p, axis=-1))
+    loads = []
+    real_load = report_module.load
+    monkeypatch.setattr(report_module, "load", lambda path, **kw: loads.append((path, kw)) or real_load(path, **kw))
+    monkeypatch.setattr(report_module, "REFERENCE_IN_MEMORY_BYTES", 0)
+    report = quality_report(out, src, max_tokens=4)
+    assert report["mean_kl"] == pytest.approx(mx.concatenate(kl).mean().item(), rel=1e-5)
+    assert report["max_kl"] == pytest.approx(mx.concatenate(kl).max().item(), rel=1e-5)
+    assert report["top1_agreement"] == pytest.approx(mx.concatenate(agree).astype(mx.float32).mean().item())
+    assert [kw for _, kw in loads] == [{}] and report["reference_acceptance"] is None
+    assert report["acceptance"]["drafted"] > 0
+    few = quality_report(out, src, max_tokens=0, num_prompts=2, prompt_tokens=5)
+    assert few["positions"] == 10 and few["acceptance"] is None and "acceptance" not in format_report(few)
+    with pytest.raises(ValueError, match="num_prompts=9"):
+        quality_report(out, src, num_prompts=9)

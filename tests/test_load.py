@@ -396,3 +396,21 @@ def test_unsupported_config_values(target_dir, tmp_path, field, edit, layout):
     where = r"text_config\." if layout == "multimodal" else ""  # the field as the JSON spells it
     with pytest.raises(ValueError, match=rf"config\.json: unsupported Gemma 4 config: {where}{field}="):
         mlx_gemma_mtp.load(path)
+
+
+def test_cast_holds_one_source_tensor_at_a_time(target_dir, monkeypatch):
+    """`load(..., dtype=)` casts tensor by tensor, emptying the source dict as it goes: a source tensor is freed
+    once its copy exists, so the source and its cast copy are never held whole together."""
+    raw = load_safetensors(safetensors_files(target_dir("e2b", "text", None)))
+    n, seen, real_eval = len(raw), [], mx.eval
+
+    def spy_eval(*arrays):
+        seen.append(len(raw))  # source tensors still held when a cast is evaluated
+        return real_eval(*arrays)
+
+    monkeypatch.setattr(load_module.mx, "eval", spy_eval)
+    cast = load_module._cast(raw, mx.bfloat16)
+    monkeypatch.undo()
+    assert raw == {} and len(cast) == n and all(v.dtype == mx.bfloat16 for v in cast.values())
+    assert seen == list(range(n - 1, -1, -1))  # one cast evaluated per source tensor dropped
+    assert load_module._cast(cast, None) is cast

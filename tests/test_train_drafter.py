@@ -8,12 +8,14 @@ import shutil
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 from conftest import write_tokenizer
 from mlx.utils import tree_flatten
 from test_speculative import VOCAB, bundle, make_drafter, make_target, tokens
 
+import mlx_gemma_mtp.tuner.distill_loss as dl
 import mlx_gemma_mtp.tuner.train_drafter as td
 from mlx_gemma_mtp import load
 from mlx_gemma_mtp.cli import main
@@ -76,7 +78,7 @@ def test_teacher_forced_rows_equal_decoding_draft_steps(target):
     drafter = make_drafter(target, seed=2, ordered=True)
     x = mx.random.randint(0, VOCAB, (2, 20), key=mx.random.key(1))
     rows, W = 16, target.args.sliding_window
-    teacher = td.teach(target, x, rows, with_log_probs=False)
+    teacher = td.teach(target, x, rows)
     ys = td.unrolled_states(drafter, teacher, 4)
     for p in (0, 2, W, rows - 1):
         prefix = {t: (k[..., : p + 1, :], v[..., : p + 1, :]) for t, (k, v) in teacher.shared_kv.items()}
@@ -222,3 +224,81 @@ def test_cli(target_folder, dataset, tmp_path, capsys):
     assert load(target_folder, draft=out).drafter.args.text.layer_types == [SLIDING, FULL]
     assert main(argv) == 1 and "--force" in capsys.readouterr().err
     shutil.rmtree(out)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the loss over row chunks (no (batch, rows, vocabulary) float32 tensor of all rows at real size)
+# ------------------------------------------------------------------------------------------------------------
+
+
+def all_rows_target(target, x, unroll):
+    """What the loss used before chunking: the target's log-probs (B, N, V) and argmax, held whole. Computed outside
+    any gradient transform, as training does: a target whose first forward in the process runs under
+    `value_and_grad` gives other logits from then on (seen with MLX 0.32.4; the models' `mx.compile`d helpers
+    are traced on that first call)."""
+    out = target.forward(x, rows=x.shape[1], return_hidden=True, return_shared_kv=True)
+    log_p = out.logits - mx.logsumexp(out.logits, axis=-1, keepdims=True)
+    teacher = td.teach(target, x, x.shape[1] - unroll)
+    mx.eval(log_p)
+    return log_p, mx.argmax(out.logits, axis=-1), teacher
+
+
+def all_rows_loss(drafter, teacher, log_p, top, unroll, kind, step_decay):
+    """The loss as it was before chunking: every row at once."""
+    R = teacher.rows
+    losses, cluster = [], mx.array(0.0)
+    for j, y in enumerate(td.unrolled_states(drafter, teacher, unroll), start=1):
+        logits = drafter.model.embed_tokens.as_linear(y).astype(mx.float32)
+        log_q = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        if kind == "greedy":
+            losses.append(-mx.take_along_axis(log_q, top[:, j : j + R, None], axis=-1).mean())
+        else:
+            lp = log_p[:, j : j + R]
+            losses.append((mx.exp(lp) * (lp - log_q)).sum(axis=-1).mean())
+        if "masked_embedding" in drafter:
+            head = drafter.masked_embedding
+            scores = head.centroids(mx.stop_gradient(y))
+            log_c = scores - mx.logsumexp(scores, axis=-1, keepdims=True)
+            C = scores.shape[-1]
+            if kind == "greedy":
+                cluster_of = mx.argsort(head.token_ordering) // (head.token_ordering.size // C)
+                c = -mx.take_along_axis(log_c, cluster_of[top[:, j : j + R]][..., None], axis=-1).mean()
+            else:
+                mass = mx.exp(log_p[:, j : j + R])[..., head.token_ordering]
+                c = -(mass.reshape(*mass.shape[:-1], C, -1).sum(axis=-1) * log_c).sum(axis=-1).mean()
+            cluster = cluster + c / unroll
+    weights = [step_decay**j for j in range(unroll)]
+    total = sum(w * l for w, l in zip(weights, losses)) / sum(weights)
+    return total + cluster, mx.stack(losses), cluster
+
+
+@pytest.mark.parametrize("kind,ordered", [("kl", False), ("kl", True), ("greedy", True)])
+def test_chunked_loss_and_gradients_equal_the_all_rows_loss(kind, ordered, target, monkeypatch):
+    drafter = make_drafter(target, seed=3, ordered=ordered)
+    if ordered:
+        drafter.masked_embedding.freeze(keys=["token_ordering"])
+    x = mx.random.randint(0, VOCAB, (3, 23), key=mx.random.key(4))
+    unroll, decay = 3, 0.7
+    log_p, top, teacher = all_rows_target(target, x, unroll)
+    want, want_grads = nn.value_and_grad(drafter, lambda d: all_rows_loss(d, teacher, log_p, top, unroll, kind,
+                                                                          decay))(drafter)
+    chunk_calls = []
+    real = dl._head_sums
+
+    def spy(W, C, y, log_p, top, ordering, kind):
+        chunk_calls.append(y.shape[1])
+        return real(W, C, y, log_p, top, ordering, kind)
+
+    monkeypatch.setattr(dl, "_head_sums", spy)
+    monkeypatch.setattr(dl, "LOSS_CHUNK_ELEMENTS", 3 * VOCAB * 6)  # 6 rows per chunk: 4 chunks of 20 rows
+    got, grads = dl.loss_and_grad(drafter, teacher, unroll, kind, decay)
+    assert chunk_calls == [6, 6, 6, 6, 6, 6, 6, 6, 6, 2, 2, 2]  # every chunk: at most 6 rows, all rows covered
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(np.array(a), np.array(b), rtol=2e-5, atol=1e-6)
+    flat, want_flat = dict(tree_flatten(grads)), dict(tree_flatten(want_grads))
+    assert flat.keys() == want_flat.keys()
+    for k in flat:
+        np.testing.assert_allclose(np.array(flat[k]), np.array(want_flat[k]), rtol=1e-4, atol=1e-6, err_msg=k)
+    loss, top1 = dl.teacher_forced_scores(drafter, teacher, unroll, kind)
+    np.testing.assert_allclose(loss, np.array(want[1]), rtol=2e-5)
+    assert all(0 <= t <= 1 for t in top1)

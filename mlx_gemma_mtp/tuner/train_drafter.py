@@ -16,6 +16,8 @@ prefix. Data sampled from the target itself (`mlx-gemma-mtp generate` outputs) m
 The clustered head (E2B/E4B style) is trained as a readout: the dense tied embedding learns the token logits,
 `masked_embedding.centroids` learns (on stop-gradient drafter states) to rank the cluster holding the target's
 mass/top token first. Outputs are HF assistant folders that `mlx_gemma_mtp.load(target, draft=OUTPUT)` reads.
+Teacher forcing and the loss, chunked over rows so no (batch, rows, vocabulary) float32 tensor of all rows ever
+exists, are in distill_loss.py.
 """
 
 from __future__ import annotations
@@ -28,23 +30,22 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from ..decode import MAX_DRAFT_TOKENS, stream_generate
 from ..load import Bundle, load, load_drafter, read_config, resolve
-from ..models.config import FULL, SLIDING
 from ..models.gemma4_assistant import Drafter
-from ..models.gemma4_text import KV, Model
-from ..models.masked_embedder import MaskedEmbedder
-from ..speculative import DRAFT_POSITION_OFFSET, DraftStats
+from ..models.gemma4_text import Model
+from ..speculative import DraftStats
 from .distill_data import batch, load_sequences, split_held_out
+from .distill_loss import Teacher, drafter_masks, loss_and_grad, teach, teacher_forced_scores, unrolled_states
+
+__all__ = ["DrafterTrainConfig", "Teacher", "drafter_masks", "teach", "train_drafter", "unrolled_states"]
 from .drafter_init import add_clusters, drafter_args, new_drafter, write_drafter
 
 LOSSES = ("kl", "greedy")
@@ -149,82 +150,8 @@ def initial_drafter(target: Model, cfg: DrafterTrainConfig, init_drafter: str | 
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Teacher forcing and losses
+# Optimizer and evaluation (the teacher and the loss: distill_loss.py)
 # ---------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Teacher:
-    """What the target says about one batch (all stop-gradient). Row r of `log_probs`/`top` predicts token r+1."""
-
-    embeds: mx.array  # (B, N, H) target scaled embeddings of every token
-    hidden: mx.array  # (B, R, H) post-norm hidden states of positions 0..R-1
-    shared_kv: dict[str, KV]  # producer K/V of all N positions
-    masks: dict[str, mx.array]  # {layer type: (R, N) bool} keys visible from hidden position p (row p)
-    log_probs: mx.array | None  # (B, N, V) float32, temperature 1 ("kl" loss only)
-    top: mx.array  # (B, N) the target's argmax tokens
-
-
-def drafter_masks(rows: int, keys: int, window: int) -> dict[str, mx.array]:
-    """Row p sees full-layer keys 0..p and sliding-layer keys p-W..p, as `drafting.visible_kv` does."""
-    p, k = mx.arange(rows)[:, None], mx.arange(keys)[None]
-    return {FULL: k <= p, SLIDING: (k <= p) & (k >= p - window)}
-
-
-def teach(target: Model, x: mx.array, rows: int, with_log_probs: bool) -> Teacher:
-    """One cache-free target forward over `x` (B, N); hidden states of the first `rows` positions."""
-    out = target.forward(x, rows=x.shape[1], return_hidden=True, return_shared_kv=True)
-    sg = mx.stop_gradient
-    log_probs = sg(out.logits - mx.logsumexp(out.logits, axis=-1, keepdims=True)) if with_log_probs else None
-    kv = {t: (sg(k), sg(v)) for t, (k, v) in out.shared_kv.items()}
-    return Teacher(sg(target.model.embed(x)), sg(out.hidden[:, :rows]), kv,
-                   drafter_masks(rows, x.shape[1], target.args.sliding_window), log_probs,
-                   sg(mx.argmax(out.logits, axis=-1)))
-
-
-def unrolled_states(drafter: Drafter, teacher: Teacher, unroll: int) -> list[mx.array]:
-    """The drafter's post-norm states y (B, R, Hd) of draft steps 1..unroll, every hidden position at once."""
-    hidden, R = teacher.hidden, teacher.hidden.shape[1]
-    ys = []
-    for j in range(1, unroll + 1):
-        hidden, y = drafter(teacher.embeds[:, j : j + R], hidden, teacher.shared_kv, DRAFT_POSITION_OFFSET,
-                            teacher.masks)
-        ys.append(y)
-    return ys
-
-
-def _token_loss(logits: mx.array, teacher: Teacher, j: int, kind: str) -> mx.array:
-    R = logits.shape[1]
-    log_q = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    if kind == "greedy":
-        return -mx.take_along_axis(log_q, teacher.top[:, j : j + R, None], axis=-1).mean()
-    log_p = teacher.log_probs[:, j : j + R]
-    return (mx.exp(log_p) * (log_p - log_q)).sum(axis=-1).mean()  # KL(target || drafter)
-
-
-def _cluster_loss(head: MaskedEmbedder, y: mx.array, teacher: Teacher, j: int, kind: str) -> mx.array:
-    """Cross-entropy of the centroid scores against the cluster of the target's top token ("greedy") or the
-    target's probability mass per cluster ("kl"). Trains the centroids only."""
-    scores = head.centroids(mx.stop_gradient(y))
-    log_c = scores - mx.logsumexp(scores, axis=-1, keepdims=True)
-    R, C = y.shape[1], scores.shape[-1]
-    if kind == "greedy":
-        cluster_of = mx.argsort(head.token_ordering) // (head.token_ordering.size // C)
-        return -mx.take_along_axis(log_c, cluster_of[teacher.top[:, j : j + R]][..., None], axis=-1).mean()
-    mass = mx.exp(teacher.log_probs[:, j : j + R])[..., head.token_ordering]
-    return -(mass.reshape(*mass.shape[:-1], C, -1).sum(axis=-1) * log_c).sum(axis=-1).mean()
-
-
-def loss_fn(drafter: Drafter, teacher: Teacher, cfg: DrafterTrainConfig):
-    """(total, per-step losses (unroll,), cluster loss): weighted mean over steps + the centroid readout loss."""
-    weights = [cfg.step_decay**j for j in range(cfg.unroll)]
-    losses, cluster = [], mx.array(0.0)
-    for j, y in enumerate(unrolled_states(drafter, teacher, cfg.unroll), start=1):
-        losses.append(_token_loss(drafter.model.embed_tokens.as_linear(y).astype(mx.float32), teacher, j, cfg.loss))
-        if "masked_embedding" in drafter:
-            cluster = cluster + _cluster_loss(drafter.masked_embedding, y, teacher, j, cfg.loss) / cfg.unroll
-    total = sum(w * l for w, l in zip(weights, losses)) / sum(weights)
-    return total + cluster, mx.stack(losses), cluster
 
 
 def make_optimizer(cfg: DrafterTrainConfig) -> optim.Optimizer:
@@ -236,11 +163,6 @@ def make_optimizer(cfg: DrafterTrainConfig) -> optim.Optimizer:
     return optim.AdamW(schedule, weight_decay=cfg.weight_decay, bias_correction=True)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Evaluation
-# ---------------------------------------------------------------------------------------------------------------
-
-
 def evaluate(bundle: Bundle, drafter: Drafter, held_out: np.ndarray, cfg: DrafterTrainConfig, step: int
              ) -> EvalResult:
     """Teacher-forced loss and top-1 agreement per draft step, and acceptance of real greedy MTP decoding (the
@@ -249,14 +171,11 @@ def evaluate(bundle: Bundle, drafter: Drafter, held_out: np.ndarray, cfg: Drafte
     loss, top1 = np.zeros(cfg.unroll), np.zeros(cfg.unroll)
     for i in range(0, len(seqs), cfg.batch_size):
         x = mx.array(seqs[i : i + cfg.batch_size])
-        teacher = teach(bundle.target, x, cfg.seq_len, cfg.loss == "kl")
-        ys = unrolled_states(drafter, teacher, cfg.unroll)
-        R, w = cfg.seq_len, len(x) / len(seqs)
-        for j, y in enumerate(ys, start=1):
-            logits = drafter.model.embed_tokens.as_linear(y).astype(mx.float32)
-            hits = (drafter.top_token(y) == teacher.top[:, j : j + R]).astype(mx.float32).mean()
-            loss[j - 1] += w * _token_loss(logits, teacher, j, cfg.loss).item()
-            top1[j - 1] += w * hits.item()
+        teacher = teach(bundle.target, x, cfg.seq_len)
+        batch_loss, batch_top1 = teacher_forced_scores(drafter, teacher, cfg.unroll, cfg.loss)
+        w = len(x) / len(seqs)
+        loss += w * np.array(batch_loss)
+        top1 += w * np.array(batch_top1)
     stats, with_drafter = DraftStats(), dataclasses.replace(bundle, drafter=drafter)
     for row in held_out[: cfg.eval_prompts]:
         prompt = row[: max(1, cfg.seq_len // 2)].tolist()
@@ -426,12 +345,11 @@ def train_drafter(
     if evaluating:
         result.evals.append(evaluate(bundle, drafter, held_out, cfg, start))
         _report(format_eval(result.evals[-1]), True)
-    step_and_grad = nn.value_and_grad(drafter, partial(loss_fn, cfg=cfg))
     tokens = cfg.batch_size * (cfg.seq_len + cfg.unroll)  # target tokens per step
     for step in range(start + 1, cfg.steps + 1):
         tic = time.perf_counter()
-        teacher = teach(model, batch(train, step, cfg.batch_size, cfg.seed), cfg.seq_len, cfg.loss == "kl")
-        (loss, per_step, cluster), grads = step_and_grad(drafter, teacher)
+        teacher = teach(model, batch(train, step, cfg.batch_size, cfg.seed), cfg.seq_len)
+        (loss, per_step, cluster), grads = loss_and_grad(drafter, teacher, cfg.unroll, cfg.loss, cfg.step_decay)
         if cfg.max_grad_norm > 0:
             grads, _ = optim.clip_grad_norm(grads, cfg.max_grad_norm)
         optimizer.update(drafter, grads)
