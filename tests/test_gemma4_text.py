@@ -248,3 +248,25 @@ def test_parity_report():
             f"{k:6}" + "".join(f"{diffs[q]:16.2e}" if q in diffs else f"{'-':>16}" for q in quantities)
         )
     print("\n".join(lines))
+
+
+def test_rms_norm_traced_under_a_gradient_serves_other_sizes():
+    """MLX 0.32 reuses a shapeless compiled rms_norm traced inside a gradient transform (inputs constant there, as
+    the target's are under a drafter-training loss) for other feature sizes with the traced size's mean; the model
+    keeps one trace per feature size. Here the first forward of the E2B cut (head dims 256 and 512, PLE 256,
+    hidden 1536) runs under `value_and_grad`, and later plain forwards must equal fresh ones."""
+    from mlx.utils import tree_map
+
+    from mlx_gemma_mtp.models import gemma4_text
+    from mlx_gemma_mtp.presets import random_pair
+
+    target = random_pair("e2b", bits=16, layers=4, vocab=512).target
+    target.update(tree_map(lambda w: w.astype(mx.float32), target.parameters()))
+    ids = mx.array([[3, 17, 99, 250, 7, 8]])
+    gemma4_text._compiled_rms_norm.cache_clear()
+    value, grad = mx.value_and_grad(lambda s: (target(ids) * s).sum())(mx.array(1.0))
+    after_grad = target(ids)
+    gemma4_text._compiled_rms_norm.cache_clear()
+    fresh = target(ids)
+    np.testing.assert_allclose(np.array(after_grad), np.array(fresh), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(value.item(), fresh.sum().item(), rtol=1e-5)

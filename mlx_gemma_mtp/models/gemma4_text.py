@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import partial
+from functools import cache, partial
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -39,11 +39,21 @@ class RMSNorm(nn.Module):
 def rms_norm(x: mx.array, weight: mx.array | None, eps: float) -> mx.array:
     """`mx.fast.rms_norm`, compiled on the CPU: its backend runs it as ~10 ops, GPUs as one kernel."""
     if mx.default_device() == mx.cpu:
-        return _compiled_rms_norm(x, weight, eps)
+        return _compiled_rms_norm(x.shape[-1], weight is None)(x, weight, eps)
     return mx.fast.rms_norm(x, weight, eps)
 
 
-_compiled_rms_norm = mx.compile(mx.fast.rms_norm, shapeless=True)
+@cache
+def _compiled_rms_norm(features: int, unscaled: bool):
+    """A shapeless compiled rms_norm for one feature size, with or without a weight (any leading shape). One per
+    kind, because MLX 0.32 reuses a shapeless trace first made inside a gradient transform (its inputs constant
+    there, as the target's are under a drafter-training loss) for other sizes or the other kind: wrong norms.
+    MLX keys its traces by the compiled Python function, so each kind needs a function of its own."""
+
+    def norm(x: mx.array, weight: mx.array | None, eps: float) -> mx.array:
+        return mx.fast.rms_norm(x, weight, eps)
+
+    return mx.compile(norm, shapeless=True)
 
 
 def attention_mask(q_start: int, T: int, k_start: int, S: int, window: int | None) -> mx.array | str | None:
