@@ -31,6 +31,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .gemma4_tokenizer import write_gemma4_tokenizer
+
 SHARD_BOUND, LOAD_BOUND = 1.25, 1.2
 GB = 1e9
 
@@ -45,38 +47,11 @@ print(json.dumps({"rc": r.returncode, "seconds": time.perf_counter() - tic, "out
                   "peak": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * unit}))
 """
 
-# A Gemma-4-style tokenizer: the released special tokens at their ids, "\n" at 107, characters and a few merges
-# after them, placeholders for the other ids; the E2B/E4B chat format.
-SPECIAL = {0: "<pad>", 1: "<eos>", 2: "<bos>", 3: "<unk>", 46: "<|tool>", 47: "<tool|>", 48: "<|tool_call>",
-           49: "<tool_call|>", 50: "<|tool_response>", 51: "<tool_response|>", 52: '<|"|>', 98: "<|think|>",
-           100: "<|channel>", 101: "<channel|>", 105: "<|turn>", 106: "<turn|>"}
-CHARS = list("▁abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,!?':;-()=_<>[]{}\"#*/+")
-MERGES = [("t", "h"), ("th", "e"), ("▁", "the"), ("u", "s"), ("us", "e"), ("use", "r"), ("m", "o"), ("mo", "d"),
-          ("mod", "e"), ("mode", "l")]
+# The E2B/E4B chat format, for the Gemma-4-like tokenizer the script writes next to the source.
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
     "{{ m['content'] | trim }}<turn|>\n{% endfor %}{% if add_generation_prompt %}<|turn>model\n{% endif %}"
 )
-
-
-def write_tokenizer(path: Path, vocab_size: int) -> None:
-    """HF tokenizer files (tokenizer.json, tokenizer_config.json, chat_template.jinja) into `path`."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
-
-    # every id of the model has a token: a random model generates any of them
-    by_id = {i: f"<unused{i}>" for i in range(vocab_size)} | SPECIAL | {107: "\n"}
-    by_id |= dict(enumerate(CHARS + ["".join(m) for m in MERGES], start=108))
-    assert len(by_id) == vocab_size, "the tokenizer needs a vocabulary of at least 256"
-    tok = Tokenizer(models.BPE(vocab={t: i for i, t in by_id.items()}, merges=MERGES, unk_token="<unk>",
-                               fuse_unk=True))
-    tok.normalizer = normalizers.Replace(" ", "▁")
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL.values()])
-    tok.save(str(path / "tokenizer.json"))
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<bos>", "eos_token": "<eos>",
-              "pad_token": "<pad>", "unk_token": "<unk>", "add_bos_token": False, "add_eos_token": False}
-    (path / "tokenizer_config.json").write_text(json.dumps(config))
-    (path / "chat_template.jinja").write_text(CHAT_TEMPLATE)
 
 
 @dataclass
@@ -220,7 +195,7 @@ def run_scale(shape: str, work: Path, layers: int | None = None, vocab: int | No
     """Every step of the table (see the module docstring) for the preset `shape`, in `work`."""
     src, assistant = write_source(work, shape, layers, vocab, "src")
     config = json.loads((src / "config.json").read_text())
-    write_tokenizer(src, config["text_config"]["vocab_size"])
+    write_gemma4_tokenizer(src, config["text_config"]["vocab_size"], CHAT_TEMPLATE)
     largest = max(f.stat().st_size for f in [*src.glob("*.safetensors"), *assistant.glob("*.safetensors")])
     base = measure(python("import mlx.core as mx\nimport mlx_gemma_mtp.convert\nmx.eval(mx.zeros(1))"))
     bundle = work / "bundle-4bit"

@@ -9,6 +9,8 @@ import pytest
 
 import hf_oracle as oracle
 
+from mlx_gemma_mtp import gemma4_tokenizer
+
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}<end_of_turn>\n"
     "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
@@ -125,13 +127,7 @@ def _private_cost_cache(tmp_path_factory):
 # BPE (spaces as "▁", "\n" at 107), and chat templates with the E2B-style and 31B-style generation prompts.
 # ------------------------------------------------------------------------------------------------------------
 
-GEMMA4_SPECIAL = {0: "<pad>", 1: "<eos>", 2: "<bos>", 3: "<unk>", 46: "<|tool>", 47: "<tool|>", 48: "<|tool_call>",
-                  49: "<tool_call|>", 50: "<|tool_response>", 51: "<tool_response|>", 52: '<|"|>', 98: "<|think|>",
-                  100: "<|channel>", 101: "<channel|>", 105: "<|turn>", 106: "<turn|>"}
 GEMMA4_EOS = [1, 106, 50]  # generation_config.json's; config.json says [1, 106]
-_GEMMA4_CHARS = list("▁abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,!?':;-()")
-_GEMMA4_MERGES = [("t", "h"), ("th", "e"), ("▁", "the"), ("u", "s"), ("us", "e"), ("use", "r"), ("m", "o"),
-                  ("mo", "d"), ("mod", "e"), ("mode", "l")]
 
 # Written for these tests after the released templates' structure: BOS, an optional system turn that carries
 # <|think|> when thinking is on, <|turn>role\n…<turn|>\n turns, earlier model turns with their thought spans
@@ -174,23 +170,4 @@ def gemma4_template(style: str) -> str:
 
 def write_gemma4_tokenizer(path: Path, style: str = "e2b", template_file: bool = True, vocab_size: int = 256) -> None:
     """HF tokenizer files shaped like Gemma 4's (ids < `vocab_size`, so the tiny models can read every id)."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
-
-    by_id = {i: f"<unused{i}>" for i in range(vocab_size)} | dict(GEMMA4_SPECIAL) | {107: "\n"}
-    pieces = _GEMMA4_CHARS + ["".join(m) for m in _GEMMA4_MERGES]
-    by_id.update(enumerate(pieces, start=108))
-    vocab = {tok: i for i, tok in by_id.items()}
-    assert max(vocab.values()) < vocab_size
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=_GEMMA4_MERGES, unk_token="<unk>", fuse_unk=True))
-    tok.normalizer = normalizers.Replace(" ", "▁")
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in GEMMA4_SPECIAL.values()])
-    path.mkdir(parents=True, exist_ok=True)
-    tok.save(str(path / "tokenizer.json"))
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<bos>", "eos_token": "<eos>",
-              "pad_token": "<pad>", "unk_token": "<unk>", "add_bos_token": False, "add_eos_token": False}
-    if template_file:
-        (path / "chat_template.jinja").write_text(gemma4_template(style))
-    else:
-        config["chat_template"] = gemma4_template(style)
-    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    gemma4_tokenizer.write_gemma4_tokenizer(path, vocab_size, gemma4_template(style), template_file)

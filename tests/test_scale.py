@@ -6,6 +6,7 @@ README.)"""
 from __future__ import annotations
 
 from mlx_gemma_mtp import scale
+from mlx_gemma_mtp.gemma4_tokenizer import write_gemma4_tokenizer
 
 
 def test_scale_script_runs_every_step_at_a_tiny_cut(tmp_path, capsys):
@@ -28,7 +29,7 @@ def test_scale_script_runs_every_step_at_a_tiny_cut(tmp_path, capsys):
 def test_tokenizer_covers_every_id_and_speaks_gemma_4(tmp_path):
     from mlx_gemma_mtp.load import load_tokenizer
 
-    scale.write_tokenizer(tmp_path, 512)
+    write_gemma4_tokenizer(tmp_path, 512, scale.CHAT_TEMPLATE)
     tok = load_tokenizer(tmp_path, [1, 106])
     ids = tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
     assert ids[:2] == [2, 105] and ids[-3:-1] == [105, tok.encode("model", add_special_tokens=False)[0]]
