@@ -18,23 +18,18 @@ from mlx.utils import tree_flatten
 
 from .distributed import Plan, shard
 from .load import (
-    DRAFTER_DIR,
     Bundle,
     _cast,
     _load_module,
     _quantize,
-    load_drafter,
-    load_tokenizer,
-    materialize,
+    bundle_of,
     read_config,
-    read_generation_defaults,
     resolve,
     safetensors_files,
     safetensors_header,
+    target_args,
 )
-from .models.config import ModelArgs
 from .models.gemma4_text import Model, canonical_key
-from .prompt import special_tokens
 
 # safetensors dtype -> (numpy dtype to read, MLX dtype to view it as)
 _DTYPES = {
@@ -103,11 +98,7 @@ def load_sharded_target(path: Path, group: mx.distributed.Group, dtype: mx.Dtype
                         ) -> tuple[Model, dict, SliceReader]:
     """The target of `path` with its layers split across `group` (this rank's part only)."""
     config = read_config(path)
-    try:
-        args = ModelArgs.from_dict(config)
-    except (ValueError, TypeError, KeyError) as e:
-        raise ValueError(f"{path / 'config.json'}: {e}") from e
-    model = Model(args)
+    model = Model(target_args(path, config))
     files = safetensors_files(path)
     names = {canonical_key(k) or k: None for f in files for k in safetensors_header(f)}
     _quantize(model, config, names, canonical=lambda k: canonical_key(k) or k)
@@ -129,10 +120,4 @@ def load_sharded(model: str | Path, draft: str | Path | None = None, group: mx.d
     group = group or mx.distributed.init()
     path = resolve(model, "model")
     target, config, _ = load_sharded_target(path, group, dtype)
-    draft_path = resolve(draft, "drafter") if draft is not None else path / DRAFTER_DIR
-    drafter = load_drafter(draft_path, target.args, dtype) if draft is not None or draft_path.is_dir() else None
-    materialize(target, drafter)
-    generation = read_generation_defaults(path, config)
-    tokenizer = load_tokenizer(path, generation.eos_token_ids)
-    return Bundle(target, drafter, tokenizer, config, generation, path,
-                  special_tokens(tokenizer, generation.bos_token_id))
+    return bundle_of(path, target, config, draft, dtype)

@@ -232,15 +232,19 @@ def _load_module(module: nn.Module, weights: dict[str, mx.array], where: Path) -
     mx.eval(module.parameters())
 
 
-def load_target(path: Path, dtype: mx.Dtype | None = None) -> tuple[Model, dict]:
-    config = read_config(path)
+def target_args(path: Path, config: dict) -> ModelArgs:
+    """The target's arguments from its `config.json`, or a clear error (a drafter's folder, a bad config)."""
     if config.get("model_type") == "gemma4_assistant":
         raise ValueError(f"{path} holds a Gemma 4 drafter; load its target and pass this folder as draft=")
     try:
-        args = ModelArgs.from_dict(config)
+        return ModelArgs.from_dict(config)
     except (ValueError, TypeError, KeyError) as e:
         raise ValueError(f"{path / 'config.json'}: {e}") from e
-    model = Model(args)
+
+
+def load_target(path: Path, dtype: mx.Dtype | None = None) -> tuple[Model, dict]:
+    config = read_config(path)
+    model = Model(target_args(path, config))
     # tensors outside the text model (vision/audio towers) are never read
     raw = load_safetensors(safetensors_files(path), keep=lambda k: canonical_key(k) is not None)
     weights = model.sanitize(_cast(raw, dtype))
@@ -320,6 +324,12 @@ def load(model: str | Path, draft: str | Path | None = None, dtype: mx.Dtype | N
     """
     path = resolve(model, "model")
     target, config = load_target(path, dtype)
+    return bundle_of(path, target, config, draft, dtype)
+
+
+def bundle_of(path: Path, target: Model, config: dict, draft: str | Path | None, dtype: mx.Dtype | None) -> Bundle:
+    """A loaded target (whole or sharded) with its drafter (`draft`, or one bundled in `drafter/`), generation
+    defaults and tokenizer, every array evaluated."""
     draft_path = resolve(draft, "drafter") if draft is not None else path / DRAFTER_DIR
     drafter = load_drafter(draft_path, target.args, dtype) if draft is not None or draft_path.is_dir() else None
     materialize(target, drafter)
