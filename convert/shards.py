@@ -20,23 +20,9 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from ..load import DTYPE_NAMES, SAFETENSORS_DTYPES, data_start
+
 INDEX = "model.safetensors.index.json"
-DTYPE_NAMES = {
-    mx.bfloat16: "BF16",
-    mx.float16: "F16",
-    mx.float32: "F32",
-    mx.float64: "F64",
-    mx.bool_: "BOOL",
-    mx.uint8: "U8",
-    mx.uint16: "U16",
-    mx.uint32: "U32",
-    mx.uint64: "U64",
-    mx.int8: "I8",
-    mx.int16: "I16",
-    mx.int32: "I32",
-    mx.int64: "I64",
-}
-SAFETENSORS_DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 # bytes of a header entry besides its name: {"dtype":"BF16","shape":[4 dims],"data_offsets":[a,b]} with
 # 20-digit numbers, generously
 ENTRY_BYTES = 200
@@ -47,12 +33,6 @@ def header_bound(names: Iterable[str]) -> int:
     """Bytes a safetensors header with these tensor names can take at most (a multiple of 8)."""
     n = METADATA_BYTES + sum(len(json.dumps(name)) + ENTRY_BYTES for name in names)
     return -(-n // 8) * 8
-
-
-def data_start(file: Path) -> int:
-    """Offset of the first tensor byte of a safetensors file."""
-    with open(file, "rb") as f:
-        return 8 + struct.unpack("<Q", f.read(8))[0]
 
 
 def read_rows(file: Path, info: dict, start: int, stop: int, offset: int | None = None) -> mx.array:

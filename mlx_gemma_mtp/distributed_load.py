@@ -18,11 +18,13 @@ from mlx.utils import tree_flatten
 
 from .distributed import Plan, shard
 from .load import (
+    SAFETENSORS_DTYPES,
     Bundle,
     _cast,
     _load_module,
     _quantize,
     bundle_of,
+    data_start,
     read_config,
     resolve,
     safetensors_files,
@@ -30,13 +32,6 @@ from .load import (
     target_args,
 )
 from .models.gemma4_text import Model, canonical_key
-
-# safetensors dtype -> (numpy dtype to read, MLX dtype to view it as)
-_DTYPES = {
-    "F32": (np.float32, mx.float32), "F16": (np.float16, mx.float16), "BF16": (np.uint16, mx.bfloat16),
-    "U32": (np.uint32, mx.uint32), "I32": (np.int32, mx.int32), "I64": (np.int64, mx.int64),
-    "U8": (np.uint8, mx.uint8), "I8": (np.int8, mx.int8), "U16": (np.uint16, mx.uint16),
-}
 
 
 class SliceReader:
@@ -48,22 +43,22 @@ class SliceReader:
     def read(self, file: Path, header: dict, name: str, axis: int | None = None, start: int = 0,
              stop: int | None = None) -> mx.array:
         entry = header[name]
-        if entry["dtype"] not in _DTYPES:
+        if entry["dtype"] not in SAFETENSORS_DTYPES:
             raise ValueError(f"{file}: tensor {name} has dtype {entry['dtype']}, which this loader cannot read")
-        np_dtype, mx_dtype = _DTYPES[entry["dtype"]]
+        dtype, shape = SAFETENSORS_DTYPES[entry["dtype"]], tuple(entry["shape"])
         begin, end = entry["data_offsets"]
-        with open(file, "rb") as f:
-            offset = 8 + int.from_bytes(f.read(8), "little")
-        shape = tuple(entry["shape"])
         if begin == end:
-            return mx.zeros(shape, mx_dtype)
-        data = np.memmap(file, np_dtype, "r", offset + begin, shape)
+            return mx.zeros(shape, dtype)
+        # the bytes as (..., last dim x element size) uint8: any dtype (bfloat16 has no numpy twin), viewed back
+        width = (shape[-1] if shape else 1) * dtype.size
+        data = np.memmap(file, np.uint8, "r", data_start(file) + begin, (*shape[:-1], width))
         if axis is not None:
-            data = data[(slice(None),) * axis + (slice(start, stop),)]
+            scale = dtype.size if axis == len(shape) - 1 else 1
+            data = data[(slice(None),) * axis + (slice(start * scale, None if stop is None else stop * scale),)]
         data = np.ascontiguousarray(data)  # only the pages of the slice are read
         self.bytes_read += data.nbytes
-        array = mx.array(data)
-        return array.view(mx_dtype) if array.dtype != mx_dtype else array
+        array = mx.array(data).view(dtype)
+        return array if shape else array.reshape(())
 
 
 def _sliced(value: mx.array, cut: tuple[int, int, int] | None) -> mx.array:

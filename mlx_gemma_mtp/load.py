@@ -29,6 +29,13 @@ from .prompt import SpecialTokens, special_tokens
 
 DRAFTER_DIR = "drafter"
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.jinja", "*.model", "*.txt"]
+# safetensors dtype names (the format's header) of MLX dtypes, and back
+DTYPE_NAMES = {
+    mx.bfloat16: "BF16", mx.float16: "F16", mx.float32: "F32", mx.float64: "F64", mx.bool_: "BOOL", mx.uint8: "U8",
+    mx.uint16: "U16", mx.uint32: "U32", mx.uint64: "U64", mx.int8: "I8", mx.int16: "I16", mx.int32: "I32",
+    mx.int64: "I64",
+}
+SAFETENSORS_DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 
 
 @dataclass
@@ -166,6 +173,12 @@ def safetensors_header(file: Path) -> dict:
     if 8 + n + end > size:
         raise ValueError(f"{file}: truncated, tensor data ends at {8 + n + end} bytes but the file has {size}")
     return header
+
+
+def data_start(file: Path) -> int:
+    """Offset of the first tensor byte of a safetensors file."""
+    with open(file, "rb") as f:
+        return 8 + struct.unpack("<Q", f.read(8))[0]
 
 
 def load_safetensors(files: list[Path], keep: Callable[[str], bool] = lambda k: True) -> dict[str, mx.array]:
