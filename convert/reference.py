@@ -41,13 +41,18 @@ class SourceTensors:
 
     def load(self, prefix: str) -> list[tuple[str, mx.array]]:
         """The float32 tensors whose sanitized names start with `prefix`, read and cast one at a time."""
-        stored = {(f, n) for k, (f, n, _, _) in self.where.items() if k.startswith(prefix)}
+        by_file: dict[Path, set[str]] = {}
+        for key, (file, name, _, _) in self.where.items():
+            if key.startswith(prefix):
+                by_file.setdefault(file, set()).add(name)
         out = []
-        for file, name in sorted(stored):
-            for key, w in self.model.sanitize({name: mx.load(str(file))[name]}).items():
-                w = w.astype(mx.float32)
-                mx.eval(w)
-                out.append((key, w))
+        for file, names in sorted(by_file.items()):
+            stored = mx.load(str(file))  # lazy: each file's header is parsed once, tensors are read when cast
+            for name in sorted(names):  # popped: a source tensor is dropped once its float32 copy exists
+                for key, w in self.model.sanitize({name: stored.pop(name)}).items():
+                    w = w.astype(mx.float32)
+                    mx.eval(w)
+                    out.append((key, w))
         return out
 
     def rows(self, key: str, ids: list[int]) -> mx.array:
