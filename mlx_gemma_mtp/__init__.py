@@ -4,7 +4,7 @@ from .decode import GenerationResponse, generate, stream_generate
 from .load import Bundle, load
 from .prompt_cache import PromptCache
 from .sampling import SamplerConfig
-from .speculative import DraftStats
+from .stats import DraftStats
 
 __all__ = ["Bundle", "DraftStats", "GenerationResponse", "PromptCache", "SamplerConfig", "generate", "load",
            "stream_generate"]

@@ -1,9 +1,8 @@
 """Text generation: plain decoding and MTP speculative decoding behind one streaming API.
 
-Three layers, as in mlx-lm: token generators (`generate_step` here, `mtp_generate_step` in speculative.py),
-`stream_generate` (prompt handling, detokenizing, stop conditions, stats) and `generate` (returns a string).
-Both paths prefill `prompt[:-1]` in chunks without logits and then run the last prompt token alone, so the first
-generated token is computed identically with and without a drafter.
+Three layers, as in mlx-lm: token generators (`plain.generate_step`, `speculative.mtp_generate_step`),
+`stream_generate` (prompt handling, detokenizing, stop conditions, stats) and `generate` (returns a string). The
+arguments are checked once, into a `GenerationOptions`, before anything runs.
 """
 
 from __future__ import annotations
@@ -11,21 +10,20 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 
 import mlx.core as mx
 
-from .autodraft import draft_length_policy
-from .distributed import agree
 from .load import Bundle
 from .memory import generation_stream, on_stream, release_streams_at_thread_exit, wired_limit
-from .models.gemma4_text import Model, TargetOutput
+from .plain import first_token, generate_step, prefill
 from .prompt import Prompt, prompt_ids
 from .prompt_cache import PromptCache
-from .sampling import SamplerConfig, choose
-from .speculative import DraftStats, Proposer, drafter_proposer, mtp_generate_step, plain_step
+from .sampling import SamplerConfig
+from .speculative import Proposer, drafter_proposer, mtp_generate_step
+from .stats import DraftStats
 from .textstream import ANSWER, TextStream
 
 MAX_DRAFT_TOKENS = 16  # rollback slack the caches keep; longer drafts are refused
@@ -46,30 +44,36 @@ class GenerationResponse:
     channel: str = ANSWER  # which part `text` belongs to: "answer", or "thought" inside Gemma 4's thinking
 
 
-def prefill(model: Model, prompt: mx.array, cache: list, step: int, want_hidden: bool,
-            before_last: Callable[[], None] | None = None) -> TargetOutput:
-    """Feed `prompt` (T,) into `cache`: all but the last token in chunks without logits, then the last one.
-    `before_last` runs when everything but the last token is in the cache (the prompt cache snapshots there)."""
-    for start in range(0, prompt.size - 1, step):
-        model.forward(prompt[None, start : min(start + step, prompt.size - 1)], cache, rows=0)
-        # keys *and* values: a lazy value buffer keeps every chunk's activations alive (memory ~ prompt x hidden)
-        mx.eval([(c.keys, c.values) for c in cache])
-        mx.clear_cache()
-    if before_last is not None:
-        before_last()
-    return model.forward(prompt[None, -1:], cache, return_hidden=want_hidden)
+@dataclass(frozen=True)
+class GenerationOptions:
+    """One generation's settings, checked (`GenerationOptions.of`) before anything runs."""
 
+    max_tokens: int
+    sampler: SamplerConfig
+    num_draft_tokens: int | str  # an int (0 = plain decoding) or "auto"
+    stop: tuple[str, ...]
+    prefill_step_size: int
+    proposer: Proposer | None
+    prompt_cache: PromptCache | None
 
-def generate_step(model: Model, cache: list, first_token: mx.array, sampler: SamplerConfig
-                  ) -> Generator[tuple[int, bool], None, None]:
-    """Plain decoding from the first token (chosen, maybe still computing) on; each step is queued before the
-    previous token is read, the first one included, so building the next graph overlaps the computation of the
-    current one (mlx-lm's pattern)."""
-    y = first_token
-    while True:
-        following, _ = plain_step(model, cache, y, sampler)
-        yield y.item(), False
-        y = following
+    @classmethod
+    def of(cls, bundle: Bundle, max_tokens, sampler, num_draft_tokens, stop, prefill_step_size, proposer,
+           prompt_cache) -> GenerationOptions:
+        """`stream_generate`'s arguments checked and resolved, or a ValueError naming the bad one."""
+        sampler = SamplerConfig() if sampler is None else sampler
+        if not isinstance(sampler, SamplerConfig):
+            raise ValueError(f"sampler must be a SamplerConfig (e.g. SamplerConfig(temperature=0.7)), got "
+                             f"{type(sampler).__name__}")
+        for name, value in (("max_tokens", max_tokens), ("prefill_step_size", prefill_step_size)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}={value!r}: must be a positive integer")
+        stop = [stop] if isinstance(stop, str) else list(stop or [])
+        if not all(isinstance(s, str) for s in stop):
+            raise ValueError(f"stop={stop!r}: pass a string or a list of strings")
+        if prompt_cache is not None and not isinstance(prompt_cache, PromptCache):
+            raise ValueError(f"prompt_cache must be a PromptCache, got {type(prompt_cache).__name__}")
+        return cls(max_tokens, sampler, _resolve_draft_request(bundle, num_draft_tokens, proposer), tuple(stop),
+                   prefill_step_size, proposer, prompt_cache)
 
 
 def _prompt_ids(bundle: Bundle, prompt: Prompt, chat_template_kwargs: dict | None) -> list[int]:
@@ -82,24 +86,25 @@ def _prompt_ids(bundle: Bundle, prompt: Prompt, chat_template_kwargs: dict | Non
     return ids
 
 
-def _tokens(bundle, ids, max_tokens, sampler, num_draft_tokens, stats, prefill_step_size, proposer,
-            prompt_cache: PromptCache | None) -> Iterator:
-    target, drafter = bundle.target, bundle.drafter
-    use_mtp = num_draft_tokens != 0  # resolved: 0 whenever there is nothing to draft with
+def _tokens(bundle: Bundle, ids: list[int], options: GenerationOptions, stats: DraftStats | None) -> Iterator:
+    """(token, from_draft) for the prompt `ids`: prefill (after what the prompt cache holds), then plain decoding or
+    MTP. Both loops queue their next step or round before they hand out the first token."""
+    target, state, sampler, prompt_cache = bundle.target, bundle.state, options.sampler, options.prompt_cache
+    use_mtp = options.num_draft_tokens != 0  # resolved: 0 whenever there is nothing to draft with
     if prompt_cache is None:
         cache, start, snapshot = target.make_cache(max_rollback=MAX_DRAFT_TOKENS), 0, None
     else:
         cache, start = prompt_cache.fetch(target, ids, MAX_DRAFT_TOKENS)
         snapshot = partial(prompt_cache.snapshot, cache, len(ids) - 1)
-    first = prefill(target, mx.array(ids[start:]), cache, prefill_step_size, use_mtp, snapshot)
-    token = agree(target, choose(first.logits[:, -1], sampler))
-    if use_mtp:  # both loops queue their next step or round before they hand out the first token
-        policy = draft_length_policy(num_draft_tokens, target, drafter, stats, MAX_DRAFT_TOKENS, sampler)
-        proposer = proposer or drafter_proposer(target, drafter, sampler)
-        yield from mtp_generate_step(target, proposer, cache, first.hidden, token, policy, sampler, stats,
-                                     max_tokens - 1, emit_first=True)
-    else:
-        yield from generate_step(target, cache, token, sampler)
+    out = prefill(target, mx.array(ids[start:]), cache, options.prefill_step_size, use_mtp, snapshot)
+    first = first_token(out, sampler, state.lockstep)
+    if not use_mtp:
+        yield from generate_step(target, cache, first.token, sampler, state.lockstep)
+        return
+    policy = state.draft_length(options.num_draft_tokens, sampler, MAX_DRAFT_TOKENS)
+    propose = options.proposer or drafter_proposer(state.draft_step, sampler)
+    yield from mtp_generate_step(target, cache, first, propose, policy, sampler, stats, options.max_tokens,
+                                 state.lockstep)
 
 
 def _resolve_draft_request(bundle: Bundle, num_draft_tokens, proposer) -> int | str:
@@ -152,17 +157,13 @@ def stream_generate(
         prompt_cache: a `PromptCache` kept across the turns of a conversation: the longest common prefix with
             the previous request is reused and only the rest is prefilled (output identical to a fresh run).
     """
-    sampler = SamplerConfig() if sampler is None else sampler
-    _check_arguments(sampler, max_tokens, prefill_step_size)
-    num_draft_tokens = _resolve_draft_request(bundle, num_draft_tokens, proposer)
+    options = GenerationOptions.of(bundle, max_tokens, sampler, num_draft_tokens, stop, prefill_step_size, proposer,
+                                   prompt_cache)
     ids = _prompt_ids(bundle, prompt, chat_template_kwargs)
     _warn_past_context(bundle, len(ids), max_tokens)
-    if prompt_cache is not None and not isinstance(prompt_cache, PromptCache):
-        raise ValueError(f"prompt_cache must be a PromptCache, got {type(prompt_cache).__name__}")
     release_streams_at_thread_exit()
     with bundle.exclusive():
-        yield from _generate(bundle, ids, max_tokens, sampler, num_draft_tokens, stop, prefill_step_size, proposer,
-                             prompt_cache)
+        yield from _generate(bundle, ids, options)
 
 
 def _warn_past_context(bundle: Bundle, prompt_tokens: int, max_tokens: int) -> None:
@@ -174,34 +175,19 @@ def _warn_past_context(bundle: Bundle, prompt_tokens: int, max_tokens: int) -> N
                       f"max_position_embeddings={limit}; output past it is unreliable", stacklevel=3)
 
 
-def _check_arguments(sampler, max_tokens, prefill_step_size) -> None:
-    if not isinstance(sampler, SamplerConfig):
-        raise ValueError(f"sampler must be a SamplerConfig (e.g. SamplerConfig(temperature=0.7)), got "
-                         f"{type(sampler).__name__}")
-    for name, value in (("max_tokens", max_tokens), ("prefill_step_size", prefill_step_size)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name}={value!r}: must be a positive integer")
-
-
-def _generate(bundle: Bundle, ids: list[int], max_tokens: int, sampler: SamplerConfig, num_draft_tokens,
-              stop, prefill_step_size: int, proposer, prompt_cache: PromptCache | None
-              ) -> Iterator[GenerationResponse]:
+def _generate(bundle: Bundle, ids: list[int], options: GenerationOptions) -> Iterator[GenerationResponse]:
+    sampler, prompt_cache, max_tokens = options.sampler, options.prompt_cache, options.max_tokens
     if sampler.seed is not None:
         mx.random.seed(sampler.seed)
-    elif not sampler.greedy and (lockstep := getattr(bundle.target, "lockstep", None)) is not None:
-        mx.random.seed(lockstep.shared_seed())  # the ranks of a sharded target draw the same random numbers
-    stats = DraftStats() if num_draft_tokens != 0 else None
+    elif not sampler.greedy and bundle.state.lockstep is not None:
+        mx.random.seed(bundle.state.lockstep.shared_seed())  # the ranks of a sharded target draw the same numbers
+    stats = DraftStats() if options.num_draft_tokens != 0 else None
     eos = set(bundle.generation.eos_token_ids) | set(getattr(bundle.tokenizer, "eos_token_ids", None) or [])
-    stop = [stop] if isinstance(stop, str) else list(stop or [])
-    if not all(isinstance(s, str) for s in stop):
-        raise ValueError(f"stop={stop!r}: pass a string or a list of strings")
-    text = TextStream(bundle.tokenizer, stop, bundle.special.channels)
+    text = TextStream(bundle.tokenizer, list(options.stop), bundle.special.channels)
     mx.reset_peak_memory()
     tic = time.perf_counter()
     prompt_tps = n = 0
-    tokens = _tokens(bundle, ids, max_tokens, sampler, num_draft_tokens, stats, prefill_step_size, proposer,
-                     prompt_cache)
-    tokens = on_stream(tokens, generation_stream)  # the model's work on generation's own stream
+    tokens = on_stream(_tokens(bundle, ids, options, stats), generation_stream)  # on generation's own stream
     received = list(ids)
     with _kept_in(prompt_cache, received), wired_limit(bundle.target, bundle.drafter, streams=[generation_stream]):
         for n, (token, from_draft) in enumerate(tokens, start=1):

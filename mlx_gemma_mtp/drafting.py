@@ -78,7 +78,7 @@ def cache_windows(target: Model, cache: list[KVCache]) -> dict[str, KVWindow]:
 class DraftStep:
     """The drafter's decoding steps, compiled: all K steps of a round as one graph per (K, sampler), so that no
     host work sits between steps. Sampling draws from MLX's global RNG, whose state the graph reads and
-    advances."""
+    advances. A loaded pair keeps one (`bundle.state.draft_step`): compiling costs a JIT pass."""
 
     def __init__(self, target: Model, drafter: Drafter):
         self.target, self.drafter = target, drafter
@@ -164,15 +164,6 @@ def _restoring(state: list, compiled: Callable, *args):
         for container, key, value in saved:
             container[key] = value
         raise
-
-
-def draft_step(target: Model, drafter: Drafter) -> DraftStep:
-    """The pair's compiled step, built once and kept on the drafter (compiling costs a JIT pass)."""
-    step = getattr(drafter, "_draft_step", None)
-    if step is None or step.target is not target:
-        step = DraftStep(target, drafter)
-        drafter._draft_step = step  # a plain attribute: not a parameter, never saved
-    return step
 
 
 def _sampled_token(drafter: Drafter, y: mx.array, sampler: SamplerConfig) -> tuple[mx.array, mx.array]:

@@ -22,9 +22,11 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from .distributed.lockstep import Lockstep
 from .models.config import ModelArgs
 from .models.gemma4_assistant import Drafter, DrafterArgs
 from .models.gemma4_text import Model, canonical_key
+from .pair_state import PairState
 from .prompt import SpecialTokens, special_tokens
 
 DRAFTER_DIR = "drafter"
@@ -51,6 +53,8 @@ class GenerationDefaults:
 
 @dataclass
 class Bundle:
+    """A loaded target, its drafter (or None) and tokenizer, and the state the pair keeps between generations."""
+
     target: Model
     drafter: Drafter | None
     tokenizer: Any  # mlx_lm.tokenizer_utils.TokenizerWrapper, or None when the folder has no tokenizer
@@ -58,6 +62,8 @@ class Bundle:
     generation: GenerationDefaults
     path: Path
     special: SpecialTokens = field(default_factory=SpecialTokens)  # BOS and Gemma 4's channel markers
+    # compiled draft steps, what "auto" learned, a sharded target's lock-step; made for this target and drafter
+    state: PairState | None = field(default=None, repr=False, compare=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
     _owner: int | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -76,6 +82,12 @@ class Bundle:
             finally:
                 self._owner = None
 
+    def __post_init__(self):
+        state = self.state
+        if state is None or state.target is not self.target or state.drafter is not self.drafter:
+            # `dataclasses.replace(bundle, drafter=...)` is another pair: its own state, the same lock-step
+            self.state = PairState(self.target, self.drafter, state.lockstep if state is not None else None)
+
 
 def resolve(path_or_id: str | Path, role: str = "model") -> Path:
     """A local folder as is; otherwise a hub id downloaded with huggingface_hub (text-model files only).
@@ -91,7 +103,12 @@ def resolve(path_or_id: str | Path, role: str = "model") -> Path:
     if name.count("/") != 1 or name.startswith((".", "/", "~")):
         raise FileNotFoundError(f"{name}: no such folder, and not a hub id of the form 'owner/name'")
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
 
     try:
         return Path(snapshot_download(name, allow_patterns=HUB_PATTERNS))
@@ -340,13 +357,14 @@ def load(model: str | Path, draft: str | Path | None = None, dtype: mx.Dtype | N
     return bundle_of(path, target, config, draft, dtype)
 
 
-def bundle_of(path: Path, target: Model, config: dict, draft: str | Path | None, dtype: mx.Dtype | None) -> Bundle:
-    """A loaded target (whole or sharded) with its drafter (`draft`, or one bundled in `drafter/`), generation
-    defaults and tokenizer, every array evaluated."""
+def bundle_of(path: Path, target: Model, config: dict, draft: str | Path | None, dtype: mx.Dtype | None,
+              lockstep: Lockstep | None = None) -> Bundle:
+    """A loaded target (whole, or sharded with its `lockstep`) with its drafter (`draft`, or one bundled in
+    `drafter/`), generation defaults and tokenizer, every array evaluated."""
     draft_path = resolve(draft, "drafter") if draft is not None else path / DRAFTER_DIR
     drafter = load_drafter(draft_path, target.args, dtype) if draft is not None or draft_path.is_dir() else None
     materialize(target, drafter)
     generation = read_generation_defaults(path, config)
     tokenizer = load_tokenizer(path, generation.eos_token_ids)
     special = special_tokens(tokenizer, generation.bos_token_id)
-    return Bundle(target, drafter, tokenizer, config, generation, path, special)
+    return Bundle(target, drafter, tokenizer, config, generation, path, special, PairState(target, drafter, lockstep))

@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import hf_oracle as oracle
 import pytest
 
-import hf_oracle as oracle
-
-from mlx_gemma_mtp import gemma4_tokenizer
+from mlx_gemma_mtp.testing import tokenizer as gemma4_tokenizer
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}<end_of_turn>\n"

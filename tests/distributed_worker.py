@@ -17,9 +17,11 @@ from mlx.utils import tree_flatten
 
 from mlx_gemma_mtp import load
 from mlx_gemma_mtp.decode import stream_generate
-from mlx_gemma_mtp.distributed import weight_bytes
-from mlx_gemma_mtp.distributed_load import load_sharded_target
+from mlx_gemma_mtp.distributed.load import load_sharded_target
+from mlx_gemma_mtp.distributed.lockstep import Lockstep
+from mlx_gemma_mtp.distributed.shard import weight_bytes
 from mlx_gemma_mtp.load import Bundle
+from mlx_gemma_mtp.pair_state import PairState
 from mlx_gemma_mtp.sampling import SamplerConfig
 
 TOKENS = 20
@@ -60,7 +62,8 @@ def main(out: Path, folders: list[Path]) -> None:
     for folder in folders:
         whole = load(folder)
         target, _, reader = load_sharded_target(folder, group)
-        sharded = Bundle(target, whole.drafter, None, whole.config, whole.generation, folder)
+        state = PairState(target, whole.drafter, Lockstep(group))  # the ranks decide in lock-step
+        sharded = Bundle(target, whole.drafter, None, whole.config, whole.generation, folder, state=state)
         prompt = mx.array(PROMPT)[None]
         diff = mx.abs(whole.target(prompt) - sharded.target(prompt)).max().item()
         ref = {name: tokens(whole, name, []) for name in ("plain", "sampled_plain", "sampled_mtp2")}

@@ -5,7 +5,7 @@ import re
 import mlx.core as mx
 import pytest
 
-from mlx_gemma_mtp import bench
+from mlx_gemma_mtp.bench import decoding as bench
 
 ARGS = ["--demo", "--prompts", "1", "--prompt-tokens", "48", "--max-tokens", "12", "--k", "2", "--repeats", "1"]
 
@@ -30,7 +30,7 @@ def test_bench_prints_costs_rows_and_exactness(capsys, monkeypatch, tmp_path):
 
 
 def test_bench_calibrate_saves_the_prior_of_auto(capsys, monkeypatch, tmp_path):
-    from mlx_gemma_mtp import autodraft, load
+    from mlx_gemma_mtp import calibration, load
     from mlx_gemma_mtp.demo import demo_dtype, demo_path
 
     monkeypatch.setenv("MLX_GEMMA_MTP_CACHE", str(tmp_path))
@@ -38,7 +38,7 @@ def test_bench_calibrate_saves_the_prior_of_auto(capsys, monkeypatch, tmp_path):
     out = capsys.readouterr().out
     assert re.search(r"T_verify\(T\) for T=1\.\.9", out) and "saved to" in out and "mode" not in out
     pair = load(demo_path(), dtype=demo_dtype())
-    costs = autodraft.saved_costs(pair.target, pair.drafter, greedy=True)
+    costs = calibration.saved_costs(pair.target, pair.drafter, greedy=True)
     assert costs is not None and costs.context == 48 + 12 // 2
 
 
@@ -60,7 +60,7 @@ def test_bench_runs_the_pair_through_mlx_vlm(capsys):
 
 
 def test_bench_says_when_mlx_vlm_is_missing(capsys, monkeypatch):
-    from mlx_gemma_mtp import bench_mlx_vlm
+    from mlx_gemma_mtp.bench import mlx_vlm as bench_mlx_vlm
 
     monkeypatch.setattr(bench_mlx_vlm, "version", lambda: None)
     bench.main(ARGS)
@@ -117,8 +117,8 @@ def test_bench_shape_profile_and_bad_arguments(capsys):
 def test_converted_pairs_equal_random_pairs():
     from mlx.utils import tree_flatten
 
-    from mlx_gemma_mtp.bench_shape import converted
-    from mlx_gemma_mtp.presets import random_pair
+    from mlx_gemma_mtp.bench.shapes import converted
+    from mlx_gemma_mtp.testing.presets import random_pair
 
     base = random_pair("e2b", bits=16, layers=2, vocab=512)
     made = random_pair("e2b", bits=4, layers=2, vocab=512)
@@ -132,7 +132,7 @@ def test_converted_pairs_equal_random_pairs():
 
 
 def test_bench_gpu_dry_run_prints_one_table(capsys, monkeypatch, tmp_path):
-    from mlx_gemma_mtp import bench_gpu
+    from mlx_gemma_mtp.bench import gpu as bench_gpu
 
     monkeypatch.setenv("MLX_GEMMA_MTP_CACHE", str(tmp_path))
     bench_gpu.main(["--shapes", "e2b", "--bits", "32", "--layers", "2", "--vocab", "2048", "--prompt-tokens",
@@ -148,7 +148,7 @@ def test_bench_gpu_dry_run_prints_one_table(capsys, monkeypatch, tmp_path):
 
 
 def test_bench_gpu_refuses_full_shapes_on_a_cpu_and_reports_failed_rows(capsys):
-    from mlx_gemma_mtp import bench_gpu
+    from mlx_gemma_mtp.bench import gpu as bench_gpu
 
     if mx.default_device() != mx.cpu:
         pytest.skip("the refusal and the bf16-MoE failure are the CPU backend's")
@@ -165,9 +165,9 @@ def test_bench_gpu_refuses_full_shapes_on_a_cpu_and_reports_failed_rows(capsys):
 def test_mlx_lm_decodes_every_preset_like_ours(shape):
     """mlx-lm's gemma4_text given our arrays (no renaming) decodes the same tokens in float32; quantized modules
     are quantized alike."""
-    from mlx_gemma_mtp.bench_shape import MlxLmPlain, converted
-    from mlx_gemma_mtp.presets import random_pair
+    from mlx_gemma_mtp.bench.shapes import MlxLmPlain, converted
     from mlx_gemma_mtp.sampling import SamplerConfig
+    from mlx_gemma_mtp.testing.presets import random_pair
 
     base = random_pair(shape, layers=2, vocab=512, experts=2 if shape == "26b-a4b" else None)
     prompts = [[(i * 7919) % 512 for i in range(16)]]

@@ -2,7 +2,7 @@
 
 import re
 
-from mlx_gemma_mtp import bench_sampling
+from mlx_gemma_mtp.bench import sampling as bench_sampling
 
 
 def test_bench_sampling_prints_old_and_new_side_by_side(capsys):

@@ -14,7 +14,7 @@ import sys
 import pytest
 
 import mlx_gemma_mtp
-from mlx_gemma_mtp.chat import add_chat_parser, run_chat
+from mlx_gemma_mtp.cli.chat import add_chat_parser, run_chat
 
 MAX_TOKENS = 10
 REUSED = re.compile(r"prompt cache: reused (\d+) of (\d+) tokens")

@@ -136,7 +136,7 @@ def test_python_dash_m(model_dir):
 
 def test_stats_line_counts_plain_steps_apart_from_drafting_rounds():
     from mlx_gemma_mtp import DraftStats
-    from mlx_gemma_mtp.cli import format_stats
+    from mlx_gemma_mtp.cli.output import format_stats
     from mlx_gemma_mtp.decode import GenerationResponse
 
     stats = DraftStats()
@@ -149,7 +149,7 @@ def test_stats_line_counts_plain_steps_apart_from_drafting_rounds():
 
 
 def test_demo_shows_its_prompt_before_the_continuation(capsys):
-    from mlx_gemma_mtp.cli import DEMO_PROMPT
+    from mlx_gemma_mtp.cli.generate import DEMO_PROMPT
 
     assert main(["generate", "--max-tokens", "6", "--num-draft-tokens", "0"]) == 0
     out = capsys.readouterr().out
@@ -171,7 +171,7 @@ def test_lazy_subcommands_list_the_help_of_their_real_parsers():
     import argparse
     import importlib
 
-    from mlx_gemma_mtp.cli import LAZY_SUBCOMMANDS
+    from mlx_gemma_mtp.cli.main import LAZY_SUBCOMMANDS
 
     for name, (module, register, help_text) in LAZY_SUBCOMMANDS.items():
         sub = argparse.ArgumentParser().add_subparsers()

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from mlx_gemma_mtp import load, stream_generate
-from mlx_gemma_mtp.cli import DEMO_PROMPT, main
+from mlx_gemma_mtp.cli import main
+from mlx_gemma_mtp.cli.generate import DEMO_PROMPT
 from mlx_gemma_mtp.demo import demo_dtype, demo_path
 
 # Measured on the shipped pair: mean accepted length 2.32 on this prompt at K=4 (64 tokens, float32). The

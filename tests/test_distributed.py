@@ -30,11 +30,13 @@ from mlx.utils import tree_flatten
 
 from mlx_gemma_mtp import load
 from mlx_gemma_mtp.decode import stream_generate
-from mlx_gemma_mtp.distributed import Lockstep, kv_heads_for, shard, split_points, weight_bytes
-from mlx_gemma_mtp.distributed_load import load_sharded_target
+from mlx_gemma_mtp.distributed.load import load_sharded_target
+from mlx_gemma_mtp.distributed.lockstep import Lockstep
+from mlx_gemma_mtp.distributed.shard import kv_heads_for, shard, split_points, weight_bytes
 from mlx_gemma_mtp.load import Bundle, GenerationDefaults
 from mlx_gemma_mtp.models.config import ModelArgs
 from mlx_gemma_mtp.models.gemma4_text import Model
+from mlx_gemma_mtp.pair_state import PairState
 from mlx_gemma_mtp.sampling import SamplerConfig
 
 TESTS = Path(__file__).parent
@@ -287,18 +289,34 @@ def test_load_sharded_reads_this_ranks_slices(pair_dir, kind):
 
 def test_lockstep_hands_rank0_timings_to_the_policy():
     """Timings travel with the next `agree` and reach the policy once that payload is surely evaluated (all but the
-    newest): two policy calls late. A group of one makes the all-sums identities."""
+    newest): two choices late. A group of one makes the all-sums identities."""
     lockstep, seen = Lockstep(mx.distributed.init()), []
-    policy = lockstep.draft_length(lambda remaining, finished, context: seen.append(list(finished)) or 2)
-    policy(10, [], 0)
+
+    class Policy:
+        def choose(self, remaining, context):
+            seen.append(("choose", remaining))
+            return 2
+
+        def accepted(self, k, n):
+            seen.append(("accepted", k, n))
+
+        def timed(self, k, seconds):
+            seen.append(("timed", k, seconds))
+
+    policy = lockstep.draft_length(Policy())
+    policy.choose(10, 0)
     mx.eval(lockstep.agree(mx.array([5])))
-    policy(9, [(2, 0.5)], 3)  # round 1 took 0.5 s: sent with round 2's decision
+    policy.timed(2, 0.5)  # round 1 took 0.5 s: sent with round 2's decision
+    policy.accepted(2, 1)  # counts are equal on every rank: told at once
+    policy.choose(9, 3)
     decided = lockstep.agree(mx.array([6, 7], mx.uint32))
     assert decided.dtype == mx.uint32 and decided.tolist() == [6, 7]
-    policy(8, [(2, 0.25)], 6)  # round 2's payload is the newest: it may still be computing
+    policy.timed(2, 0.25)
+    policy.choose(8, 6)  # round 2's payload is the newest: it may still be computing
     mx.eval(lockstep.agree(mx.array([7])))
-    policy(7, [], 9)
-    assert seen == [[], [], [], [(2, 0.5)]]
+    policy.choose(7, 9)
+    assert seen == [("choose", 10), ("accepted", 2, 1), ("choose", 9), ("choose", 8), ("timed", 2, 0.5),
+                    ("choose", 7)]
     assert 0 <= lockstep.shared_seed() < 2**24
 
 
@@ -306,8 +324,11 @@ def test_a_group_of_one_changes_nothing():
     """`shard` over a single process (what `mlx.launch -n 1` gives): same tokens, through every lock-step path."""
     whole, drafter = make_pair("moe")
     sharded, _ = make_pair("moe")
-    shard(sharded, mx.distributed.init())
-    bundles = [Bundle(t, drafter, None, {}, GenerationDefaults(), Path(".")) for t in (whole, sharded)]
+    group = mx.distributed.init()
+    shard(sharded, group)
+    bundles = [Bundle(whole, drafter, None, {}, GenerationDefaults(), Path(".")),
+               Bundle(sharded, drafter, None, {}, GenerationDefaults(), Path("."),
+                      state=PairState(sharded, drafter, Lockstep(group)))]
     for k, sampler in ((0, None), (3, None), ("auto", None), (2, SamplerConfig(temperature=1.0, seed=3))):
         outputs = [[r.token for r in stream_generate(b, [2, 17, 301, 45], 12, sampler, k)] for b in bundles]
         assert outputs[0] == outputs[1], k

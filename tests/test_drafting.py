@@ -4,11 +4,11 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from test_sampling import chi2_pvalue
-from mlx_gemma_mtp.presets import tiny_e2b_pair as random_pair
 
 from mlx_gemma_mtp.cache import bucket_size, trim_cache
-from mlx_gemma_mtp.drafting import cache_windows, draft, draft_step, visible_kv
+from mlx_gemma_mtp.drafting import DraftStep, cache_windows, draft, visible_kv
 from mlx_gemma_mtp.sampling import SamplerConfig
+from mlx_gemma_mtp.testing.presets import tiny_e2b_pair as random_pair
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def test_compiled_greedy_drafts_equal_the_eager_drafter(pair, context):
     cache = target.make_cache(max_rollback=8)
     out = fill(target, cache, context - 4)
     hidden, last = out.hidden, mx.array([17])
-    step = draft_step(target, drafter)
+    step = DraftStep(target, drafter)
     windows = cache_windows(target, cache)
     eager = _eager_drafts(target, drafter, last, hidden, visible_kv(out.shared_kv, 0, 128), context, 6)
     drafts, q = draft(step, last, hidden, windows, context, 6, SamplerConfig())
@@ -71,7 +71,7 @@ def test_compiled_step_sees_weight_updates(pair):
     target, drafter = pair
     cache = target.make_cache(max_rollback=8)
     out = target.forward(mx.arange(20)[None], cache, return_hidden=True)
-    step = draft_step(target, drafter)
+    step = DraftStep(target, drafter)
     ctx = step.context(cache_windows(target, cache), 20)
     before = step.body(mx.array([3]), out.hidden, ctx)[0]
     saved = drafter.post_projection.weight
@@ -89,7 +89,7 @@ def test_sampled_drafts_follow_their_q(pair):
     target, drafter = pair
     cache = target.make_cache(max_rollback=8)
     out = target.forward((mx.arange(60)[None] * 5) % 512, cache, return_hidden=True)
-    step, cfg = draft_step(target, drafter), SamplerConfig(temperature=1.5, top_k=40)
+    step, cfg = DraftStep(target, drafter), SamplerConfig(temperature=1.5, top_k=40)
     windows = cache_windows(target, cache)
     mx.random.seed(3)
     counts, q0 = np.zeros(512), None

@@ -258,7 +258,7 @@ def test_rms_norm_traced_under_a_gradient_serves_other_sizes():
     from mlx.utils import tree_map
 
     from mlx_gemma_mtp.models import gemma4_text
-    from mlx_gemma_mtp.presets import random_pair
+    from mlx_gemma_mtp.testing.presets import random_pair
 
     target = random_pair("e2b", bits=16, layers=4, vocab=512).target
     target.update(tree_map(lambda w: w.astype(mx.float32), target.parameters()))

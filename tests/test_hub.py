@@ -15,11 +15,11 @@ from pathlib import Path
 import huggingface_hub.constants
 import mlx.core as mx
 import pytest
+from conftest import write_pair
 from mlx.utils import tree_flatten
+from mlx_gemma_mtp.convert import convert
 
 import mlx_gemma_mtp
-from conftest import write_pair
-from mlx_gemma_mtp.convert import convert
 
 REVISION = "0123456789abcdef0123456789abcdef01234567"
 

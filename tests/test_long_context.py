@@ -13,9 +13,9 @@ from test_speculative import VOCAB, bundle, make_drafter, make_target
 
 from mlx_gemma_mtp import drafting, stream_generate
 from mlx_gemma_mtp.cache import SlidingKVCache
-from mlx_gemma_mtp.decode import prefill
 from mlx_gemma_mtp.models.config import FULL, SLIDING, ModelArgs
 from mlx_gemma_mtp.models.gemma4_text import Model
+from mlx_gemma_mtp.plain import prefill
 from mlx_gemma_mtp.sampling import SamplerConfig
 from mlx_gemma_mtp.speculative import drafter_proposer
 
@@ -122,7 +122,7 @@ def test_mtp_equals_plain_greedy_at_long_context(monkeypatch):
     plain = [r.token for r in stream_generate(b, prompt, max_tokens=2000, num_draft_tokens=0)]
     assert len(set(plain[-200:])) > 8, "the random target must not fall into a loop"
     reference = mx.array(prompt + plain + [0] * 16)
-    real = drafter_proposer(target, drafter, SamplerConfig())
+    real = drafter_proposer(b.state.draft_step, SamplerConfig())
 
     def mixed(last, hidden, windows, position, k):
         drafts, _ = real(last, hidden, windows, position, k)

@@ -18,7 +18,7 @@ from mlx_gemma_mtp.load import safetensors_header
 from mlx_gemma_mtp.models.config import FULL, SLIDING, ModelArgs
 from mlx_gemma_mtp.models.gemma4_assistant import Drafter, DrafterArgs
 from mlx_gemma_mtp.models.gemma4_text import Model
-from mlx_gemma_mtp.presets import (
+from mlx_gemma_mtp.testing.presets import (
     PRESETS,
     drafter_tensors,
     main,
@@ -238,6 +238,6 @@ def test_cli_writes_a_preset_and_refuses_to_overwrite(tmp_path, capsys):
     assert "exists" in capsys.readouterr().err
     assert main([*argv, "2", "--force"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gemma-4-E2B-it", "gemma-4-E2B-it-assistant"]
-    proc = subprocess.run([sys.executable, "-m", "mlx_gemma_mtp.presets", "write", "--help"],
+    proc = subprocess.run([sys.executable, "-m", "mlx_gemma_mtp.testing.presets", "write", "--help"],
                           capture_output=True, text=True, timeout=120, check=True)
     assert "--shape" in proc.stdout and "--layers" in proc.stdout

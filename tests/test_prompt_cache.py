@@ -130,7 +130,7 @@ def test_chat_turns_with_thoughts_stripped_equal_fresh_runs(chat_bundle):
 
 
 def test_conversation_benchmark_reuses_each_turn_and_checks_exactness(bundle):
-    from mlx_gemma_mtp.bench_conversation import format_rows, run
+    from mlx_gemma_mtp.bench.conversation import format_rows, run
 
     rows = run(bundle, [words(200, s) for s in range(4)], max_tokens=8, num_draft_tokens=3)
     assert [n for n, *_ in rows] == sorted(n for n, *_ in rows) and rows[0][3] == 0

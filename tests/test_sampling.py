@@ -10,9 +10,8 @@ import math
 import mlx.core as mx
 import numpy as np
 import pytest
-from mlx_gemma_mtp.presets import tiny_e2b_pair as random_pair
 
-from mlx_gemma_mtp.bench_sampling import reference_log_probs as reference_pre_issue_10
+from mlx_gemma_mtp.bench.sampling import reference_log_probs as reference_pre_issue_10
 from mlx_gemma_mtp.drafting import _sampled_token
 from mlx_gemma_mtp.models.gemma4_assistant import Drafter, DrafterArgs
 from mlx_gemma_mtp.sampling import (
@@ -26,6 +25,7 @@ from mlx_gemma_mtp.sampling import (
     scatter_log_probs,
     speculative_accept,
 )
+from mlx_gemma_mtp.testing.presets import tiny_e2b_pair as random_pair
 
 # ------------------------------------------------------------------------------------------------------------
 # chi-square survival function without scipy (Numerical Recipes: series for P, Lentz continued fraction for Q)

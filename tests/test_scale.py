@@ -1,12 +1,13 @@
-"""The real-size measurement script (mlx_gemma_mtp/scale.py) at a tiny cut: every step runs in its own measured
+"""The real-size measurement script (mlx_gemma_mtp/bench/scale.py) at a tiny cut: every step runs in its own measured
 process and lands in the table, greedy MTP prints what plain decoding prints, and the work folder is removed.
 (At a tiny cut the memory ratios mean nothing: the import baseline dwarfs the model. The E2B numbers are in the
 README.)"""
 
 from __future__ import annotations
 
-from mlx_gemma_mtp import scale
-from mlx_gemma_mtp.gemma4_tokenizer import write_gemma4_tokenizer
+from mlx_gemma_mtp.testing.tokenizer import write_gemma4_tokenizer
+
+from mlx_gemma_mtp.bench import scale
 
 
 def test_scale_script_runs_every_step_at_a_tiny_cut(tmp_path, capsys):
@@ -14,7 +15,7 @@ def test_scale_script_runs_every_step_at_a_tiny_cut(tmp_path, capsys):
             "--train-layers", "2", "--train-seq-len", "16", "--train-steps", "1", "--work", str(tmp_path)]
     scale.main(argv)
     out = capsys.readouterr().out
-    assert out.startswith("python -m mlx_gemma_mtp.scale --shape e2b")
+    assert out.startswith("python -m mlx_gemma_mtp.bench.scale --shape e2b")
     rows = {line.split("|")[1].strip(): line for line in out.splitlines()[3:]}
     steps = ["import mlx_gemma_mtp.convert", "convert -q --recipe mixed", "eval-quant (convert --report)",
              "load (4-bit bundle)", "generate 3 tokens, plain", "generate 3 tokens, MTP K=1",

@@ -12,9 +12,10 @@ import time
 import pytest
 
 import mlx_gemma_mtp
-from mlx_gemma_mtp import server as server_module
 from mlx_gemma_mtp.decode import GenerationResponse
-from mlx_gemma_mtp.server import Completion, make_server
+from mlx_gemma_mtp.server import http as server_module
+from mlx_gemma_mtp.server import make_server
+from mlx_gemma_mtp.server.protocol import Completion, delta_of
 
 openai = pytest.importorskip("openai")
 
@@ -222,7 +223,7 @@ def test_thoughts_go_to_reasoning_content(served):
     whole = Completion(served[0].RequestHandlerClass.state, chat=True).whole(responses)
     message = {"role": "assistant", "content": "Yes!", "reasoning_content": "hmm."}
     assert whole["choices"][0]["message"] == message
-    assert server_module.delta_of(responses[0], chat=True) == {"reasoning_content": "hm"}
+    assert delta_of(responses[0], chat=True) == {"reasoning_content": "hm"}
 
 
 def test_cli_lists_serve():

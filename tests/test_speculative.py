@@ -284,7 +284,7 @@ def test_position_convention_is_a_parameter(pair, monkeypatch):
                         or real_draft(step, last, hidden, windows, position, *a))
     for offset in (0, 1):
         queried.clear()
-        propose = spec.drafter_proposer(target, drafter, SamplerConfig(), position_offset=offset)
+        propose = spec.drafter_proposer(b.state.draft_step, SamplerConfig(), position_offset=offset)
         assert tokens(b, PROMPT, max_tokens=24, num_draft_tokens=3, proposer=propose) == plain
         assert queried[0] == len(PROMPT) - 1 + offset  # first round: the hidden state is the last prompt token
 
@@ -312,37 +312,48 @@ def test_default_draft_length_with_a_proposer_and_no_drafter(pair):
 def test_policy_switching_between_plain_and_mtp_rounds_is_exact(pair, pattern):
     """K = 0 rounds run pipelined inside the MTP loop; switching in and out of them keeps the output and asks the
     policy exactly once per round."""
-    from mlx_gemma_mtp.decode import prefill
-    from mlx_gemma_mtp.speculative import DraftStats, drafter_proposer, mtp_generate_step
+    from mlx_gemma_mtp.drafting import DraftStep
+    from mlx_gemma_mtp.plain import first_token, prefill
+    from mlx_gemma_mtp.speculative import drafter_proposer, mtp_generate_step
+    from mlx_gemma_mtp.stats import DraftStats
 
     target, drafter = pair
     plain = tokens(bundle(target, drafter), PROMPT, max_tokens=40, num_draft_tokens=0)
-    calls = []
+    calls, told = [], []
 
-    def policy(remaining, finished, context):
-        calls.append((remaining, list(finished), context))
-        return pattern[(len(calls) - 1) % len(pattern)]
+    class Policy:
+        def choose(self, remaining, context):
+            calls.append((remaining, context))
+            return pattern[(len(calls) - 1) % len(pattern)]
+
+        def accepted(self, k, n):
+            told.append(("accepted", k, n))
+
+        def timed(self, k, seconds):
+            told.append(("timed", k, seconds))
 
     cache = target.make_cache(max_rollback=8)
-    first = prefill(target, mx.array(PROMPT), cache, 512, True)
-    token = mx.argmax(first.logits[:, -1], axis=-1)
+    first = first_token(prefill(target, mx.array(PROMPT), cache, 512, True), SamplerConfig(), None)
     stats, greedy, seen = DraftStats(), SamplerConfig(), []
-    real = drafter_proposer(target, drafter, greedy)
+    real = drafter_proposer(DraftStep(target, drafter), greedy)
 
     def propose(last, hidden, windows, position, k):
         seen.append((last.item(), hidden, position))
         return real(last, hidden, windows, position, k)
 
-    steps = mtp_generate_step(target, propose, cache, first.hidden, token, policy, greedy, stats, 39)
-    assert [token.item()] + [t for t, _ in steps] == plain
-    assert calls[0] == (39, [], len(PROMPT))
-    played = [min(pattern[i % len(pattern)], remaining - 1) for i, (remaining, _, _) in enumerate(calls)]
+    steps = mtp_generate_step(target, cache, first, propose, Policy(), greedy, stats, 40)
+    assert [t for t, _ in steps] == plain
+    assert calls[0] == (39, len(PROMPT))
+    played = [min(pattern[i % len(pattern)], remaining - 1) for i, (remaining, _) in enumerate(calls)]
     assert (stats.rounds, stats.plain_rounds) == (len(played) - played.count(0), played.count(0))
-    # every round is timed once and reported with its own K, once finished (a plain step finishes after the next
-    # round is queued: the last two rounds may end the generation unreported)
-    timed = [k for _, finished, _ in calls for k, _ in finished]
+    # every round's accepted count is told at once, in order, and equals the stats the loop keeps
+    accepted = [(k, n) for what, k, n in told if what == "accepted"]
+    assert [k for k, _ in accepted] == played and sum(n for _, n in accepted) == stats.accepted
+    # every round is timed once with its own K, once its tokens are read (a plain step's after the next round is
+    # queued: the last rounds may end the generation untimed)
+    timed = [k for what, k, _ in told if what == "timed"]
     assert timed == played[: len(timed)] and len(timed) >= len(played) - 2
-    assert all(s >= 0 for _, finished, _ in calls for _, s in finished)
+    assert all(s >= 0 for what, _, s in told if what == "timed")
     assert cache[0].offset == len(PROMPT) + 39  # every emitted token but the newest is in the cache
     # every drafting round starts from the true state: `last` at `position`, the hidden state of the one before
     sequence = PROMPT + plain

@@ -201,7 +201,7 @@ class Experts(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.switch_glu = SwitchGLU(args.hidden_size, args.moe_intermediate_size, args.num_experts, GeGLU())
-        self.sharding_group = None  # set by distributed.shard: each rank holds a slice of every expert
+        self.sharding_group = None  # set by distributed.shard.shard: each rank holds a slice of every expert
 
     def __call__(self, x, idx, weights):
         y = self.switch_glu(x, idx)  # (..., top_k, H)

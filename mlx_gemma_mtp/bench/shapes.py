@@ -21,11 +21,11 @@ import mlx.core as mx
 from mlx import nn
 from mlx.utils import tree_flatten
 
-from .convert.quantize import apply_plan, quantizable_modules, target_plan, transform
-from .load import Bundle, materialize
-from .models.gemma4_assistant import Drafter
-from .models.gemma4_text import Model
-from .presets import GROUP_SIZE, PRESETS, random_pair
+from ..convert.quantize import apply_plan, quantizable_modules, target_plan, transform
+from ..load import Bundle, materialize
+from ..models.gemma4_assistant import Drafter
+from ..models.gemma4_text import Model
+from ..testing.presets import GROUP_SIZE, PRESETS, random_pair
 
 BITS = (4, 8, 16, 32)  # 4 / 8: quantized (mixed recipe); 16: bfloat16; 32: float32
 

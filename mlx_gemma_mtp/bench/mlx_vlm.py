@@ -26,9 +26,9 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from .load import Bundle
-from .speculative import DraftStats
-from .tuner.drafter_init import drafter_config
+from ..load import Bundle
+from ..stats import DraftStats
+from ..tuner.drafter_init import drafter_config
 
 
 def version() -> str | None:

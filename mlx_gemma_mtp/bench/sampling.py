@@ -20,9 +20,9 @@ from collections.abc import Callable
 import mlx.core as mx
 import numpy as np
 
-from .models.gemma4_text import TargetOutput
-from .sampling import SamplerConfig, log_probs, sample
-from .speculative import accept
+from ..models.gemma4_text import TargetOutput
+from ..sampling import SamplerConfig, log_probs, sample
+from ..speculative import accept
 
 GEMMA = {"temperature": 1.0, "top_k": 64, "top_p": 0.95}  # generation_config.json of the Gemma 4 checkpoints
 CASES = {

@@ -1,6 +1,6 @@
 """Load a Gemma 4 target sharded across the ranks of an `mx.distributed` group, reading only each rank's slices.
 
-The model is built and quantized as `load.load_target` does, then `distributed.shard` splits its layers (the
+The model is built and quantized as `load.load_target` does, then `shard.shard` splits its layers (the
 initial weights are lazy and never computed) and returns which range of each stored tensor this rank holds. Each
 such tensor is read through a memory map of its safetensors file, sliced before anything is copied, so a rank reads
 about its share of the bytes (whole pages: a column slice of a row-major matrix touches its rows' pages). Tensors
@@ -16,8 +16,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .distributed import Plan, shard
-from .load import (
+from ..load import (
     SAFETENSORS_DTYPES,
     Bundle,
     _cast,
@@ -31,7 +30,9 @@ from .load import (
     safetensors_header,
     target_args,
 )
-from .models.gemma4_text import Model, canonical_key
+from ..models.gemma4_text import Model, canonical_key
+from .lockstep import Lockstep
+from .shard import Plan, shard
 
 
 class SliceReader:
@@ -115,4 +116,4 @@ def load_sharded(model: str | Path, draft: str | Path | None = None, group: mx.d
     group = group or mx.distributed.init()
     path = resolve(model, "model")
     target, config, _ = load_sharded_target(path, group, dtype)
-    return bundle_of(path, target, config, draft, dtype)
+    return bundle_of(path, target, config, draft, dtype, Lockstep(group))

@@ -10,7 +10,7 @@ stream, scaled after tests/hf_oracle.py's recipe so logits are finite and vary, 
 by module with the converter's recipes: a quantized pair never passes through a float copy of the whole model.
 `write_hf_checkpoint` writes the same values in the released multimodal layout (`model.language_model.*`,
 dummy vision/audio tensors, unused K/V of KV-shared layers), one chunk of one tensor in memory at a time:
-`python -m mlx_gemma_mtp.presets write --shape e2b --out DIR --layers 4 --vocab 4096`.
+`python -m mlx_gemma_mtp.testing.presets write --shape e2b --out DIR --layers 4 --vocab 4096`.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .convert.quantize import (
+from ..convert.quantize import (
     RECIPES,
     SUPPORTED_BITS,
     Plan,
@@ -42,10 +42,10 @@ from .convert.quantize import (
     target_plan,
     transform,
 )
-from .load import Bundle, GenerationDefaults, materialize
-from .models.config import FULL, SLIDING, ModelArgs
-from .models.gemma4_assistant import Drafter, DrafterArgs
-from .models.gemma4_text import Model, canonical_key
+from ..load import Bundle, GenerationDefaults, materialize
+from ..models.config import FULL, SLIDING, ModelArgs
+from ..models.gemma4_assistant import Drafter, DrafterArgs
+from ..models.gemma4_text import Model, canonical_key
 
 VOCAB, GROUP_SIZE = 262144, 64
 MIN_LAYERS = 2  # a sliding and a full layer: the drafter reads one producer of each
@@ -466,9 +466,9 @@ def write_hf_checkpoint(shape: str, out: str | Path, layers: int | None = None, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m mlx_gemma_mtp.presets write --shape e2b --out DIR [--layers N]` (write_hf_checkpoint's
+    """`python -m mlx_gemma_mtp.testing.presets write --shape e2b --out DIR [--layers N]` (write_hf_checkpoint's
     keyword arguments as options)."""
-    parser = argparse.ArgumentParser(prog="python -m mlx_gemma_mtp.presets",
+    parser = argparse.ArgumentParser(prog="python -m mlx_gemma_mtp.testing.presets",
                                      description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("write", help="write a preset as a released-layout HF checkpoint with random weights")

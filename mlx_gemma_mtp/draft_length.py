@@ -30,39 +30,32 @@ away, K = 0 allowed):
 - The first round at a K compiles its draft graph (tens of ms, not timed): the policy moves to a K this pair has
   never run only when the expected gain over the tokens still wanted pays for that (the compile cost is learned).
 
-What was learned (acceptance counts, level and shapes, compile cost) stays with the loaded pair, on the drafter, one
-record per sampling setting, for the next generations; older acceptance evidence weighs less as new comes in (the
+What was learned (acceptance counts, level and shapes, compile cost) stays with the loaded pair (`AutoRecords`, held
+by `Bundle.state`), one record per sampling setting, for the next generations; older acceptance evidence weighs less as new comes in (the
 counts are capped), and the round counts that space out the probes are halved at each generation start. A
 sampler with a seed and T > 0 makes the schedule depend on counts only: the analytic costs, no timing, fresh
-counts, nothing from earlier generations or the disk; the same call then gives the same tokens. `measure_costs`
-times the real calls for the benchmark and for calibration (`python -m mlx_gemma_mtp.bench --calibrate`), whose
-result is saved in ~/.cache/mlx_gemma_mtp/draft_costs.json (or $MLX_GEMMA_MTP_CACHE), keyed by shapes, dtypes,
-MLX version and device, and only gives a new record its prior shapes: a prior, not a verdict.
+counts, nothing from earlier generations or the disk; the same call then gives the same tokens. A calibration
+(`calibration.py`, `python -m mlx_gemma_mtp.bench --calibrate`) only gives a new record its prior shapes: a prior,
+not a verdict.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import math
-import os
-import time
-import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
-import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from .cache import trim_cache
-from .drafting import cache_windows, draft, draft_step
 from .models.config import SLIDING
 from .models.gemma4_assistant import Drafter
 from .models.gemma4_text import Model
 from .sampling import SamplerConfig
-from .speculative import DraftLength, DraftStats, accept
+from .stats import DraftStats
+
+if TYPE_CHECKING:
+    from .calibration import DraftCosts
+    from .distributed.lockstep import Lockstep
 
 MAX_AUTO_K = 8
 PRIOR_ACCEPTANCE, PRIOR_WEIGHT = 0.7, 4.0  # acceptance of a first draft before any round, worth 4 rounds
@@ -79,20 +72,36 @@ PROBE_ROUNDS = 3  # a probe's length: its middle round is timed
 COMPILE_COST = 1.0  # prior cost of compiling a K's draft graph, in plain steps per draft token (~1 on CPU)
 PROBE_GAIN = 0.05  # a probe of a never-run K is worth a compile if a 5% gain on the tokens left would pay for it
 MAX_SETTINGS = 8  # records kept per pair (an app whose temperature slider keeps moving)
-COSTS_VERSION = 5  # bump when the drafter step or the verify changes cost: saved measurements become stale
+
+
+class DraftLength(Protocol):
+    """The draft-length policy of one generation, as the decoding loop sees it."""
+
+    def choose(self, remaining: int, context: int) -> int:
+        """K for the next round (0: a plain step), with `remaining` tokens still wanted and `context` tokens in the
+        cache; asked once per round, before it is queued."""
+
+    def accepted(self, k: int, n: int) -> None:
+        """A round at K accepted n drafts (told right after its host sync)."""
+
+    def timed(self, k: int, seconds: float) -> None:
+        """A round at K took `seconds` of the loop's own time (told once its tokens are read)."""
 
 
 @dataclass
-class DraftCosts:
-    """Measured seconds at a `context`-token prefix (`measure_costs`)."""
+class FixedDraftLength:
+    """The same K every round."""
 
-    draft: list[float]  # draft[K] = seconds to draft K tokens (one call, as a round does); draft[0] = 0
-    verify: list[float]  # verify[T] = seconds for a target forward of T tokens and the acceptance rule (index 0 unused)
-    context: int = 128
+    k: int
 
-    @property
-    def draft_step(self) -> float:
-        return self.draft[1]
+    def choose(self, remaining: int, context: int) -> int:
+        return self.k
+
+    def accepted(self, k: int, n: int) -> None:
+        pass
+
+    def timed(self, k: int, seconds: float) -> None:
+        pass
 
 
 @dataclass(frozen=True)
@@ -124,11 +133,11 @@ def _read_bytes(module, experts_read: float = 1.0) -> float:
     return total
 
 
-def cost_model(target: Model, drafter: Drafter) -> CostModel:
+def cost_model(target: Model, drafter: Drafter, lockstep: Lockstep | None = None) -> CostModel:
     """The analytic curve of a pair from the bytes its calls read: parameters and K/V."""
     args = target.args
     weights = _read_bytes(target, args.top_k_experts / args.num_experts if args.enable_moe_block else 1.0)
-    if (lockstep := getattr(target, "lockstep", None)) is not None:
+    if lockstep is not None:
         weights = lockstep.same_float(weights)  # uneven shards: every rank must price K alike
     element = target.model.norm.weight.dtype.size  # K/V are kept in the activations' dtype
 
@@ -216,21 +225,29 @@ class Learned:
 
 
 class AutoDraftLength:
-    """The "auto" policy, a `DraftLength`: (tokens still wanted, [(K, loop seconds)] of the rounds finished since the
-    previous call, context length) -> K.
+    """The "auto" `DraftLength`: before each round, the K with the most expected tokens per second.
 
-    `timed=False` ignores the seconds: K then depends on the counts alone (reproducible sampling)."""
+    It counts this generation's acceptance itself (`stats`) and keeps what outlives it in `learned`. `timed=False`
+    ignores the seconds: K then depends on the counts alone (reproducible sampling)."""
 
-    def __init__(self, model: CostModel, stats: DraftStats, max_k: int, learned: Learned | None = None,
-                 timed: bool = True):
-        self.model, self.stats, self.max_k, self.timed = model, stats, min(max_k, MAX_AUTO_K), timed
+    def __init__(self, model: CostModel, max_k: int, learned: Learned | None = None, timed: bool = True):
+        self.model, self.max_k, self.use_time = model, min(max_k, MAX_AUTO_K), timed
+        self.stats = DraftStats()
         self.learned = Learned() if learned is None else learned
-        self.learned.start_generation(stats)
+        self.learned.start_generation(self.stats)
         self._since_probe, self._probe_left, self._probe_k = 0, 0, 0
         self._recent: list[tuple[int, float, int]] = []  # (K, seconds, context) of the last rounds
+        self._timings: list[tuple[int, float]] = []  # (K, seconds) told since the last choice
 
-    def __call__(self, remaining: int, finished: list[tuple[int, float]], context: int) -> int:
-        for k, seconds in finished:
+    def accepted(self, k: int, n: int) -> None:
+        self.stats.record(k, n)
+
+    def timed(self, k: int, seconds: float) -> None:
+        self._timings.append((k, seconds))  # priced at the context of the next choice
+
+    def choose(self, remaining: int, context: int) -> int:
+        timings, self._timings = self._timings, []
+        for k, seconds in timings:
             self._record(k, seconds, context)
         if self._probe_left:
             self._probe_left -= 1
@@ -250,7 +267,7 @@ class AutoDraftLength:
         return min(self.max_k, explored + 1) if explored else self.max_k
 
     def _record(self, k: int, seconds: float, context: int) -> None:
-        learned, timed = self.learned, self.timed and seconds > 0  # a clock that did not move tells nothing
+        learned, timed = self.learned, self.use_time and seconds > 0  # a clock that did not move tells nothing
         if timed and k not in learned.compiled and learned.level is not None:
             # a first round at K: the compile is what it took beyond a round
             excess = max(0.0, seconds - self.seconds(k, context)) / (k * self.seconds(0, context))
@@ -292,7 +309,7 @@ class AutoDraftLength:
         return out
 
     def _compile_seconds(self, k: int, context: int) -> float:
-        if not self.timed or k in self.learned.compiled:
+        if not self.use_time or k in self.learned.compiled:
             return 0.0
         return self.learned.compile_cost * k * self.seconds(0, context)
 
@@ -318,20 +335,24 @@ class AutoDraftLength:
         return probe
 
 
-class _PairMemory:
-    """Kept on the drafter (a plain attribute, like its compiled draft step): the pair's cost model and a `Learned`
-    per sampling setting."""
+class AutoRecords:
+    """What "auto" keeps about one loaded pair across generations (held by `Bundle.state`): its cost model and a
+    `Learned` per sampling setting (`MAX_SETTINGS` at most, oldest dropped first)."""
 
-    def __init__(self, target: Model, drafter: Drafter):
-        self.target, self.model, self.settings = target, cost_model(target, drafter), {}
+    def __init__(self, model: CostModel):
+        self.model, self.settings = model, {}
 
+    def get(self, sampler: SamplerConfig) -> Learned | None:
+        return self.settings.get(_setting(sampler))
 
-def _memory(target: Model, drafter: Drafter) -> _PairMemory:
-    memory = getattr(drafter, "_auto_draft", None)
-    if memory is None or memory.target is not target:
-        memory = _PairMemory(target, drafter)
-        drafter._auto_draft = memory  # not a dict: nn.Module would take it for parameters
-    return memory
+    def swap(self, sampler: SamplerConfig, learned: Learned | None) -> Learned | None:
+        """Make `learned` the record for this sampling setting (None: forget it); returns the one it replaces."""
+        old = self.settings.pop(_setting(sampler), None)
+        if learned is not None:
+            if len(self.settings) >= MAX_SETTINGS:
+                del self.settings[next(iter(self.settings))]
+            self.settings[_setting(sampler)] = learned
+        return old
 
 
 def _setting(sampler: SamplerConfig) -> tuple:
@@ -341,145 +362,14 @@ def _setting(sampler: SamplerConfig) -> tuple:
     return sampler.temperature, sampler.top_p, sampler.top_k, sampler.min_p, sampler.speculative_rule
 
 
-def new_record(target: Model, drafter: Drafter, prior: DraftCosts | None = None) -> Learned:
-    """A fresh record for this pair, its prior shapes taken from measured costs (e.g. the saved calibration) when
-    given, the analytic model's otherwise."""
+def new_record(model: CostModel, prior: DraftCosts | None = None) -> Learned:
+    """A fresh record, its prior shapes taken from measured costs (e.g. the saved calibration) when given, the
+    analytic model's otherwise."""
     learned = Learned()
     if prior is not None:
-        model = _memory(target, drafter).model
         measured = min(MAX_AUTO_K + 1, len(prior.draft), len(prior.verify) - 1)
         per_unit = [(prior.verify[k + 1] + prior.draft[k]) / model.round(k, prior.context) for k in range(measured)]
         # K beyond the measured ones: the last one's factor; relative to K = 0 (the first round sets the level)
         learned.prior = [per_unit[min(k, measured - 1)] / per_unit[0] for k in range(MAX_AUTO_K + 1)]
         learned.calibrated = True
     return learned
-
-
-def swap_record(target: Model, drafter: Drafter, sampler: SamplerConfig, learned: Learned | None) -> Learned | None:
-    """Make `learned` the pair's record for this sampling setting (None: forget it); returns the one it replaces."""
-    settings = _memory(target, drafter).settings
-    old = settings.pop(_setting(sampler), None)
-    if learned is not None:
-        if len(settings) >= MAX_SETTINGS:
-            del settings[next(iter(settings))]
-        settings[_setting(sampler)] = learned
-    return old
-
-
-def forget(drafter: Drafter) -> None:
-    """Drop everything auto learned about this drafter's pairs."""
-    drafter._auto_draft = None
-
-
-def draft_length_policy(num_draft_tokens: int | str, target: Model, drafter: Drafter, stats: DraftStats, max_k: int,
-                        sampler: SamplerConfig) -> DraftLength:
-    """A fixed K for an int, an `AutoDraftLength` for "auto": one that learns, or with a seed at T > 0 one whose
-    schedule depends on counts only."""
-    if isinstance(num_draft_tokens, int):
-        return lambda remaining, finished, context: num_draft_tokens
-    memory = _memory(target, drafter)
-    if sampler.seed is not None and not sampler.greedy:
-        return AutoDraftLength(memory.model, stats, max_k, Learned(), timed=False)
-    lockstep = getattr(target, "lockstep", None)  # a sharded target: K from rank 0's timings on every rank
-    learned = memory.settings.get(_setting(sampler))
-    if learned is None:  # each host has its own saved calibration: a sharded target starts from the model
-        learned = new_record(target, drafter, None if lockstep else saved_costs(target, drafter, sampler.greedy))
-        swap_record(target, drafter, sampler, learned)
-    policy = AutoDraftLength(memory.model, stats, max_k, learned)
-    return policy if lockstep is None else lockstep.draft_length(policy)
-
-
-def _timed_pair(first: Callable[[], mx.array], second: Callable[[], mx.array], reps: int = 5) -> tuple[float, float]:
-    """Minimum times of `first` and `second`, run alternately as in a decoding round (each evicts the other's
-    weights from the CPU caches; timing either alone in a tight loop would flatter it)."""
-    mx.eval(first(), second())  # warm-up (kernel compilation, allocations)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        mx.eval(first())
-        t1 = time.perf_counter()
-        mx.eval(second())
-        times.append((t1 - t0, time.perf_counter() - t1))
-    # other processes only ever add time: the minimum is the machine's cost
-    return min(t for t, _ in times), min(t for _, t in times)
-
-
-def measure_costs(target: Model, drafter: Drafter, max_drafts: int, context: int = 128,
-                  greedy: bool = True) -> DraftCosts:
-    """Time drafting K = 0..max_drafts tokens (greedy or sampled) and the verify of K + 1 tokens that follows it
-    (forward and acceptance rule), after a `context`-token prefix. For the benchmark and calibration only: it runs
-    dozens of forwards, and sampling draws from MLX's global RNG."""
-    ids = mx.arange(context + 1) % target.args.vocab_size
-    cache = target.make_cache(max_rollback=max_drafts + 1)
-    out = target.forward(ids[None], cache, return_hidden=True)
-    mx.eval(out.hidden, [c.keys for c in cache])
-    windows, step = cache_windows(target, cache), draft_step(target, drafter)
-    sampler = SamplerConfig() if greedy else SamplerConfig(temperature=1.0, seed=0)
-
-    V = target.args.vocab_size
-    uniform_q = mx.full((max_drafts, V), -math.log(V))
-
-    def verify(T):
-        """The target's side of a round: forward and the acceptance rule (sampled acceptance is not free)."""
-        out = target.forward(ids[None, :T], cache, rows=T, return_hidden=True)
-        drafts, q = ids[: T - 1], None if greedy else uniform_q[: T - 1]
-        n, tokens = accept(out, drafts, q, sampler)
-        mx.eval(n, tokens)
-        trim_cache(cache, T)  # keep the context fixed between timings
-        return tokens
-
-    def drafting(k):
-        return draft(step, ids[-1:], out.hidden, windows, context, k, sampler)[0]
-
-    costs = DraftCosts([0.0], [0.0], context)
-    for k in range(max_drafts + 1):
-        draft_time, verify_time = _timed_pair(lambda k=k: drafting(k), lambda k=k: verify(k + 1))
-        costs.verify.append(verify_time)
-        if k:
-            costs.draft.append(draft_time)
-    return costs
-
-
-def _cache_file() -> Path:
-    root = os.environ.get("MLX_GEMMA_MTP_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return Path(root) / "mlx_gemma_mtp" / "draft_costs.json"
-
-
-def _disk_key(target: Model, drafter: Drafter, greedy: bool) -> str:
-    """Costs depend on the shapes, dtypes, the MLX build and the device, not on the weights' values."""
-    dtypes = (target.model.embed_tokens.weight.dtype, drafter.pre_projection.weight.dtype)
-    info = mx.device_info()
-    key = (COSTS_VERSION, repr(target.args), repr(drafter.args), str(dtypes), greedy, mx.__version__,
-           str(mx.default_device()), info.get("device_name"), info.get("architecture"))
-    return hashlib.sha256(repr(key).encode()).hexdigest()
-
-
-def _read_disk_cache() -> dict:
-    """Costs measured by earlier runs on this machine; a missing or unreadable file is an empty cache."""
-    try:
-        return json.loads(_cache_file().read_text())
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as e:
-        warnings.warn(f"ignoring unreadable draft-cost cache {_cache_file()}: {e}", stacklevel=2)
-        return {}
-
-
-def saved_costs(target: Model, drafter: Drafter, greedy: bool) -> DraftCosts | None:
-    """The calibration saved for this pair's shapes on this machine and MLX version, if any."""
-    entry = _read_disk_cache().get(_disk_key(target, drafter, greedy))
-    try:
-        return None if entry is None else DraftCosts(entry["draft"], entry["verify"], int(entry["context"]))
-    except (KeyError, TypeError, ValueError):  # an entry of another format: not a prior
-        return None
-
-
-def save_costs(target: Model, drafter: Drafter, greedy: bool, costs: DraftCosts) -> Path:
-    """Save `costs` as the prior of new records for this pair's shapes on this machine; returns the file."""
-    file = _cache_file()
-    file.parent.mkdir(parents=True, exist_ok=True)
-    entries = {**_read_disk_cache(), _disk_key(target, drafter, greedy): dataclasses.asdict(costs)}
-    tmp = file.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(entries))
-    tmp.replace(file)  # atomic: concurrent runs never see half a file
-    return file

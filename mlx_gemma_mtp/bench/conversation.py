@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from . import PromptCache, load, stream_generate
-from .bench import demo_prompts
+from .. import PromptCache, load, stream_generate
+from .decoding import demo_prompts
 
 
 def first_token_time(bundle, prompt: list[int], max_tokens: int, num_draft_tokens, cache) -> tuple[float, list]:
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-tokens", type=int, default=32, help="answer length per turn")
     parser.add_argument("--num-draft-tokens", default="auto")
     args = parser.parse_args(argv)
-    from .demo import demo_dtype, demo_path
+    from ..demo import demo_dtype, demo_path
 
     bundle = load(args.model or demo_path(), dtype=None if args.model else demo_dtype())
     if bundle.tokenizer is None:

@@ -6,9 +6,10 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
-from .cli import _ChannelPrinter, add_sampling_arguments, format_stats, sampler_from
-from .prompt_cache import PromptCache
-from .sampling import SamplerConfig
+from ..prompt_cache import PromptCache
+from ..sampling import SamplerConfig
+from .options import add_sampling_arguments, sampler_from
+from .output import ChannelPrinter, format_stats
 
 HELP = ("type a message; /reset starts over, /stats shows the last answer's stats, /exit, /quit or Ctrl-D "
         "ends, Ctrl-C stops an answer")
@@ -26,7 +27,7 @@ def add_chat_parser(sub) -> None:
 
 
 def _main(args) -> None:
-    from . import load
+    from .. import load
 
     run_chat(load(args.model, draft=args.draft), args)
 
@@ -60,13 +61,13 @@ def stats_line(r, reused: int) -> str:
 
 def answer(bundle, chat: Chat, text: str, args, sampler: SamplerConfig, out) -> None:
     """Stream the answer to `text`; Ctrl-C stops it, keeping what was shown as the assistant's message."""
-    from . import stream_generate
+    from .. import stream_generate
 
     chat.messages.append({"role": "user", "content": text})
     kwargs = {"enable_thinking": True} if args.thinking else None
     responses = stream_generate(bundle, chat.messages, args.max_tokens, sampler, args.num_draft_tokens,
                                 chat_template_kwargs=kwargs, prompt_cache=chat.cache)
-    printer, shown, last, interrupted = _ChannelPrinter(out), [], None, False
+    printer, shown, last, interrupted = ChannelPrinter(out), [], None, False
     try:
         for last in responses:
             printer.write(last.channel, last.text)
@@ -87,7 +88,7 @@ def answer(bundle, chat: Chat, text: str, args, sampler: SamplerConfig, out) -> 
 
 def _dim(out, line: str) -> None:
     tty = out.isatty()
-    out.write(f"{_ChannelPrinter.DIM}{line}{_ChannelPrinter.RESET}\n" if tty else line + "\n")
+    out.write(f"{ChannelPrinter.DIM}{line}{ChannelPrinter.RESET}\n" if tty else line + "\n")
     out.flush()
 
 

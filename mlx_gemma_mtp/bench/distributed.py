@@ -22,10 +22,13 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from .decode import stream_generate
-from .distributed import all_sum_count, distributed_group, shard, weight_bytes
-from .presets import preset_config, tiny_e2b_pair
-from .sampling import SamplerConfig
+from ..decode import stream_generate
+from ..distributed.group import distributed_group
+from ..distributed.lockstep import Lockstep
+from ..distributed.shard import all_sum_count, shard, weight_bytes
+from ..pair_state import PairState
+from ..sampling import SamplerConfig
+from ..testing.presets import preset_config, tiny_e2b_pair
 
 PROMPT = list(range(3, 19))
 
@@ -69,6 +72,7 @@ def measure(hidden: int, layers: int, vocab: int, tokens: int) -> dict:
     whole = weight_bytes(bundle.target)
     if group is not None:
         shard(bundle.target, group)
+        bundle.state = PairState(bundle.target, bundle.drafter, Lockstep(group))  # the ranks decide in lock-step
     plain, reference = _ms_per_token(bundle, 0, tokens)
     mtp, _ = _ms_per_token(bundle, 3, tokens)
     oracle, oracle_tokens = _ms_per_token(bundle, 3, tokens, _oracle(reference))

@@ -16,11 +16,11 @@ Random weights accept nothing, so `--force-acceptance R` substitutes, with proba
 greedy continuation for the drafter's token (the drafter still runs, so its cost is measured); such rows (every
 MTP row then, "auto" included) are marked "forced". Without `--model`, a random Gemma 4 E2B-style pair of the
 given `--random-hidden` size is built; `--shape e2b|e4b|26b-a4b|31b --bits 4|8|16|32` builds a random pair of a
-released shape instead (bench_shape.py; `--layers`, `--vocab`, `--experts` cut it).
+released shape instead (shapes.py; `--layers`, `--vocab`, `--experts` cut it).
 
 Plain decoding also runs through mlx-lm's own `gemma4_text` model and `generate_step` on the same weights
 (greedy; its tokens must equal ours on float32 weights), and the measured costs feed the cost model
-(costmodel.py): expected speedup per K under the published 31B acceptance profile (or `--profile`) and under this
+(cost_model.py): expected speedup per K under the published 31B acceptance profile (or `--profile`) and under this
 run's own profile, next to the measured speedup.
 """
 
@@ -36,18 +36,21 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from . import autodraft, bench_shape, costmodel, load, stream_generate
-from .autodraft import DraftCosts, measure_costs
-from .load import Bundle
-from .presets import PRESETS, tiny_e2b_pair
-from .sampling import SamplerConfig
-from .speculative import DraftStats, drafter_proposer
+from .. import load, stream_generate
+from ..calibration import DraftCosts, measure_costs, save_costs, saved_costs
+from ..draft_length import MAX_AUTO_K, new_record
+from ..load import Bundle
+from ..sampling import SamplerConfig
+from ..speculative import drafter_proposer
+from ..stats import DraftStats
+from ..testing.presets import PRESETS, tiny_e2b_pair
+from . import cost_model, shapes
 
 
 def forced_proposer(bundle: Bundle, reference: list[int], rate: float, seed: int = 0):
     """Real drafter work, but each draft is replaced by the reference token with probability `rate`."""
     key = [mx.random.key(seed)]
-    real = drafter_proposer(bundle.target, bundle.drafter, SamplerConfig())
+    real = drafter_proposer(bundle.state.draft_step, SamplerConfig())
 
     def propose(last, hidden, kv, position, k):
         tokens, _ = real(last, hidden, kv, position, k)
@@ -112,12 +115,12 @@ def stale_costs(measured: DraftCosts) -> dict[str, DraftCosts]:
 
 def run_from(prior: DraftCosts, bundle: Bundle, prompts, max_tokens: int, sampler: SamplerConfig, proposer=None):
     """`run` of "auto" from a fresh record whose prior is `prior`; the "K=auto" row's record is put back after."""
-    fresh = autodraft.new_record(bundle.target, bundle.drafter, prior)
-    saved = autodraft.swap_record(bundle.target, bundle.drafter, sampler, fresh)
+    records = bundle.state.auto_records
+    saved = records.swap(sampler, new_record(records.model, prior))
     try:
         return run(bundle, prompts, max_tokens, "auto", sampler, proposer)
     finally:
-        autodraft.swap_record(bundle.target, bundle.drafter, sampler, saved)
+        records.swap(sampler, saved)
 
 
 def first_generation(args, prompt: list[int], k, sampler: SamplerConfig) -> float:
@@ -133,14 +136,14 @@ def first_generation(args, prompt: list[int], k, sampler: SamplerConfig) -> floa
 def mlx_vlm_modes(bundle: Bundle, prompts, args) -> tuple[list[Mode], str]:
     """The same pair through mlx-vlm's MTP path, one mode per K, and a line saying what was compared (or why
     not). Greedy only: its T > 0 rule is the exact-match one, and sampled outputs differ token by token."""
-    from . import bench_mlx_vlm
+    from . import mlx_vlm
 
-    if (version := bench_mlx_vlm.version()) is None:
+    if (version := mlx_vlm.version()) is None:
         return [], "mlx-vlm: not installed, comparison skipped (pip install --no-deps mlx-vlm requests Pillow)"
-    why = "temperature > 0" if args.temp > 0 else bench_mlx_vlm.unsupported(bundle)
+    why = "temperature > 0" if args.temp > 0 else mlx_vlm.unsupported(bundle)
     if why:
         return [], f"mlx-vlm {version}: comparison skipped ({why})"
-    pair = bench_mlx_vlm.MlxVlmPair(bundle, max(args.k))
+    pair = mlx_vlm.MlxVlmPair(bundle, max(args.k))
     modes = [Mode(f"mlx-vlm K={k}", k, partial(pair.run, prompts, args.max_tokens, k)) for k in args.k]
     return modes, f"mlx-vlm {version}, its MTP path on the same pair and prompts (drafter at the hidden state's position):"
 
@@ -149,9 +152,9 @@ def mlx_lm_modes(bundle: Bundle, prompts, args) -> tuple[list[Mode], str]:
     """Plain greedy decoding through mlx-lm's own `gemma4_text` on the same arrays, and a line saying what ran."""
     if args.temp > 0:
         return [], "mlx-lm: plain decoding compared at temperature 0 only"
-    plain = bench_shape.MlxLmPlain(bundle)
+    plain = shapes.MlxLmPlain(bundle)
     mode = Mode("mlx-lm plain", 0, partial(plain.run, prompts, args.max_tokens))
-    return [mode], (f"mlx-lm {bench_shape.mlx_lm_version()}: its gemma4_text model, generate_step and cache on the "
+    return [mode], (f"mlx-lm {shapes.mlx_lm_version()}: its gemma4_text model, generate_step and cache on the "
                     "same weights and prompts (plain greedy decoding):")
 
 
@@ -202,14 +205,14 @@ def demo_prompts(bundle: Bundle, count: int, length: int) -> list[list[int]]:
 
 def load_bundle(args) -> tuple[Bundle, str]:
     if args.demo:
-        from .demo import demo_dtype, demo_path
+        from ..demo import demo_dtype, demo_path
 
         return load(demo_path(), dtype=demo_dtype()), "demo pair (held-out stdlib code)"
     if args.model:
         return load(args.model, draft=args.draft), args.model
     if args.shape:
         try:
-            return bench_shape.shape_pair(args.shape, args.bits, args.layers, args.vocab, args.experts)
+            return shapes.shape_pair(args.shape, args.bits, args.layers, args.vocab, args.experts)
         except ValueError as e:
             raise SystemExit(f"error: {e}") from None
     return tiny_e2b_pair(args.random_hidden), f"random E2B-style pair, hidden {args.random_hidden}"
@@ -230,9 +233,9 @@ def row(label, tps, plain_tps, stats, overhead="") -> str:
 
 def calibrate(bundle: Bundle, context: int, greedy: bool) -> None:
     """Measure the pair's costs on this machine and save them as the prior of "auto" (`--calibrate`)."""
-    costs = measure_costs(bundle.target, bundle.drafter, autodraft.MAX_AUTO_K, context, greedy)
+    costs = measure_costs(bundle.target, bundle.drafter, MAX_AUTO_K, context, greedy)
     print_costs(costs)
-    file = autodraft.save_costs(bundle.target, bundle.drafter, greedy, costs)
+    file = save_costs(bundle.target, bundle.drafter, greedy, costs)
     print(f"saved to {file} as the starting point of 'auto' for this pair's shapes ({'greedy' if greedy else 'sampled'}"
           f", MLX {mx.__version__}, {mx.default_device()}); generations still learn from their own rounds")
 
@@ -261,7 +264,7 @@ def print_auto_summary(bundle: Bundle, ours: list[Mode], results: dict, args, pr
     for _ in range(args.repeats):  # alternately, best of the repeats
         for k in ("auto", best.k):
             first[k] = min(first.get(k, float("inf")), first_generation(args, prompt, k, live))
-    prior = "saved calibration" if autodraft.saved_costs(bundle.target, bundle.drafter, live.greedy) else "analytic"
+    prior = "saved calibration" if saved_costs(bundle.target, bundle.drafter, live.greedy) else "analytic"
     print(f"first generation on a freshly loaded pair (prompt 1, {args.max_tokens} new tokens, prefill included, "
           f"best of {args.repeats}; auto's prior: {prior}): auto {first['auto']:.3f} s, K={best.k} "
           f"{first[best.k]:.3f} s: auto takes {first['auto'] / first[best.k]:.2f}x the time")
@@ -291,21 +294,21 @@ def print_cost_model(costs: DraftCosts, ours: list[Mode], results: dict, args) -
     fixed = [m for m in ours if isinstance(m.k, int) and m.k > 0 and m.label.split(" ")[-1] != "match"]
     plain_tps = results["plain"][0]
     measured = {m.k: results[m.label][0] / plain_tps for m in fixed}
-    profiles = {"--profile" if args.profile else "published 31B": args.profile or costmodel.PUBLISHED_31B}
+    profiles = {"--profile" if args.profile else "published 31B": args.profile or cost_model.PUBLISHED_31B}
     if fixed and (stats := results[max(fixed, key=lambda m: m.k).label][1]).rounds:
-        profiles[f"this run (K={max(measured)} row)"] = costmodel.monotone(stats.acceptance_per_position)
-    print("\nexpected speedup from these costs (costmodel.py: E[tokens] = 1 + s_1 + ... + s_K per round, speedup = "
+        profiles[f"this run (K={max(measured)} row)"] = cost_model.monotone(stats.acceptance_per_position)
+    print("\nexpected speedup from these costs (cost_model.py: E[tokens] = 1 + s_1 + ... + s_K per round, speedup = "
           "E[tokens] * T_verify(1) / (T_verify(K+1) + T_draft(K)); s_i = acceptance per position, extended "
           "geometrically past the profile; the loop's overhead is not modelled):")
     for name, profile in profiles.items():
         print(f"  {name}: " + " ".join(f"{p:.2f}" for p in profile))
-    for line in costmodel.speedup_table(costs, profiles, measured):
+    for line in cost_model.speedup_table(costs, profiles, measured):
         print(line)
 
 
 def profile_arg(text: str) -> tuple[float, ...]:
     try:
-        return costmodel.parse_profile(text)
+        return cost_model.parse_profile(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
@@ -317,14 +320,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--demo", action="store_true", help="the shipped demo pair on held-out stdlib code")
     p.add_argument("--random-hidden", type=int, default=512)
     p.add_argument("--shape", default=None, choices=tuple(PRESETS), help="a random pair of a released shape")
-    p.add_argument("--bits", type=int, default=4, choices=bench_shape.BITS,
+    p.add_argument("--bits", type=int, default=4, choices=shapes.BITS,
                    help="--shape weights: 4/8 quantized (mixed recipe), 16 bfloat16, 32 float32 (default 4)")
     p.add_argument("--layers", type=int, default=None, help="--shape: keep this many target layers")
     p.add_argument("--vocab", type=int, default=None, help="--shape: a smaller vocabulary (default 262144)")
     p.add_argument("--experts", type=int, default=None, help="--shape 26b-a4b: keep this many experts")
     p.add_argument("--profile", type=profile_arg, default=None, metavar="S1,S2,...",
                    help="acceptance per draft position for the cost model (default: published 31B, "
-                        + ",".join(map(str, costmodel.PUBLISHED_31B)) + ")")
+                        + ",".join(map(str, cost_model.PUBLISHED_31B)) + ")")
     p.add_argument("--prompts", type=int, default=4)
     p.add_argument("--prompt-tokens", type=int, default=256)
     p.add_argument("--max-tokens", type=int, default=128)

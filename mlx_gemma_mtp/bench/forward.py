@@ -25,13 +25,13 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from . import load
-from .cache import trim_cache
-from .demo import demo_dtype, demo_path
-from .drafting import cache_windows, draft_step
-from .models import gemma4_assistant, gemma4_text
-from .models.config import FULL, SLIDING, ModelArgs
-from .sampling import SamplerConfig
+from .. import load
+from ..cache import trim_cache
+from ..demo import demo_dtype, demo_path
+from ..drafting import cache_windows, draft_step
+from ..models import gemma4_assistant, gemma4_text
+from ..models.config import FULL, SLIDING, ModelArgs
+from ..sampling import SamplerConfig
 
 BASELINE = "f1ac8bc"  # the last commit before issue 12 ("leaner rounds") touched the model code
 _MODULES = ("gemma4_text", "masked_embedder", "gemma4_assistant")  # in dependency order

@@ -1,7 +1,7 @@
 """The four released shapes at 4-bit and bfloat16 on a GPU, in one table: `python -m mlx_gemma_mtp.bench_gpu`.
 
 For each shape a random pair is made once in bfloat16 (`presets.random_pair`, full layer counts, V = 262,144) and
-its 4-bit copy from it (`bench_shape.converted`, the converter's mixed recipe: what `random_pair(bits=4)` makes,
+its 4-bit copy from it (`shapes.converted`, the converter's mixed recipe: what `random_pair(bits=4)` makes,
 without generating the values twice). Each runs the whole `bench` comparison (printed as it goes): our
 plain decoding against mlx-lm's `gemma4_text` on the same weights, MTP per K and auto with acceptance forced to
 0.8, T_verify(T) for T = 1..9 and T_draft(K), and the cost model under the published 31B profile. The summary
@@ -19,8 +19,8 @@ import time
 
 import mlx.core as mx
 
-from . import bench, bench_shape, costmodel
-from .presets import PRESETS, random_pair
+from ..testing.presets import PRESETS, random_pair
+from . import cost_model, decoding, shapes
 
 SHAPES = tuple(PRESETS)
 FORMATS = (4, 16)  # bits; 16 = bfloat16, 4 = the mixed 4-bit recipe
@@ -37,18 +37,18 @@ def bench_argv(shape: str, bits: int, args: argparse.Namespace) -> list[str]:
     return argv
 
 
-def summary_row(shape: str, bits: int, build: float, summary: bench.Summary, ks: list[int]) -> list[str]:
+def summary_row(shape: str, bits: int, build: float, summary: decoding.Summary, ks: list[int]) -> list[str]:
     """The table's cells for one finished combination."""
     results, costs = summary.results, summary.costs
     plain, theirs = results["plain"][0], results["mlx-lm plain"][0]
     speed = {m.k: results[m.label][0] / plain for m in summary.ours
              if m.label.startswith("K=") and m.label.endswith("forced")}
-    best = costmodel.best_k(costs, costmodel.PUBLISHED_31B)
-    return [shape, bench_shape.dtype_name(bits).split(" ")[0], f"{build:.0f}", f"{plain:.1f}", f"{theirs:.1f}",
+    best = cost_model.best_k(costs, cost_model.PUBLISHED_31B)
+    return [shape, shapes.dtype_name(bits).split(" ")[0], f"{build:.0f}", f"{plain:.1f}", f"{theirs:.1f}",
             f"{plain / theirs:.2f}x", "yes" if summary.mlx_lm_same else "NO", "yes" if summary.mtp_same else "NO",
             *(f"{speed[k]:.2f}x" for k in ks), f"{speed['auto']:.2f}x",
             f"{costs.verify[1] * 1e3:.1f}", f"{costs.verify[5] / costs.verify[1]:.2f}", f"{costs.draft[4] * 1e3:.1f}",
-            f"K={best} {costmodel.expected_speedup(costs, costmodel.PUBLISHED_31B, best):.2f}x"]
+            f"K={best} {cost_model.expected_speedup(costs, cost_model.PUBLISHED_31B, best):.2f}x"]
 
 
 def print_table(rows: list[list[str]], ks: list[int], rate: float) -> None:
@@ -59,7 +59,7 @@ def print_table(rows: list[list[str]], ks: list[int], rate: float) -> None:
     widths = [max([len(h)] + [len(r[i]) for r in done]) for i, h in enumerate(head)]
     print(f"\nsummary (device {mx.default_device()}, MLX {mx.__version__}; K and auto columns: tokens/s vs our plain "
           f"decoding at forced acceptance {rate}; same: mlx-lm's tokens equal ours; model: the cost model's best K "
-          f"and expected speedup under the published 31B profile {'/'.join(map(str, costmodel.PUBLISHED_31B))}):")
+          f"and expected speedup under the published 31B profile {'/'.join(map(str, cost_model.PUBLISHED_31B))}):")
     print("| " + " | ".join(h.ljust(w) for h, w in zip(head, widths)) + " |")
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for r in rows:
@@ -73,18 +73,18 @@ def run_shape(shape: str, args: argparse.Namespace) -> list[list[str]]:
                        experts=args.experts if PRESETS[shape].text.get("enable_moe_block") else None)
     built, rows = time.perf_counter() - tic, []
     for bits in args.bits:
-        print(f"\n=== {shape}, {bench_shape.dtype_name(bits)} ===", flush=True)
+        print(f"\n=== {shape}, {shapes.dtype_name(bits)} ===", flush=True)
         try:
-            bench_shape.check_shape_args(shape, bits)
+            shapes.check_shape_args(shape, bits)
             tic = time.perf_counter()
-            bundle = bench_shape.converted(base, bits)
+            bundle = shapes.converted(base, bits)
             build = built + time.perf_counter() - tic
-            bench_args = bench.parse_args(bench_argv(shape, bits, args))
-            summary = bench.benchmark(bundle, f"random {shape} pair ({bench_shape.dtype_name(bits)})", bench_args)
+            bench_args = decoding.parse_args(bench_argv(shape, bits, args))
+            summary = decoding.benchmark(bundle, f"random {shape} pair ({shapes.dtype_name(bits)})", bench_args)
             rows.append(summary_row(shape, bits, build, summary, args.k))
         except (ValueError, RuntimeError, SystemExit, MemoryError) as e:  # reported in its row; the next runs
             print(f"error: {e}", flush=True)
-            rows.append([shape, bench_shape.dtype_name(bits).split(" ")[0], f"error: {e}"])
+            rows.append([shape, shapes.dtype_name(bits).split(" ")[0], f"error: {e}"])
         bundle = summary = None
         gc.collect()
         mx.clear_cache()
@@ -94,7 +94,7 @@ def run_shape(shape: str, args: argparse.Namespace) -> list[list[str]]:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m mlx_gemma_mtp.bench_gpu", description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=SHAPES)
-    p.add_argument("--bits", type=int, nargs="+", default=list(FORMATS), choices=bench_shape.BITS,
+    p.add_argument("--bits", type=int, nargs="+", default=list(FORMATS), choices=shapes.BITS,
                    help="4 / 8: quantized (mixed recipe); 16: bfloat16; 32: float32 (CPU dry runs)")
     p.add_argument("--force-acceptance", type=float, default=0.8, metavar="R")
     p.add_argument("--prompts", type=int, default=1)

@@ -18,23 +18,18 @@ decoder layer across the ranks of `group`:
   table and its projections, norms, `layer_scalar`.
 
 Splits are as even as the quantization groups allow (26B-A4B's 704-wide experts at group 64 split 320/384).
-`Lockstep` keeps the ranks in step: token decisions (drafts, accepted counts, sampled tokens) are rank 0's,
-broadcast inside the graph the round already evaluates (`agree`), and rank 0's round timings ride along for the
-auto draft length, so there is still one host sync per round.
+`lockstep.Lockstep` keeps the ranks in step: token decisions (drafts, accepted counts, sampled tokens) are rank
+0's, broadcast inside the graph the round already evaluates, and rank 0's round timings ride along for the auto
+draft length, so there is still one host sync per round.
 """
 
 from __future__ import annotations
 
-import json
-import os
-from collections.abc import Callable
-
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 from mlx.utils import tree_flatten
 
-from .models.gemma4_text import Attention, Model
+from ..models.gemma4_text import Attention, Model
 
 # parameter path -> (axis, start, stop) of the stored tensor this rank holds
 Plan = dict[str, tuple[int, int, int]]
@@ -161,7 +156,8 @@ def shard(model: Model, group: mx.distributed.Group | None = None) -> Plan:
 
     Works on a loaded model (its weights are sliced) and on a freshly built one (`distributed_load` then reads
     only each rank's slices). Returns the plan: for each sliced parameter, the axis and range of the stored tensor
-    this rank holds. Sets `model.lockstep`, which the decoding loop uses to keep the ranks in step.
+    this rank holds. The decoding loop keeps the ranks in step with a `lockstep.Lockstep` of the same group, which
+    the loaded bundle holds (`Bundle.state.lockstep`).
     """
     group = group or mx.distributed.init()
     rank, N = group.rank(), group.size()
@@ -173,7 +169,6 @@ def shard(model: Model, group: mx.distributed.Group | None = None) -> Plan:
         _shard_mlp(layer.mlp, f"{path}.mlp", rank, N, group, plan)
         if "experts" in layer:
             _shard_experts(layer.experts, f"{path}.experts", rank, N, group, plan)
-    model.lockstep = Lockstep(group)
     return plan
 
 
@@ -183,103 +178,9 @@ def weight_bytes(module: nn.Module) -> int:
 
 
 def all_sum_count(model: Model) -> int:
-    """All-sums of one target forward (each moves rows x hidden_size activations)."""
+    """All-sums of one target forward (each moves rows x hidden_size activations); 0 for a model not sharded."""
     count = 0
     for layer in model.layers:
-        count += 2 + ("experts" in layer and layer.experts.sharding_group is not None)
-    return count if getattr(model, "lockstep", None) is not None else 0
-
-
-class Lockstep:
-    """What keeps the ranks of a sharded target making the same decisions.
-
-    Every rank runs the same replicated drafter and sampling from the same seed, so decisions agree anyway on
-    identical machines; `agree` still makes rank 0's decision everyone's (an all-sum where only rank 0 puts its
-    values), inside the graph the round evaluates, so a bit of difference between two machines' kernels cannot
-    make the ranks take different paths (a mismatch would desynchronise the collectives). The auto draft length
-    runs on every rank on rank 0's round timings, which travel in the same all-sums: `draft_length` wraps it.
-    """
-
-    def __init__(self, group: mx.distributed.Group):
-        self.group = group
-        self._rank0 = mx.array(float(group.rank() == 0))
-        self._outbox: list[float] = []  # this rank's round seconds, not sent yet (only rank 0's survive)
-        self._ks: list[int] = []  # the K of each sent second, in order (equal on every rank)
-        self._sent: list[tuple[mx.array, int, int]] = []  # (all-summed payload, values, seconds) carrying seconds
-        self._newest: mx.array | None = None  # the newest agree's payload (maybe still computing)
-
-    def agree(self, values: mx.array) -> mx.array:
-        """`values` (integers < 2**24: token ids, counts) as rank 0 has them, on every rank; lazy."""
-        seconds, self._outbox = self._outbox, []
-        flat = values.reshape(-1).astype(mx.float32)
-        packed = mx.concatenate([flat, mx.array(seconds, mx.float32)]) if seconds else flat
-        total = mx.distributed.all_sum(packed * self._rank0, group=self.group)
-        self._newest = total
-        if seconds:
-            self._sent.append((total, flat.size, len(seconds)))
-        return total[: flat.size].astype(values.dtype).reshape(values.shape)
-
-    def draft_length(self, policy: Callable) -> Callable:
-        """A `DraftLength` (speculative.py) that feeds `policy` rank 0's timings, so it chooses the same K on every
-        rank. They arrive through `agree` calls already evaluated (all but the newest: a plain step's token may
-        still be computing), i.e. one or two rounds late; the counts and the context are the same everywhere."""
-
-        self._outbox, self._ks, self._sent = [], [], []  # a new generation: nothing in flight is its
-
-        def shared(remaining: int, finished: list[tuple[int, float]], context: int) -> int:
-            self._outbox += [seconds for _, seconds in finished]
-            self._ks += [k for k, _ in finished]
-            return policy(remaining, self._received(), context)
-
-        return shared
-
-    def _received(self) -> list[tuple[int, float]]:
-        out = []
-        while self._sent and self._sent[0][0] is not self._newest:
-            total, offset, count = self._sent.pop(0)
-            seconds = total.tolist()[offset:]  # evaluated with the tokens it carried: no host sync
-            out += list(zip(self._ks[:count], seconds))
-            del self._ks[:count]
-        return out
-
-    def shared_seed(self) -> int:
-        """A fresh seed chosen by rank 0, the same on every rank (for sampling without a user seed)."""
-        seed = int.from_bytes(os.urandom(3), "little")  # < 2**24: exact through the float all-sum
-        return int(self.agree(mx.array([seed], mx.int32)).item())
-
-    def same_float(self, value: float) -> float:
-        """Rank 0's `value` on every rank (setup only: it syncs)."""
-        total = mx.distributed.all_sum(mx.array([value], mx.float32) * self._rank0, group=self.group)
-        return total.item()
-
-
-def agree(model: Model, values: mx.array) -> mx.array:
-    """`values` decided on rank 0, for a sharded target; `values` itself otherwise."""
-    lockstep = getattr(model, "lockstep", None)
-    return values if lockstep is None else lockstep.agree(values)
-
-
-def agree_pair(model: Model, n: mx.array, tokens: mx.array) -> tuple[mx.array, mx.array]:
-    """A round's accepted count and tokens, decided on rank 0 (one all-sum), for a sharded target."""
-    lockstep = getattr(model, "lockstep", None)
-    if lockstep is None:
-        return n, tokens
-    both = lockstep.agree(mx.concatenate([n.reshape(1).astype(tokens.dtype), tokens]))
-    return both[0].astype(n.dtype), both[1:]
-
-
-def distributed_group() -> mx.distributed.Group | None:
-    """The group of ranks when launched by `mlx.launch` (more than one process), else None."""
-    if not mx.distributed.is_available():
-        return None
-    group = mx.distributed.init()
-    return group if group.size() > 1 else None
-
-
-def broadcast_json(group: mx.distributed.Group, obj=None):
-    """Rank 0's JSON-serialisable `obj` on every rank (the others pass None): two all-sums, which block the other
-    ranks until rank 0 sends (a server's followers wait for the next request this way)."""
-    data = json.dumps(obj).encode() if group.rank() == 0 else b""
-    size = mx.distributed.all_sum(mx.array([len(data)], mx.int32), group=group).item()
-    mine = mx.array(np.frombuffer(data, np.uint8)) if data else mx.zeros((size,), mx.uint8)
-    return json.loads(bytes(np.array(mx.distributed.all_sum(mine, group=group))))
+        sharded = isinstance(layer.self_attn.o_proj, (nn.ShardedToAllLinear, nn.QuantizedShardedToAllLinear))
+        count += sharded * (2 + ("experts" in layer and layer.experts.sharding_group is not None))
+    return count

@@ -1,4 +1,4 @@
-"""Memory and time of the README's commands at a released shape: `python -m mlx_gemma_mtp.scale --shape e2b`.
+"""Memory and time of the README's commands at a released shape: `python -m mlx_gemma_mtp.bench.scale --shape e2b`.
 
 Writes the preset as a released-layout bf16 checkpoint (random weights, presets.py; plus a small Gemma-4-style
 tokenizer, so the text commands run) into a work folder and runs each command in its own process under a small
@@ -32,7 +32,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .gemma4_tokenizer import write_gemma4_tokenizer
+from ..testing.tokenizer import write_gemma4_tokenizer
 
 SHARD_BOUND, LOAD_BOUND = 1.25, 1.2
 GB = 1e9
@@ -102,7 +102,7 @@ class Row:
 
 def write_source(work: Path, shape: str, layers: int | None, vocab: int | None, name: str) -> tuple[Path, Path]:
     """The preset as a released HF checkpoint under work/name (a subprocess: presets imports MLX)."""
-    argv = [sys.executable, "-m", "mlx_gemma_mtp.presets", "write", "--shape", shape, "--out", str(work / name)]
+    argv = [sys.executable, "-m", "mlx_gemma_mtp.testing.presets", "write", "--shape", shape, "--out", str(work / name)]
     argv += ["--layers", str(layers)] if layers else []
     argv += ["--vocab", str(vocab)] if vocab else []
     subprocess.run(argv, check=True, capture_output=True, text=True)
@@ -224,7 +224,7 @@ def format_table(rows: list[Row]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mlx_gemma_mtp.scale", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m mlx_gemma_mtp.bench.scale", description=__doc__.split("\n")[0])
     p.add_argument("--shape", default="e2b", help="a preset of presets.py (e2b, e4b, 26b-a4b, 31b)")
     p.add_argument("--work", default=None, help="parent of the work folder (default: the system's temp folder)")
     p.add_argument("--keep", action="store_true", help="keep the work folder")
@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    print(f"python -m mlx_gemma_mtp.scale {' '.join(argv if argv is not None else sys.argv[1:])}")
+    print(f"python -m mlx_gemma_mtp.bench.scale {' '.join(argv if argv is not None else sys.argv[1:])}")
     print(format_table(rows))
     return 0 if all(r.ok for r in rows) else 1
 

@@ -1,0 +1,69 @@
+"""`mlx-gemma-mtp generate`: one answer to one prompt, streamed to the terminal, with MTP stats after it."""
+
+from __future__ import annotations
+
+import io
+import sys
+
+from .options import add_sampling_arguments, json_object, sampler_from
+from .output import ChannelPrinter, format_stats
+
+DEMO_PROMPT = 'import os\n\n\ndef walk_files(top):\n    """Yield the path of every file under top."""\n'
+
+
+def add_generate_parser(sub) -> None:
+    p = sub.add_parser("generate", help="generate text from a Gemma 4 checkpoint (MTP when a drafter is given)")
+    p.add_argument("--model", default=None,
+                   help="local folder or hub id of a Gemma 4 checkpoint or bundle (default: the offline demo pair)")
+    p.add_argument("--draft", default=None, help="folder or hub id of the matching gemma4_assistant drafter")
+    p.add_argument("--prompt", default=None, help="default: a question, or a code prefix for the demo pair")
+    p.add_argument("--max-tokens", type=int, default=256)
+    add_sampling_arguments(p)
+    p.add_argument("--no-chat-template", action="store_true", help="feed the prompt as raw text (BOS is added)")
+    p.add_argument("--chat-template-kwargs", type=json_object, default=None,
+                   help='options for the chat template as JSON, e.g. \'{"enable_thinking": true}\'')
+    p.add_argument("--thinking", action="store_true",
+                   help="let Gemma 4 think first (enable_thinking); the thought is printed dimmed, or after a "
+                        "'[thinking]' marker when stdout is not a terminal")
+    p.set_defaults(func=run_generate)
+
+
+def run_generate(args) -> None:
+    from .. import load, stream_generate
+    from ..distributed.group import distributed_group
+
+    group = distributed_group()  # under `mlx.launch`: the target split across the ranks, rank 0 prints
+    out = sys.stdout if group is None or group.rank() == 0 else io.StringIO()  # the other ranks print nothing
+    model, dtype = args.model, None
+    if model is None:
+        from ..demo import demo_dtype, demo_path
+
+        model, dtype = demo_path(), demo_dtype()
+        args.prompt = DEMO_PROMPT if args.prompt is None else args.prompt
+        print("Running the offline demo pair (a small Gemma 4-architecture model trained on Python's standard "
+              "library, with its MTP drafter). For a real Gemma 4: --model google/gemma-4-E2B-it "
+              "--draft google/gemma-4-E2B-it-assistant", file=sys.stderr if out is sys.stdout else out)
+    if group is None:
+        bundle = load(model, draft=args.draft, dtype=dtype)
+    else:
+        from ..distributed.load import load_sharded
+
+        bundle = load_sharded(model, args.draft, group, dtype)
+    sampler = sampler_from(args, bundle)
+    if args.prompt is None:
+        args.prompt = "Write a haiku about speculative decoding."
+    use_chat = not args.no_chat_template and bundle.tokenizer is not None and bundle.tokenizer.has_chat_template
+    prompt = [{"role": "user", "content": args.prompt}] if use_chat else args.prompt
+    template_kwargs = dict(args.chat_template_kwargs or {})
+    if args.thinking:
+        template_kwargs["enable_thinking"] = True
+    printer = ChannelPrinter(out)
+    if args.model is None and not use_chat:  # the demo continues its prompt: show it first, dimmed on a terminal
+        tty = out.isatty()
+        out.write(f"{ChannelPrinter.DIM}{args.prompt}{ChannelPrinter.RESET}" if tty else args.prompt)
+    last = None
+    for last in stream_generate(bundle, prompt, args.max_tokens, sampler, args.num_draft_tokens,
+                                chat_template_kwargs=template_kwargs or None):
+        printer.write(last.channel, last.text)
+    printer.end()
+    print(format_stats(last), file=sys.stderr if out is sys.stdout else out)

@@ -1,0 +1,68 @@
+"""What a loaded target/drafter pair keeps between generations, in one object its `Bundle` owns (`bundle.state`).
+
+- the drafter's compiled draft step (a JIT pass per draft length and sampling setting: built once, reused);
+- what the "auto" draft length learned about the pair (`draft_length.AutoRecords`), started from this machine's
+  saved calibration when there is one;
+- for a target sharded over several processes, the `Lockstep` that keeps the ranks' decisions equal.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+from .calibration import saved_costs
+from .distributed.lockstep import Lockstep
+from .draft_length import (
+    AutoDraftLength,
+    AutoRecords,
+    DraftLength,
+    FixedDraftLength,
+    Learned,
+    cost_model,
+    new_record,
+)
+from .drafting import DraftStep
+from .models.gemma4_assistant import Drafter
+from .models.gemma4_text import Model
+from .sampling import SamplerConfig
+
+
+class PairState:
+    """Per-pair state that outlives a generation (see the module docstring)."""
+
+    def __init__(self, target: Model, drafter: Drafter | None, lockstep: Lockstep | None = None):
+        self.target, self.drafter, self.lockstep = target, drafter, lockstep
+
+    @cached_property
+    def draft_step(self) -> DraftStep:
+        """The drafter's compiled step (its graphs are kept for the next generations)."""
+        if self.drafter is None:
+            raise ValueError("this bundle has no drafter: load(model, draft=...)")
+        return DraftStep(self.target, self.drafter)
+
+    @cached_property
+    def auto_records(self) -> AutoRecords:
+        """What "auto" learned about this pair, per sampling setting."""
+        if self.drafter is None:
+            raise ValueError("this bundle has no drafter: load(model, draft=...)")
+        return AutoRecords(cost_model(self.target, self.drafter, self.lockstep))
+
+    def forget(self) -> None:
+        """Drop everything "auto" learned about this pair."""
+        self.__dict__.pop("auto_records", None)
+
+    def draft_length(self, num_draft_tokens: int | str, sampler: SamplerConfig, max_k: int) -> DraftLength:
+        """The policy of one generation: a fixed K for an int; for "auto" one that learns (this pair's record for
+        the sampling setting), or with a seed at T > 0 one whose schedule depends on counts only."""
+        if isinstance(num_draft_tokens, int):
+            return FixedDraftLength(num_draft_tokens)
+        records = self.auto_records
+        if sampler.seed is not None and not sampler.greedy:
+            return AutoDraftLength(records.model, max_k, Learned(), timed=False)
+        learned = records.get(sampler)
+        if learned is None:  # each host has its own saved calibration: a sharded target starts from the model
+            prior = None if self.lockstep else saved_costs(self.target, self.drafter, sampler.greedy)
+            learned = new_record(records.model, prior)
+            records.swap(sampler, learned)
+        policy = AutoDraftLength(records.model, max_k, learned)
+        return policy if self.lockstep is None else self.lockstep.draft_length(policy)

@@ -1,0 +1,241 @@
+"""The OpenAI API's request and response shapes: requests parsed and checked (before the model's lock is taken, so a
+bad request never waits or touches state), and the JSON objects of completions and their stream chunks."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..decode import GenerationResponse
+from ..load import Bundle
+from ..prompt_cache import PromptCache
+from ..sampling import SamplerConfig
+
+MAX_BODY_BYTES = 16 * 1024 * 1024
+
+
+class RequestError(ValueError):
+    """A bad request: answered with status 400 (or `status`) and an OpenAI-style error body."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400):
+        super().__init__(message)
+        self.param, self.status = param, status
+
+
+def error_body(message: str, param: str | None = None, kind: str = "invalid_request_error") -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+
+
+@dataclass
+class ServerState:
+    """What every request handler shares: the model, its prompt cache and the lock that makes it batch 1."""
+
+    bundle: Bundle
+    model_name: str
+    num_draft_tokens: int | str | None = None
+    default_max_tokens: int = 512
+    prompt_cache: PromptCache = field(default_factory=PromptCache)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    disconnects: int = 0  # streams whose client went away before the end (their generation was stopped)
+    group: Any = None  # under mlx.launch: the ranks that follow every generation of this one (rank 0)
+
+    @property
+    def max_tokens_cap(self) -> int | None:
+        return getattr(self.bundle.target.args, "max_position_embeddings", None)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Request parsing: all is checked before the lock is taken, so a bad request never waits or touches state.
+# ------------------------------------------------------------------------------------------------------------
+
+def _number(body: dict, name: str, integer: bool = False):
+    value = body.get(name)
+    if value is None:
+        return None
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        raise RequestError(f"'{name}' must be {'an integer' if integer else 'a number'}, got {value!r}", name)
+    return value
+
+
+def sampler_from(body: dict, state: ServerState) -> SamplerConfig:
+    """OpenAI's fields over the checkpoint's generation defaults (temperature 1.0, OpenAI's, if none)."""
+    defaults = state.bundle.generation
+    temperature, top_p = _number(body, "temperature"), _number(body, "top_p")
+    top_k, min_p, seed = _number(body, "top_k", True), _number(body, "min_p"), _number(body, "seed", True)
+    if top_k == -1:  # vLLM's spelling of "off"
+        top_k = 0
+    try:
+        return SamplerConfig(
+            temperature=float(temperature if temperature is not None else (defaults.temperature or 1.0)),
+            top_p=float(top_p if top_p is not None else (defaults.top_p or 1.0)),
+            top_k=top_k if top_k is not None else (defaults.top_k or 0),
+            min_p=float(min_p or 0.0),
+            seed=seed,
+        )
+    except ValueError as e:
+        found = re.search(r"SamplerConfig\.(\w+)=", str(e))
+        raise RequestError(str(e), found.group(1) if found else None) from None
+
+
+def max_tokens_from(body: dict, state: ServerState) -> int:
+    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    value = _number(body, name, integer=True)
+    if value is None:
+        value = state.default_max_tokens if state.max_tokens_cap is None else min(state.default_max_tokens,
+                                                                                 state.max_tokens_cap)
+    if value < 1:
+        raise RequestError(f"'{name}' must be a positive integer, got {value}", name)
+    if state.max_tokens_cap is not None and value > state.max_tokens_cap:
+        raise RequestError(f"'{name}'={value} exceeds the model's context length "
+                           f"({state.max_tokens_cap} tokens)", name)
+    return value
+
+
+def stop_from(body: dict) -> list[str] | None:
+    stop = body.get("stop")
+    if stop is None:
+        return None
+    stop = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+        raise RequestError(f"'stop' must be a non-empty string or a list of them, got {body.get('stop')!r}",
+                           "stop")
+    return stop
+
+
+def _text_content(content, i: int) -> str:
+    """A message's content: a string, null, or a list of {"type": "text", "text": ...} parts (text only)."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                         and isinstance(p.get("text"), str) for p in content):
+        return "".join(p["text"] for p in content)
+    raise RequestError(f"messages[{i}].content must be a string or a list of text parts (this server is "
+                       f"text-only)", f"messages[{i}].content")
+
+
+def messages_from(body: dict) -> list[dict]:
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        raise RequestError("'messages' must be a list of {\"role\": ..., \"content\": ...} objects",
+                           "messages")
+    if not messages:
+        raise RequestError("'messages' must not be empty", "messages")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise RequestError(f"messages[{i}] must be an object with a string 'role'", f"messages[{i}]")
+        role = "system" if m["role"] == "developer" else m["role"]
+        out.append({"role": role, "content": _text_content(m.get("content"), i)})
+    return out
+
+
+def prompt_from(body: dict) -> str | list[int]:
+    """/v1/completions' prompt: a string, a list of one string, or token ids."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        return prompt
+    if (isinstance(prompt, list) and prompt
+            and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prompt)):
+        return prompt
+    raise RequestError("'prompt' must be a string, a list of one string or a non-empty list of token ids "
+                       "(one prompt per request)", "prompt")
+
+
+def parse_request(body: Any, state: ServerState, chat: bool) -> dict:
+    """Keyword arguments for `stream_generate` plus `stream` / `include_usage`, or a RequestError."""
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object")
+    if not isinstance(body.get("model", ""), (str, type(None))):
+        raise RequestError("'model' must be a string", "model")
+    stream = body.get("stream", False)
+    if not isinstance(stream, (bool, type(None))):
+        raise RequestError(f"'stream' must be a boolean, got {stream!r}", "stream")
+    n = _number(body, "n", integer=True)
+    if n not in (None, 1):
+        raise RequestError("only n=1 is supported (one generation per request)", "n")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise RequestError("'stream_options' must be an object", "stream_options")
+    kwargs = body.get("chat_template_kwargs")
+    if kwargs is not None and (not chat or not isinstance(kwargs, dict)):
+        raise RequestError("'chat_template_kwargs' must be an object (chat completions only)",
+                           "chat_template_kwargs")
+    return {
+        "prompt": messages_from(body) if chat else prompt_from(body),
+        "max_tokens": max_tokens_from(body, state),
+        "sampler": sampler_from(body, state),
+        "stop": stop_from(body),
+        "chat_template_kwargs": kwargs,
+        "stream": bool(stream),
+        "include_usage": bool(options.get("include_usage")),
+    }
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Response shapes
+# ------------------------------------------------------------------------------------------------------------
+
+def usage(last: GenerationResponse) -> dict:
+    out = {"prompt_tokens": last.prompt_tokens, "completion_tokens": last.generation_tokens,
+           "total_tokens": last.prompt_tokens + last.generation_tokens}
+    if (d := last.draft) is not None:
+        out["mtp"] = {"drafting_rounds": d.rounds, "plain_steps": d.plain_rounds, "drafted": d.drafted,
+                      "accepted": d.accepted, "mean_accepted_length": round(d.mean_accepted_length, 4)}
+    return out
+
+
+def collect(responses: list[GenerationResponse]) -> tuple[str, str]:
+    """(answer, thought) of a whole generation."""
+    answer = "".join(r.text for r in responses if r.channel != "thought")
+    thought = "".join(r.text for r in responses if r.channel == "thought")
+    return answer, thought
+
+
+def delta_of(r: GenerationResponse, chat: bool) -> dict:
+    if not chat:
+        return {"text": r.text}
+    return {"reasoning_content" if r.channel == "thought" else "content": r.text}
+
+
+class Completion:
+    """Builds the JSON objects of one request (ids and timestamps shared by all its chunks)."""
+
+    def __init__(self, state: ServerState, chat: bool):
+        self.chat, self.model = chat, state.model_name
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        self.created = int(time.time())
+
+    def _object(self, kind: str, choices: list, **extra) -> dict:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model,
+                "choices": choices, **extra}
+
+    def whole(self, responses: list[GenerationResponse]) -> dict:
+        last = responses[-1]
+        answer, thought = collect(responses)
+        if self.chat:
+            message = {"role": "assistant", "content": answer}
+            if thought:
+                message["reasoning_content"] = thought
+            choice = {"index": 0, "message": message, "finish_reason": last.finish_reason, "logprobs": None}
+            return self._object("chat.completion", [choice], usage=usage(last))
+        choice = {"index": 0, "text": answer, "finish_reason": last.finish_reason, "logprobs": None}
+        return self._object("text_completion", [choice], usage=usage(last))
+
+    def chunk(self, delta: dict, finish_reason: str | None = None, **extra) -> dict:
+        kind = "chat.completion.chunk" if self.chat else "text_completion"
+        choice = {"index": 0, "finish_reason": finish_reason, "logprobs": None}
+        choice.update({"delta": delta} if self.chat else delta)
+        return self._object(kind, [choice], **extra)
+
+    def usage_chunk(self, last: GenerationResponse) -> dict:
+        kind = "chat.completion.chunk" if self.chat else "text_completion"
+        return self._object(kind, [], usage=usage(last))
+
+
