@@ -88,6 +88,9 @@ class PromptCache:
                 sliding.append((c.keys[..., : c.length, :], c.values[..., : c.length, :], c.offset, c.length))
             else:
                 sliding.append(None)
+        # evaluated now, on the generating thread's stream: the next request may run on another thread (a server
+        # handles each connection on its own), where a lazy slice made on this thread's stream cannot be computed
+        mx.eval([s[:2] for s in sliding if s is not None])
         self._snapshots = [s for s in self._snapshots if s.length < length][-(self.max_snapshots - 1):]
         self._snapshots.append(_Snapshot(length, sliding))
 
@@ -100,6 +103,7 @@ class PromptCache:
             return
         if extra > 0:
             trim_cache(self.cache, extra)
+        mx.eval([(c.keys, c.values) for c in self.cache if c.keys is not None])  # usable from any thread (above)
         self.tokens = tokens[: self.cache[0].offset]
         self._snapshots = [s for s in self._snapshots if s.length <= len(self.tokens)]
 

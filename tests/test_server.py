@@ -263,3 +263,31 @@ def test_serve_command_starts_answers_and_stops_on_ctrl_c(pair_dir):
             proc.kill()
             proc.wait(timeout=30)
         proc.stderr.close()
+
+
+def test_requests_on_new_connections_after_a_window_wrapping_answer():
+    """Each request on its own connection runs on its own handler thread: the prompt cache it restores (sliding
+    window snapshots taken while another thread generated) must be usable there. The demo pair (window 128),
+    answers that wrap the window: the same request three times, then the next turn, each through a new official
+    client, each equal to a fresh run."""
+    from mlx_gemma_mtp.demo import demo_dtype, demo_path
+
+    bundle = mlx_gemma_mtp.load(demo_path(), dtype=demo_dtype())
+    server = make_server(bundle, "127.0.0.1", 0, model_name="demo")
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    long = 2 * bundle.target.args.sliding_window + 40
+    prompt = open(mlx_gemma_mtp.__file__.replace("__init__.py", "cache.py")).read()[:1500]
+    try:
+        for turn in range(4):
+            url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+            with openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=120) as c:
+                r = c.completions.create(model="demo", prompt=prompt, max_tokens=long, temperature=0)
+            assert r.choices[0].text == mlx_gemma_mtp.generate(bundle, prompt, max_tokens=long), turn
+            assert r.usage.completion_tokens == long, "the answer must wrap the window"
+            if turn == 2:
+                prompt += r.choices[0].text + "\n\n\ndef "
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
