@@ -76,7 +76,8 @@ class GenerationOptions:
                    prefill_step_size, proposer, prompt_cache)
 
 
-def _prompt_ids(bundle: Bundle, prompt: Prompt, chat_template_kwargs: dict | None) -> list[int]:
+def encode_prompt(bundle: Bundle, prompt: Prompt, chat_template_kwargs: dict | None = None) -> list[int]:
+    """The token ids `stream_generate` would feed for `prompt` (a server counts them before it takes the model)."""
     ids = prompt_ids(bundle.tokenizer, bundle.special, prompt, chat_template_kwargs, where=str(bundle.path))
     if not ids:
         raise ValueError("the prompt encodes to no tokens")
@@ -159,7 +160,7 @@ def stream_generate(
     """
     options = GenerationOptions.of(bundle, max_tokens, sampler, num_draft_tokens, stop, prefill_step_size, proposer,
                                    prompt_cache)
-    ids = _prompt_ids(bundle, prompt, chat_template_kwargs)
+    ids = encode_prompt(bundle, prompt, chat_template_kwargs)
     _warn_past_context(bundle, len(ids), max_tokens)
     release_streams_at_thread_exit()
     with bundle.exclusive():

@@ -155,10 +155,27 @@ def test_ctrl_c_at_the_prompt_drops_the_line(bundle):
     assert [m["content"] for m in chat.messages if m["role"] == "user"] == ["Hello"]
 
 
-def test_a_checkpoint_without_a_chat_template_is_refused(bundle):
-    no_template = dataclasses.replace(bundle, tokenizer=None)
-    with pytest.raises(ValueError, match="no chat template"):
-        run_chat(no_template, chat_args(), scripted([], Out()), Out())
+def test_a_checkpoint_without_a_tokenizer_is_refused(bundle):
+    no_tokenizer = dataclasses.replace(bundle, tokenizer=None)
+    with pytest.raises(ValueError, match="no tokenizer files"):
+        run_chat(no_tokenizer, chat_args(), scripted([], Out()), Out())
+
+
+def test_chat_runs_the_demo_pair_with_no_setup():
+    """No --model: the demo pair, which has no chat template: the lines typed make one text the model continues,
+    each answer equal to generating from that text."""
+    from mlx_gemma_mtp.demo import demo_dtype, demo_path
+
+    cmd = [sys.executable, "-m", "mlx_gemma_mtp", "chat", "--max-tokens", "6", "--num-draft-tokens", "2"]
+    proc = subprocess.run(cmd, input="import os\ndef walk(top):\n", check=False, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "no chat template" in proc.stdout
+    demo = mlx_gemma_mtp.load(demo_path(), dtype=demo_dtype())
+    first = mlx_gemma_mtp.generate(demo, "import os\n", max_tokens=6, num_draft_tokens=2)
+    second = mlx_gemma_mtp.generate(demo, "import os\n" + first + "def walk(top):\n", max_tokens=6,
+                                    num_draft_tokens=2)
+    assert first + "\n" in proc.stdout and second + "\n" in proc.stdout
 
 
 def test_chat_help_runs_as_a_module():

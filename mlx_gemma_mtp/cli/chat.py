@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from ..prompt_cache import PromptCache
 from ..sampling import SamplerConfig
-from .options import add_sampling_arguments, sampler_from
+from .options import add_model_arguments, add_sampling_arguments, load_model, sampler_from
 from .output import ChannelPrinter, format_stats
 
 HELP = ("type a message; /reset starts over, /stats shows the last answer's stats, /exit, /quit or Ctrl-D "
@@ -17,8 +17,7 @@ HELP = ("type a message; /reset starts over, /stats shows the last answer's stat
 
 def add_chat_parser(sub) -> None:
     p = sub.add_parser("chat", help="chat with a Gemma 4 checkpoint in the terminal (MTP, prompt cache)")
-    p.add_argument("--model", required=True, help="local folder or hub id of a Gemma 4 checkpoint or bundle")
-    p.add_argument("--draft", default=None, help="folder or hub id of the matching gemma4_assistant drafter")
+    add_model_arguments(p)
     p.add_argument("--max-tokens", type=int, default=1024, help="per answer")
     add_sampling_arguments(p)
     p.add_argument("--thinking", action="store_true", help="let Gemma 4 think first (the thought is dimmed)")
@@ -27,19 +26,24 @@ def add_chat_parser(sub) -> None:
 
 
 def _main(args) -> None:
-    from .. import load
-
-    run_chat(load(args.model, draft=args.draft), args)
+    run_chat(load_model(args), args)
 
 
 @dataclass
 class Chat:
-    """One conversation: its messages, the K/V already prefilled, and the last answer's final response."""
+    """One conversation: its messages, the K/V already prefilled, and the last answer's final response. With
+    `raw` (a model without a chat template, e.g. the demo pair) the conversation is one text that each line you
+    type extends and each answer continues."""
 
     system: str | None = None
     messages: list[dict] = field(default_factory=list)
     cache: PromptCache = field(default_factory=PromptCache)
     last: object = None  # the last GenerationResponse (for /stats)
+    raw: bool = False
+
+    def prompt(self):
+        """What the model continues: the chat messages, or in raw mode their text run together."""
+        return "".join(m["content"] for m in self.messages) if self.raw else self.messages
 
     def __post_init__(self):
         self.reset()
@@ -63,9 +67,9 @@ def answer(bundle, chat: Chat, text: str, args, sampler: SamplerConfig, out) -> 
     """Stream the answer to `text`; Ctrl-C stops it, keeping what was shown as the assistant's message."""
     from .. import stream_generate
 
-    chat.messages.append({"role": "user", "content": text})
-    kwargs = {"enable_thinking": True} if args.thinking else None
-    responses = stream_generate(bundle, chat.messages, args.max_tokens, sampler, args.num_draft_tokens,
+    chat.messages.append({"role": "user", "content": text + "\n" if chat.raw else text})
+    kwargs = {"enable_thinking": True} if args.thinking and not chat.raw else None
+    responses = stream_generate(bundle, chat.prompt(), args.max_tokens, sampler, args.num_draft_tokens,
                                 chat_template_kwargs=kwargs, prompt_cache=chat.cache)
     printer, shown, last, interrupted = ChannelPrinter(out), [], None, False
     try:
@@ -98,9 +102,13 @@ def run_chat(bundle, args, input_fn=input, out=None) -> Chat:
     Returns the conversation as it ended (its messages and prompt cache).
     """
     out = sys.stdout if out is None else out
-    if bundle.tokenizer is None or not bundle.tokenizer.has_chat_template:
-        raise ValueError(f"{bundle.path} has no chat template; chat needs an instruction-tuned checkpoint")
-    sampler, chat = sampler_from(args, bundle), Chat(system=args.system)
+    if bundle.tokenizer is None:
+        raise ValueError(f"{bundle.path} has no tokenizer files; chat needs a checkpoint with a tokenizer")
+    raw = not bundle.tokenizer.has_chat_template
+    sampler, chat = sampler_from(args, bundle), Chat(system=None if raw else args.system, raw=raw)
+    if raw:
+        _dim(out, f"{bundle.path.name} has no chat template: each line you type is added to one text, which the "
+                  "model continues (an instruction-tuned checkpoint chats)")
     _dim(out, HELP)
     while True:
         try:

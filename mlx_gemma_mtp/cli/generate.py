@@ -5,17 +5,18 @@ from __future__ import annotations
 import io
 import sys
 
-from .options import add_sampling_arguments, json_object, sampler_from
+from .options import add_model_arguments, add_sampling_arguments, json_object, load_model, sampler_from
 from .output import ChannelPrinter, format_stats
 
+DEMO_BANNER = ("Running the offline demo pair (a small Gemma 4-architecture model trained on Python's standard "
+               "library, with its MTP drafter). For a real Gemma 4: --model google/gemma-4-E2B-it "
+               "--draft google/gemma-4-E2B-it-assistant")
 DEMO_PROMPT = 'import os\n\n\ndef walk_files(top):\n    """Yield the path of every file under top."""\n'
 
 
 def add_generate_parser(sub) -> None:
     p = sub.add_parser("generate", help="generate text from a Gemma 4 checkpoint (MTP when a drafter is given)")
-    p.add_argument("--model", default=None,
-                   help="local folder or hub id of a Gemma 4 checkpoint or bundle (default: the offline demo pair)")
-    p.add_argument("--draft", default=None, help="folder or hub id of the matching gemma4_assistant drafter")
+    add_model_arguments(p)
     p.add_argument("--prompt", default=None, help="default: a question, or a code prefix for the demo pair")
     p.add_argument("--max-tokens", type=int, default=256)
     add_sampling_arguments(p)
@@ -29,26 +30,15 @@ def add_generate_parser(sub) -> None:
 
 
 def run_generate(args) -> None:
-    from .. import load, stream_generate
+    from .. import stream_generate
     from ..distributed.group import distributed_group
 
     group = distributed_group()  # under `mlx.launch`: the target split across the ranks, rank 0 prints
     out = sys.stdout if group is None or group.rank() == 0 else io.StringIO()  # the other ranks print nothing
-    model, dtype = args.model, None
-    if model is None:
-        from ..demo import demo_dtype, demo_path
-
-        model, dtype = demo_path(), demo_dtype()
+    if args.model is None:
         args.prompt = DEMO_PROMPT if args.prompt is None else args.prompt
-        print("Running the offline demo pair (a small Gemma 4-architecture model trained on Python's standard "
-              "library, with its MTP drafter). For a real Gemma 4: --model google/gemma-4-E2B-it "
-              "--draft google/gemma-4-E2B-it-assistant", file=sys.stderr if out is sys.stdout else out)
-    if group is None:
-        bundle = load(model, draft=args.draft, dtype=dtype)
-    else:
-        from ..distributed.load import load_sharded
-
-        bundle = load_sharded(model, args.draft, group, dtype)
+        print(DEMO_BANNER, file=sys.stderr if out is sys.stdout else out)
+    bundle = load_model(args, group)
     sampler = sampler_from(args, bundle)
     if args.prompt is None:
         args.prompt = "Write a haiku about speculative decoding."

@@ -49,3 +49,47 @@ def sampler_from(args, bundle) -> SamplerConfig:
         min_p=args.min_p,
         seed=args.seed,
     )
+
+
+DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
+DEMO_NAME = "mlx-gemma-mtp-demo"  # the model id `serve` reports for the demo pair
+
+
+def add_model_arguments(p) -> None:
+    """--model (default: the offline demo pair), --draft and --dtype, shared by generate, chat and serve."""
+    p.add_argument("--model", default=None,
+                   help="local folder or hub id of a Gemma 4 checkpoint or bundle (default: the offline demo pair)")
+    p.add_argument("--draft", default=None, help="folder or hub id of the matching gemma4_assistant drafter")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None,
+                   help="cast the float weights (default: as stored; the demo pair: float32 on a CPU, whose "
+                        "half-precision matmuls are slow)")
+
+
+def load_model(args, group=None):
+    """The bundle the flags name (sharded across `group` under mlx.launch)."""
+    import mlx.core as mx
+
+    from .. import load
+
+    model, dtype = args.model, getattr(mx, args.dtype) if args.dtype else None
+    if model is None:
+        from ..demo import demo_dtype, demo_path
+
+        model, dtype = demo_path(), dtype or demo_dtype()
+    if group is None:
+        return load(model, draft=args.draft, dtype=dtype)
+    from ..distributed.load import load_sharded
+
+    return load_sharded(model, args.draft, group, dtype)
+
+
+def model_name(args) -> str:
+    """The id a server reports: `--served-model-name`, else a local folder's name or the hub id as given."""
+    from pathlib import Path
+
+    if getattr(args, "served_model_name", None):
+        return args.served_model_name
+    if args.model is None:
+        return DEMO_NAME
+    path = Path(args.model).expanduser()
+    return path.resolve().name if path.exists() else args.model

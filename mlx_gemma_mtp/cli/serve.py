@@ -4,49 +4,60 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 
 from ..distributed.group import distributed_group
 from ..server.http import follow, make_server
 from ..server.protocol import ServerState
-from .options import draft_tokens
+from .options import add_model_arguments, draft_tokens, load_model, model_name
 
 
 def add_serve_parser(sub) -> None:
     p = sub.add_parser("serve",
                        help="an OpenAI-compatible HTTP server (chat/completions, completions, models)")
-    p.add_argument("--model", required=True, help="local folder or hub id of a Gemma 4 checkpoint or bundle")
-    p.add_argument("--draft", default=None, help="folder or hub id of the matching gemma4_assistant drafter")
+    add_model_arguments(p)
+    p.add_argument("--served-model-name", default=None,
+                   help="the model id clients see (default: the checkpoint folder's name, or the hub id)")
     p.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1 (this machine only)")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--num-draft-tokens", type=draft_tokens, default=None,
                    help="draft length K, 0 for plain decoding, or 'auto' (default when a drafter is loaded)")
     p.add_argument("--max-tokens", type=int, default=512, help="for requests that give no max_tokens")
+    p.add_argument("--allowed-origins", nargs="+", default=[], metavar="ORIGIN",
+                   help="browser origins whose pages may call the API (CORS), e.g. http://example.com:3000, or "
+                        "'*' for any; pages served from localhost always may")
     p.set_defaults(func=run_serve)
 
 
 def run_serve(args) -> None:
-    from .. import load
-
     group = distributed_group()  # under mlx.launch: rank 0 serves, the others follow its generations
-    if group is None:
-        bundle = load(args.model, draft=args.draft)
-    else:
-        from ..distributed.load import load_sharded
-
-        bundle = load_sharded(args.model, args.draft, group)
-        if group.rank() != 0:
-            follow(ServerState(bundle, args.model, args.num_draft_tokens, args.max_tokens, group=group))
-    server = make_server(bundle, args.host, args.port, args.model, args.num_draft_tokens, args.max_tokens)
+    bundle = load_model(args, group)
+    name = model_name(args)
+    if group is not None and group.rank() != 0:
+        follow(ServerState(bundle, name, args.num_draft_tokens, args.max_tokens, group=group))
+    aliases = tuple(a for a in {args.model, str(bundle.path)} if a and a != name)
+    server = make_server(bundle, args.host, args.port, name, args.num_draft_tokens, args.max_tokens, aliases,
+                         tuple(args.allowed_origins))
     server.RequestHandlerClass.state.group = group
     host, port = server.server_address[:2]
-    print(f"serving {args.model} on http://{host}:{port}/v1 (Ctrl-C stops)", file=sys.stderr)
+    print(f"serving {name} on http://{host}:{port}/v1 (Ctrl-C stops)", file=sys.stderr)
+    main_thread = threading.current_thread() is threading.main_thread()  # only it may set signal handlers
+    previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None  # a service's stop: as Ctrl-C
     try:
         server.serve_forever()
     except KeyboardInterrupt:
-        print("stopped", file=sys.stderr)
+        print("stopping", file=sys.stderr)
     finally:
-        server.server_close()
+        server.server_close()  # running generations end within a round; their threads are joined
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+    print("stopped", file=sys.stderr)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> None:

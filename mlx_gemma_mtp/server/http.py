@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import select
 import socket
 import threading
 import traceback
@@ -25,7 +26,7 @@ from dataclasses import asdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from ..decode import GenerationResponse, stream_generate
+from ..decode import GenerationResponse, encode_prompt, stream_generate
 from ..distributed.group import broadcast_json
 from ..load import Bundle
 from ..sampling import SamplerConfig
@@ -36,6 +37,7 @@ from .protocol import (
     ServerState,
     delta_of,
     error_body,
+    fit_context,
     parse_request,
     usage,
 )
@@ -60,6 +62,39 @@ class Handler(BaseHTTPRequestHandler):
         else:
             self.not_found()
 
+    def do_OPTIONS(self):
+        """A browser's CORS preflight: allowed origins get the methods and headers they ask for."""
+        origin = self.headers.get("Origin")
+        if origin is None or self.allowed_origin(origin) is None:
+            self.send_json(403, error_body(f"origin {origin!r} is not allowed: start the server with "
+                                           f"--allowed-origins {origin or 'ORIGIN'} (or '*')"))
+            return
+        self.send_response(204)
+        self.send_cors_headers()
+        self.send_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
+        asked = self.headers.get("Access-Control-Request-Headers")
+        self.send_header("Access-Control-Allow-Headers", asked or "Authorization, Content-Type")
+        self.send_header("Access-Control-Max-Age", "600")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def allowed_origin(self, origin: str) -> str | None:
+        """The value of Access-Control-Allow-Origin for `origin`, None when it may not read our answers. Pages
+        served from this machine (localhost, 127.0.0.1) always may; others as `--allowed-origins` says."""
+        allowed = self.state.allowed_origins
+        host = origin.split("://", 1)[-1].rsplit(":", 1)[0]
+        if "*" in allowed:
+            return "*"
+        if origin in allowed or host in ("localhost", "127.0.0.1", "[::1]"):
+            return origin
+        return None
+
+    def send_cors_headers(self) -> None:
+        origin = self.headers.get("Origin")
+        if origin is not None and (value := self.allowed_origin(origin)) is not None:
+            self.send_header("Access-Control-Allow-Origin", value)
+            self.send_header("Vary", "Origin")
+
     def do_POST(self):
         path = self.path.split("?", 1)[0].rstrip("/")
         if path not in ("/v1/chat/completions", "/v1/completions"):
@@ -72,10 +107,20 @@ class Handler(BaseHTTPRequestHandler):
         chat = path.endswith("chat/completions")
         try:
             request = parse_request(self.read_json(), self.state, chat)
+            request["prompt"] = self.token_ids(request, chat)
         except RequestError as e:
-            self.send_json(e.status, error_body(str(e), e.param))
+            self.send_json(e.status, error_body(str(e), e.param, code=e.code))
             return
         self.complete(request, chat)
+
+    def token_ids(self, request: dict, chat: bool) -> list[int]:
+        """The prompt's token ids, counted against the model's context before the model is taken."""
+        try:
+            ids = encode_prompt(self.state.bundle, request["prompt"], request.pop("chat_template_kwargs"))
+        except ValueError as e:
+            raise RequestError(str(e), "messages" if chat else "prompt") from None
+        fit_context(len(ids), request, self.state, chat)
+        return ids
 
     def not_found(self):
         self.send_json(404, error_body(f"no such endpoint: {self.command} {self.path}"))
@@ -107,6 +152,7 @@ class Handler(BaseHTTPRequestHandler):
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
+            self.send_cors_headers()
             self.end_headers()
             self.wfile.write(data)
         except DISCONNECTED:
@@ -114,9 +160,13 @@ class Handler(BaseHTTPRequestHandler):
 
     def complete(self, request: dict, chat: bool) -> None:
         stream, include_usage = request.pop("stream"), request.pop("include_usage")
+        del request["max_tokens_given"]
         self._streaming = False  # True once SSE headers are out: an error can then only end the stream
         completion = Completion(self.state, chat)
         with self.state.lock:  # batch 1: one generation at a time, the prompt cache is used by one request
+            if self.state.stopping.is_set():  # queued behind a generation while the server was stopping
+                self.send_json(503, error_body("the server is shutting down", kind="server_error"))
+                return
             if self.state.group is not None:  # the other ranks run the same generation (`follow`)
                 broadcast_json(self.state.group, {**request, "sampler": asdict(request["sampler"])})
             responses = stream_generate(self.state.bundle, num_draft_tokens=self.state.num_draft_tokens,
@@ -133,13 +183,44 @@ class Handler(BaseHTTPRequestHandler):
                 if stream:
                     self.stream(completion, first, responses, include_usage)
                 else:
-                    self.send_json(200, completion.whole([first, *responses]))
+                    self.answer_whole(completion, first, responses)
             except Exception as e:  # noqa: BLE001  (as above, once generating)
                 self.fail(e)
             finally:
                 if self.state.group is not None:  # the other ranks generate to the end: so must this one
                     _drain(responses)
                 responses.close()
+
+    def answer_whole(self, completion: Completion, first: GenerationResponse,
+                     responses: Iterator[GenerationResponse]) -> None:
+        """A non-streaming answer; a client that hangs up (or a server that stops) ends the generation within a
+        round instead of letting it run to max_tokens."""
+        received = [first]
+        for r in _chain(first, responses):
+            if r is not first:
+                received.append(r)
+            if r.finish_reason is None and self.abandoned():
+                self.state.disconnects += 1
+                self.close_connection = True
+                self.log_message("client went away (or the server is stopping); generation stopped")
+                return
+        self.send_json(200, completion.whole(received))
+
+    def abandoned(self) -> bool:
+        """Whether the client closed its connection (EOF is readable; a pipelined next request is not EOF) or the
+        server is stopping: a non-blocking peek, a syscall per check."""
+        if self.state.stopping.is_set():
+            return True
+        sock = self.connection
+        readable, _, _ = select.select([sock], [], [], 0)
+        if not readable:
+            return False
+        try:
+            return sock.recv(1, socket.MSG_PEEK) == b""
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return True
 
     def stream(self, completion: Completion, first: GenerationResponse,
                responses: Iterator[GenerationResponse], include_usage: bool) -> None:
@@ -148,17 +229,20 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Cache-Control", "no-cache")
             self.send_header("Connection", "close")
+            self.send_cors_headers()
             self.end_headers()
             self.close_connection = self._streaming = True
             if completion.chat:
                 self.send_event(completion.chunk({"role": "assistant", "content": ""}))
             last = first
             for last in _chain(first, responses):
+                if self.state.stopping.is_set():
+                    raise BrokenPipeError("the server is stopping")
                 if last.text:
                     self.send_event(completion.chunk(delta_of(last, completion.chat)))
-            # the usage (with MTP stats) rides on the finishing chunk too, for clients that do not ask
-            self.send_event(completion.chunk({} if completion.chat else {"text": ""}, last.finish_reason,
-                                             usage=usage(last)))
+            # usage (with MTP stats) once: in its own chunk when asked for, else on the finishing chunk
+            extra = {} if include_usage else {"usage": usage(last)}
+            self.send_event(completion.chunk({} if completion.chat else {"text": ""}, last.finish_reason, **extra))
             if include_usage:
                 self.send_event(completion.usage_chunk(last))
             self.wfile.write(b"data: [DONE]\n\n")
@@ -223,6 +307,7 @@ class Server(ThreadingHTTPServer):
         super().shutdown_request(request)
 
     def server_close(self):
+        self.RequestHandlerClass.state.stopping.set()  # running generations end within a round
         with self._open_lock:
             open_now = list(self._open)
         for sock in open_now:  # idle keep-alive readers wake up with EOF; a stream's next write fails
@@ -232,17 +317,20 @@ class Server(ThreadingHTTPServer):
 
 
 def make_server(bundle: Bundle, host: str = "127.0.0.1", port: int = 8080, model_name: str | None = None,
-                num_draft_tokens: int | str | None = None, max_tokens: int = 512) -> Server:
+                num_draft_tokens: int | str | None = None, max_tokens: int = 512, aliases: tuple[str, ...] = (),
+                allowed_origins: tuple[str, ...] = ()) -> Server:
     """A server over `bundle` (not started: call `serve_forever()`, and `shutdown()` from another thread).
 
     Args:
         port: 0 picks a free port (read it back from `server.server_address[1]`).
-        model_name: the id `/v1/models` reports (default: the checkpoint folder's name).
+        model_name: the id `/v1/models` reports (default: the checkpoint folder's name); requests naming another
+            model (not in `aliases`) get a 404.
         num_draft_tokens: as in `stream_generate` (None = "auto" when the bundle has a drafter).
         max_tokens: used when a request gives neither `max_tokens` nor `max_completion_tokens`.
+        allowed_origins: browser origins (e.g. "http://example.com:3000", or "*") whose pages may call the API;
+            pages from this machine always may.
     """
-    state = ServerState(bundle, model_name or bundle.path.name, num_draft_tokens, max_tokens)
+    state = ServerState(bundle, model_name or bundle.path.name, num_draft_tokens, max_tokens, aliases=aliases,
+                        allowed_origins=allowed_origins)
     handler = type("BoundHandler", (Handler,), {"state": state})
     return Server((host, port), handler)
-
-

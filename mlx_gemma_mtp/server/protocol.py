@@ -18,16 +18,29 @@ from ..sampling import SamplerConfig
 MAX_BODY_BYTES = 16 * 1024 * 1024
 
 
+# Fields this server does not implement, with the values that mean "not used": anything else is a 400 naming the
+# field (a client must never get a 200 that silently ignored what it asked for).
+UNSUPPORTED = {
+    "tools": (None, []), "tool_choice": (None, "none", "auto"), "functions": (None, []),
+    "function_call": (None, "none", "auto"), "parallel_tool_calls": (None, True, False),
+    "response_format": (None, {"type": "text"}), "logprobs": (None, False, 0), "top_logprobs": (None, 0),
+    "frequency_penalty": (None, 0, 0.0), "presence_penalty": (None, 0, 0.0), "repetition_penalty": (None, 1, 1.0),
+    "logit_bias": (None, {}), "best_of": (None, 1), "echo": (None, False), "suffix": (None, ""),
+    "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,), "guided_grammar": (None,),
+}
+
+
 class RequestError(ValueError):
     """A bad request: answered with status 400 (or `status`) and an OpenAI-style error body."""
 
-    def __init__(self, message: str, param: str | None = None, status: int = 400):
+    def __init__(self, message: str, param: str | None = None, status: int = 400, code: str | None = None):
         super().__init__(message)
-        self.param, self.status = param, status
+        self.param, self.status, self.code = param, status, code
 
 
-def error_body(message: str, param: str | None = None, kind: str = "invalid_request_error") -> dict:
-    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+def error_body(message: str, param: str | None = None, kind: str = "invalid_request_error",
+               code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 @dataclass
@@ -35,13 +48,16 @@ class ServerState:
     """What every request handler shares: the model, its prompt cache and the lock that makes it batch 1."""
 
     bundle: Bundle
-    model_name: str
+    model_name: str  # the id /v1/models reports; requests may name it, or any of `aliases`
     num_draft_tokens: int | str | None = None
     default_max_tokens: int = 512
     prompt_cache: PromptCache = field(default_factory=PromptCache)
     lock: threading.Lock = field(default_factory=threading.Lock)
-    disconnects: int = 0  # streams whose client went away before the end (their generation was stopped)
+    disconnects: int = 0  # requests whose client went away before the end (their generation was stopped)
     group: Any = None  # under mlx.launch: the ranks that follow every generation of this one (rank 0)
+    aliases: tuple[str, ...] = ()  # other names a request may give `model` (the path the server was started with)
+    allowed_origins: tuple[str, ...] = ()  # browser origins allowed by CORS ("*": any); localhost pages always
+    stopping: threading.Event = field(default_factory=threading.Event)  # set at shutdown: generations end
 
     @property
     def max_tokens_cap(self) -> int | None:
@@ -148,12 +164,36 @@ def prompt_from(body: dict) -> str | list[int]:
                        "(one prompt per request)", "prompt")
 
 
+def check_model(body: dict, state: ServerState) -> None:
+    """A request names this server's model (or none): another name is a 404, as OpenAI answers it."""
+    model = body.get("model")
+    if not isinstance(model, (str, type(None))):
+        raise RequestError("'model' must be a string", "model")
+    if model and model not in (state.model_name, *state.aliases):
+        raise RequestError(f"The model '{model}' does not exist: this server serves '{state.model_name}' "
+                           f"(GET /v1/models lists it)", "model", status=404, code="model_not_found")
+
+
+def refuse_unsupported(body: dict) -> None:
+    """A 400 naming the first field this server would otherwise have to ignore."""
+    for name, unused in UNSUPPORTED.items():
+        value = body.get(name)
+        if not any(value == u and type(value) is type(u) for u in unused):
+            raise RequestError(f"'{name}' is not supported by this server (got {value!r:.80}); leave it out",
+                               name)
+    for i, m in enumerate(body.get("messages") or []):
+        if isinstance(m, dict) and (m.get("role") == "tool" or m.get("tool_calls")):
+            raise RequestError(f"messages[{i}]: tool calls and tool results are not supported by this server",
+                               f"messages[{i}]")
+
+
 def parse_request(body: Any, state: ServerState, chat: bool) -> dict:
-    """Keyword arguments for `stream_generate` plus `stream` / `include_usage`, or a RequestError."""
+    """Keyword arguments for `stream_generate` plus `stream` / `include_usage` / `max_tokens_given`, or a
+    RequestError."""
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
-    if not isinstance(body.get("model", ""), (str, type(None))):
-        raise RequestError("'model' must be a string", "model")
+    check_model(body, state)
+    refuse_unsupported(body)
     stream = body.get("stream", False)
     if not isinstance(stream, (bool, type(None))):
         raise RequestError(f"'stream' must be a boolean, got {stream!r}", "stream")
@@ -175,7 +215,26 @@ def parse_request(body: Any, state: ServerState, chat: bool) -> dict:
         "chat_template_kwargs": kwargs,
         "stream": bool(stream),
         "include_usage": bool(options.get("include_usage")),
+        "max_tokens_given": body.get("max_completion_tokens", body.get("max_tokens")) is not None,
     }
+
+
+def fit_context(prompt_tokens: int, request: dict, state: ServerState, chat: bool) -> None:
+    """The prompt and the answer must fit the model's context (OpenAI's 400 otherwise); a default `max_tokens`
+    is cut to what is left instead."""
+    limit = state.max_tokens_cap
+    if limit is None:
+        return
+    if prompt_tokens >= limit:
+        raise RequestError(f"the prompt is {prompt_tokens} tokens; this model's context is {limit} tokens "
+                           f"(max_position_embeddings): shorten the prompt", "messages" if chat else "prompt")
+    room = limit - prompt_tokens
+    if request["max_tokens"] > room:
+        if request["max_tokens_given"]:
+            raise RequestError(f"this model's context is {limit} tokens: {prompt_tokens} in the prompt leave "
+                               f"{room} for the answer, and max_tokens asks for {request['max_tokens']}",
+                               "max_tokens")
+        request["max_tokens"] = room
 
 
 # ------------------------------------------------------------------------------------------------------------
