@@ -10,8 +10,8 @@ import math
 import mlx.core as mx
 import numpy as np
 import pytest
+from reference_sampling import reference_log_probs as reference_pre_issue_10
 
-from mlx_gemma_mtp.bench.sampling import reference_log_probs as reference_pre_issue_10
 from mlx_gemma_mtp.drafting import _sampled_token
 from mlx_gemma_mtp.models.gemma4_assistant import Drafter, DrafterArgs
 from mlx_gemma_mtp.sampling import (
@@ -491,8 +491,8 @@ def test_top_p_alone_at_gemma_vocab_equals_the_pre_candidate_implementation():
 
 @pytest.mark.parametrize("cfg", CONFIGS)
 def test_log_probs_equal_the_pre_candidate_implementation(cfg):
-    """Against the code this replaced (kept in bench_sampling), with ties at the top-k boundary too: both pick
-    top-k with the same argpartition, so even which of several tied tokens stays agrees."""
+    """Against the code this replaced (kept in tests/reference_sampling.py), with ties at the top-k boundary too:
+    both pick top-k with the same argpartition, so even which of several tied tokens stays agrees."""
     logits = mx.array(np.round(np.random.default_rng(3).normal(size=(5, 4000)) * 2) / 2, mx.float32)
     sampler = SamplerConfig(**{"temperature": 1.0, **cfg})
     _assert_same_log_probs(log_probs(logits, sampler), np.array(reference_pre_issue_10(logits, sampler)))

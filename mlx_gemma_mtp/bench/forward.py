@@ -1,71 +1,35 @@
-"""Per-token model cost, old against new in one run: `python -m mlx_gemma_mtp.bench_forward`.
+"""Model cost per call, by row count and draft length: `python -m mlx_gemma_mtp.bench.forward`.
 
-Times the target forward for T = 1 (a plain decoding step) and T = 5 (the verify of a K = 4 round) at a fixed
-context, and the drafter (one compiled step, and a compiled K = 4 greedy round), on the shipped demo pair and
-on a random pair with Gemma 4 E2B's widths (hidden 1536, MLP 6144 / 12288 double-wide, head dims 256 / 512,
-PLE 256, window 512) but few layers and a small vocabulary. The baseline is the model code at `--baseline` (a
-git revision; default: the commit before issue 12) loaded from git as separate modules, with the same weights.
-Old and new calls alternate (the order flips every repeat); the minimum and median of `--repeats` calls, each
-evaluated with `mx.eval`, are reported. The script raises unless old and new give the same logits, hidden
-states and draft tokens (to float32 rounding).
+Times the current model code only: the target forward of T = 1..9 rows at a fixed context (T = 1 is a plain
+decoding step, T = K + 1 the verify of K drafts), one compiled drafter step, and the compiled drafter round of
+K = 1..8 greedy drafts, on the shipped demo pair and on a random pair with Gemma 4 E2B's widths (hidden 1536,
+MLP 6144 / 12288 double-wide, head dims 256 / 512, PLE 256, window 512) but few layers and a small vocabulary.
+Each pair gets one table: T_verify(T) and T_draft(K) (min / median of `--repeats` calls, each evaluated with
+`mx.eval`), and side by side T_verify(T)/T_verify(1) (how much a wider verify costs over a plain step) and
+T_draft(K)/K (the per-draft cost a round pays), both from the minima: other processes only ever add time. All
+calls of a repeat alternate (the order flips every repeat), as drafts and verifies alternate in a round and
+evict each other's weights from the CPU caches. `bench` measures the same costs around its decoding runs; this
+script isolates them, with more repeats.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
-import sys
 import time
-import types
 from collections.abc import Callable
-from functools import partial
-from pathlib import Path
 
 import mlx.core as mx
-from mlx.utils import tree_flatten
 
 from .. import load
 from ..cache import trim_cache
 from ..demo import demo_dtype, demo_path
-from ..drafting import cache_windows, draft_step
+from ..drafting import DraftStep, cache_windows
 from ..models import gemma4_assistant, gemma4_text
 from ..models.config import FULL, SLIDING, ModelArgs
 from ..sampling import SamplerConfig
 
-BASELINE = "f1ac8bc"  # the last commit before issue 12 ("leaner rounds") touched the model code
-_MODULES = ("gemma4_text", "masked_embedder", "gemma4_assistant")  # in dependency order
-ATOL = 1e-4
-
-
-def baseline_modules(rev: str) -> dict[str, types.ModuleType]:
-    """The model modules as of git revision `rev`, imported under private names next to the current ones."""
-    root = Path(__file__).resolve().parents[1]
-    out = {}
-    for name in _MODULES:
-        path = f"mlx_gemma_mtp/models/{name}.py"
-        shown = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=root, capture_output=True, text=True,
-                               check=False)
-        if shown.returncode:
-            raise ValueError(f"cannot read {path} at --baseline {rev!r} from git in {root}: "
-                             f"{shown.stderr.strip()}")
-        source = shown.stdout
-        for dep in out:  # baseline modules import each other, not the current ones
-            source = source.replace(f"from .{dep} import", f"from ._baseline_{dep} import")
-        module = types.ModuleType(f"mlx_gemma_mtp.models._baseline_{name}")
-        module.__package__ = "mlx_gemma_mtp.models"
-        sys.modules[module.__name__] = module  # dataclasses look their module up
-        exec(compile(source, f"{rev}:{path}", "exec"), module.__dict__)  # noqa: S102 - our own file, from git
-        out[name] = module
-    return out
-
-
-def clone(model, module_class):
-    """A model of `module_class` (the baseline's) holding the same weights (and thus the same args)."""
-    other = module_class(model.args)
-    other.load_weights(tree_flatten(model.parameters()), strict=True)
-    mx.eval(other.parameters())
-    return other
+MAX_T = 9  # verify rows up to K + 1 with K = 8, the longest round the engine drafts
 
 
 def e2b_pair(layers: int = 4, vocab: int = 16384, seed: int = 0):
@@ -94,16 +58,16 @@ def e2b_pair(layers: int = 4, vocab: int = 16384, seed: int = 0):
 
 
 class Subject:
-    """One implementation of a pair with its own cache prefilled to `context` tokens, ready to time."""
+    """A pair with its own cache prefilled to `context` tokens, ready to time; no call changes the cache."""
 
     def __init__(self, target, drafter, prompt: mx.array):
-        self.target, self.drafter = target, drafter
-        self.cache = target.make_cache()
+        self.target = target
+        self.cache = target.make_cache(max_rollback=MAX_T)
         target.forward(prompt[None, :-1], self.cache, rows=0)
         out = target.forward(prompt[None, -1:], self.cache, return_hidden=True)
         mx.eval(out.hidden, [(c.keys, c.values) for c in self.cache])
         self.last, self.hidden = mx.argmax(out.logits[0], axis=-1), out.hidden
-        self.step = draft_step(target, drafter)
+        self.step = DraftStep(target, drafter)
         self.context = self.step.context(cache_windows(target, self.cache), self.cache[0].offset - 1)
 
     def forward(self, T: int) -> tuple[mx.array, mx.array]:
@@ -114,10 +78,12 @@ class Subject:
         return out.logits, out.hidden
 
     def draft_body(self) -> tuple[mx.array, mx.array]:
+        """One compiled drafter step: (next hidden, y)."""
         return self.step.body(self.last, self.hidden, self.context)
 
-    def draft_round(self) -> mx.array:
-        return self.step(self.last, self.hidden, self.context, 4, SamplerConfig())[0]
+    def draft_round(self, k: int) -> mx.array:
+        """A compiled greedy round of `k` drafts, as the decoding loop runs it (one call)."""
+        return self.step(self.last, self.hidden, self.context, k, SamplerConfig())[0]
 
 
 def interleaved(fns: dict[str, Callable], repeats: int) -> dict[str, list[float]]:
@@ -134,51 +100,65 @@ def interleaved(fns: dict[str, Callable], repeats: int) -> dict[str, list[float]
     return times
 
 
-def check_same(label: str, old, new) -> float:
-    """Max |old - new| over the outputs; raises above ATOL (integers must match exactly)."""
-    old, new = (old if isinstance(old, tuple) else (old,)), (new if isinstance(new, tuple) else (new,))
-    worst = 0.0
-    for a, b in zip(old, new):
-        diff = mx.abs(a.astype(mx.float32) - b.astype(mx.float32)).max().item()
-        exact = mx.issubdtype(a.dtype, mx.integer)
-        if diff > (0 if exact else ATOL):
-            raise AssertionError(f"{label}: old and new differ by {diff}")
-        worst = max(worst, diff)
-    return worst
+def cases(subject: Subject) -> dict[str, Callable]:
+    """Every timed call: the verify of T rows for T = 1..MAX_T, one drafter step, a round of K drafts."""
+    fns = {f"T={t}": (lambda t=t: subject.forward(t)) for t in range(1, MAX_T + 1)}
+    fns["step"] = subject.draft_body
+    fns |= {f"K={k}": (lambda k=k: subject.draft_round(k)) for k in range(1, MAX_T)}
+    return fns
 
 
-def bench_pair(name: str, target, drafter, base: dict, context: int, repeats: int) -> None:
+def table(times: dict[str, list[float]]) -> list[str]:
+    """One line per T = K + 1: T_verify(T) min / median and its ratio to T = 1, T_draft(K) min / median and
+    per draft."""
+    ms = {name: (min(t) * 1e3, statistics.median(t) * 1e3) for name, t in times.items()}
+    v1 = ms["T=1"][0]
+    head = (f"{'T':>3} {'T_verify(T) ms':>19} {'T_v(T)/T_v(1)':>14}   {'K':>2} {'T_draft(K) ms':>19} "
+            f"{'T_draft(K)/K ms':>16}")
+    lines = [head]
+    for t in range(1, MAX_T + 1):
+        (v_min, v_med), k = ms[f"T={t}"], t - 1
+        line = f"{t:>3} {v_min:8.3f} / {v_med:8.3f} {v_min / v1:14.2f}   {k:>2}"
+        if k:
+            d_min, d_med = ms[f"K={k}"]
+            line += f" {d_min:8.3f} / {d_med:8.3f} {d_min / k:16.3f}"
+        lines.append(line.rstrip())
+    s_min, s_med = ms["step"]
+    lines.append(f"drafter step (one compiled step): {s_min:.3f} / {s_med:.3f} ms")
+    return lines
+
+
+def bench_pair(name: str, target, drafter, context: int, repeats: int) -> None:
+    """Time and print one pair's table at a `context`-token prefix."""
     prompt = mx.random.randint(0, target.args.vocab_size, (context,), dtype=mx.int32)
-    new = Subject(target, drafter, prompt)
-    old_target = clone(target, base["gemma4_text"].Model)
-    old = Subject(old_target, clone(drafter, base["gemma4_assistant"].Drafter), prompt)
-    cases = {"target T=1": lambda s: s.forward(1), "target T=5": lambda s: s.forward(5),
-             "drafter step": Subject.draft_body, "drafter K=4 round": Subject.draft_round}
-    print(f"\n{name}, context {context}: ms per call, min / median of {repeats} (old -> new)")
-    for label, call in cases.items():
-        diff = check_same(f"{name} {label}", call(old), call(new))
-        t = interleaved({"old": partial(call, old), "new": partial(call, new)}, repeats)
-        (o_min, o_med), (n_min, n_med) = [(min(t[k]) * 1e3, statistics.median(t[k]) * 1e3) for k in t]
-        print(f"  {label:18s} {o_min:8.3f} / {o_med:8.3f} -> {n_min:8.3f} / {n_med:8.3f}   "
-              f"min {o_min / n_min:5.2f}x   max|diff| {diff:.1e}")
+    subject = Subject(target, drafter, prompt)
+    times = interleaved(cases(subject), repeats)
+    print(f"\n{name}, context {context}: ms per call, min / median of {repeats}; ratios from the minima")
+    for line in table(times):
+        print(line)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--baseline", default=BASELINE, help="git revision of the old model code")
-    parser.add_argument("--context", type=int, default=256)
+    parser = argparse.ArgumentParser(prog="python -m mlx_gemma_mtp.bench.forward",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--context", type=int, default=256, help="tokens in the cache before each timed call")
     parser.add_argument("--repeats", type=int, default=60)
     parser.add_argument("--e2b-layers", type=int, default=4, help="layers of the E2B-width target (0: skip)")
     args = parser.parse_args(argv)
-    base = baseline_modules(args.baseline)
+    if args.context < 2 or args.repeats < 1:
+        parser.error(f"--context {args.context} / --repeats {args.repeats}: need a context of at least 2 "
+                     "tokens and at least 1 repeat")
+    if args.e2b_layers and args.e2b_layers < 4:
+        parser.error(f"--e2b-layers {args.e2b_layers}: the KV-shared half needs a producer of each layer "
+                     "type; pass 0 (skip the pair) or at least 4")
     mx.random.seed(0)
     bundle = load(demo_path(), dtype=demo_dtype())
-    bench_pair("demo pair", bundle.target, bundle.drafter, base, args.context, args.repeats)
+    bench_pair("demo pair", bundle.target, bundle.drafter, args.context, args.repeats)
     if args.e2b_layers:
         target, drafter = e2b_pair(args.e2b_layers)
         # ~30x the demo's cost per call, mostly matmuls: fewer repeats
-        bench_pair(f"random E2B widths ({args.e2b_layers} layers, vocab 16384)", target, drafter, base,
-                   args.context, max(5, args.repeats // 6))
+        bench_pair(f"random E2B widths ({args.e2b_layers} layers, vocab 16384)", target, drafter,
+                   args.context, max(1, args.repeats // 6))
 
 
 if __name__ == "__main__":
