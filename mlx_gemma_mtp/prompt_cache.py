@@ -42,22 +42,33 @@ class PromptCache:
     tokens: list[int] = field(default_factory=list)
     cache: list[KVCache] | None = None
     reused: int = 0  # prompt tokens the last request did not have to prefill
+    prompt_length: int = 0  # tokens of the last request's prompt
     _snapshots: list[_Snapshot] = field(default_factory=list)
     _owner: object = None  # the target the cache belongs to
 
     def reset(self) -> None:
-        self.tokens, self.cache, self._snapshots, self.reused = [], None, [], 0
+        self.tokens, self.cache, self._snapshots, self.reused, self.prompt_length = [], None, [], 0, 0
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held: the K/V buffers and the snapshots."""
+        held = sum(c.keys.nbytes + c.values.nbytes for c in self.cache or [] if c.keys is not None)
+        return held + sum(a.nbytes for s in self._snapshots for saved in s.sliding if saved for a in saved[:2])
+
+    def common_prefix(self, ids: list[int]) -> int:
+        """Tokens this cache shares with the start of `ids`."""
+        return _common_prefix(self.tokens, ids, len(ids))
 
     def fetch(self, target, ids: list[int], max_rollback: int) -> tuple[list[KVCache], int]:
         """A cache holding exactly `ids[:start]` and `start`; at least the last prompt token is left to feed."""
         if self._owner is not target or self.cache is None:
             self.reset()
-            self._owner = target
+            self._owner, self.prompt_length = target, len(ids)
             self.cache = target.make_cache(max_rollback=max_rollback)
             return self.cache, 0
         prefix = _common_prefix(self.tokens, ids, len(ids) - 1)
         start = self._rewind(prefix)
-        self.tokens, self.reused = self.tokens[:start], start
+        self.tokens, self.reused, self.prompt_length = self.tokens[:start], start, len(ids)
         return self.cache, start
 
     def _rewind(self, prefix: int) -> int:
@@ -120,3 +131,48 @@ def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
 def _clear(c: KVCache) -> None:
     c.keys = c.values = None
     c.offset = c.length = 0
+
+
+class PromptCaches:
+    """Several conversations' prompt caches, for a server: a request continues the conversation whose cache holds
+    its previous prompt, or starts a new entry; at most `max_entries` and `max_bytes` (None: no limit) are kept,
+    the least recently used dropped first (mlx-lm's `--prompt-cache-size` / `--prompt-cache-bytes`)."""
+
+    def __init__(self, max_entries: int = 4, max_bytes: int | None = None):
+        if max_entries < 1:
+            raise ValueError(f"max_entries={max_entries}: keep at least one prompt cache")
+        if max_bytes is not None and max_bytes < 0:
+            raise ValueError(f"max_bytes={max_bytes}: pass a number of bytes >= 0, or None for no limit")
+        self.max_entries, self.max_bytes = max_entries, max_bytes
+        self.entries: list[PromptCache] = []  # least recently used first
+
+    def for_prompt(self, ids: list[int]) -> PromptCache:
+        """The cache to generate `ids` with, marked most recently used. A conversation's next turn starts with its
+        previous prompt (up to the last token, which the template may render differently once answered); any
+        other request gets a fresh entry, or the least recently used one's place when full."""
+        same = [e for e in self.entries if e.prompt_length and e.common_prefix(ids) >= e.prompt_length - 1]
+        if same:
+            entry = max(same, key=lambda e: e.common_prefix(ids))
+        elif len(self.entries) < self.max_entries:
+            entry = PromptCache()
+        else:
+            entry = self.entries[0]
+            entry.reset()
+        if entry in self.entries:
+            self.entries.remove(entry)
+        self.entries.append(entry)
+        return entry
+
+    def trim(self) -> None:
+        """Drop least recently used entries (never the newest) until the bytes fit."""
+        while self.max_bytes is not None and len(self.entries) > 1 and self.nbytes > self.max_bytes:
+            self.entries.pop(0).reset()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.nbytes for e in self.entries)
+
+    def reset(self) -> None:
+        for e in self.entries:
+            e.reset()
+        self.entries = []

@@ -136,3 +136,13 @@ def test_conversation_benchmark_reuses_each_turn_and_checks_exactness(bundle):
     assert [n for n, *_ in rows] == sorted(n for n, *_ in rows) and rows[0][3] == 0
     assert all(reused >= n - 200 - 1 for n, _, _, reused in rows[1:])  # all but the new turn (and one token)
     assert "TTFT cached" in format_rows(rows)
+
+
+def test_alternating_conversations_benchmark_compares_one_entry_with_two(bundle):
+    from mlx_gemma_mtp.bench.conversation import alternate, format_alternating
+
+    rows = alternate(bundle, [words(120, s) for s in range(6)], max_tokens=6, num_draft_tokens=2)
+    assert [i for i, *_ in rows] == [1, 2, 1, 2, 1, 2]
+    assert all(r1 == 0 for *_, r1, _ in rows)  # one entry: each conversation pushed the other out
+    assert all(r2 >= n - 120 - 1 for _, n, _, _, _, r2 in rows[2:])  # two: all but the new turn reused
+    assert "TTFT 2 entries" in format_alternating(rows)

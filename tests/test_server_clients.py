@@ -280,3 +280,53 @@ def test_model_names_and_dtype_flags(pair_dir, tmp_path):
     bundle = load_model(args(model=str(folder), dtype="float16"))
     assert bundle.target.model.embed_tokens.weight.dtype == mx.float16
     assert bundle.drafter.pre_projection.weight.dtype == mx.float16
+
+
+# ---- many conversations -------------------------------------------------------------------------------------
+
+def test_alternating_conversations_each_keep_their_cache(demo):
+    """Two conversations take turns: each turn reuses its own conversation's K/V (cached_tokens), and every answer
+    equals a fresh run. With one entry they push each other out."""
+    from mlx_gemma_mtp.prompt_cache import PromptCaches
+
+    source = open(mlx_gemma_mtp.__file__.replace("__init__.py", "sampling.py")).read()
+    starts = [source[:900], source[3000:3900]]
+    for entries, expect_reuse in ((2, True), (1, False)):
+        server, thread = start(demo, prompt_caches=PromptCaches(entries))
+        try:
+            prompts, cached = list(starts), []
+            for turn in range(4):
+                i = turn % 2
+                status, _, body = request((server,), "POST", "/v1/completions",
+                                          {"prompt": prompts[i], "max_tokens": 24, "temperature": 0})
+                assert status == 200
+                assert body["choices"][0]["text"] == mlx_gemma_mtp.generate(demo, prompts[i], max_tokens=24)
+                cached.append(body["usage"]["prompt_tokens_details"]["cached_tokens"])
+                prompts[i] += body["choices"][0]["text"] + "\n# next\n"
+            assert cached[:2] == [0, 0]
+            if expect_reuse:
+                assert all(c > 200 for c in cached[2:]), cached  # the conversation's previous prompt and answer
+            else:
+                assert cached[2:] == [0, 0], cached
+        finally:
+            stop(server, thread)
+
+
+def test_prompt_caches_evict_the_least_recently_used_by_count_and_bytes(demo):
+    from mlx_gemma_mtp.prompt_cache import PromptCaches
+
+    caches = PromptCaches(max_entries=2)
+    a, b, c = ([7 + i] * 50 for i in range(3))
+    for ids in (a, b):
+        mlx_gemma_mtp.generate(demo, ids, max_tokens=2, prompt_cache=caches.for_prompt(ids))
+    first = caches.entries[0]
+    mlx_gemma_mtp.generate(demo, a + [9], max_tokens=2, prompt_cache=caches.for_prompt(a + [9]))  # a continues
+    assert caches.entries[-1] is first and len(caches.entries) == 2
+    entry = caches.for_prompt(c)  # a third conversation: b's place (least recently used)
+    assert entry is not first and len(caches.entries) == 2 and entry.tokens == []
+    mlx_gemma_mtp.generate(demo, c, max_tokens=2, prompt_cache=entry)
+    caches.max_bytes = entry.nbytes + 1  # room for one conversation only
+    caches.trim()
+    assert caches.entries == [entry] and entry.nbytes > 0
+    with pytest.raises(ValueError, match="max_entries=0"):
+        PromptCaches(0)

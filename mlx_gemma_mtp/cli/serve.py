@@ -9,6 +9,7 @@ import sys
 import threading
 
 from ..distributed.group import distributed_group
+from ..prompt_cache import PromptCaches
 from ..server.http import follow, make_server
 from ..server.protocol import ServerState
 from .options import add_model_arguments, draft_tokens, load_model, model_name
@@ -28,18 +29,23 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--allowed-origins", nargs="+", default=[], metavar="ORIGIN",
                    help="browser origins whose pages may call the API (CORS), e.g. http://example.com:3000, or "
                         "'*' for any; pages served from localhost always may")
+    p.add_argument("--prompt-cache-size", type=int, default=4,
+                   help="conversations whose K/V are kept between requests (least recently used dropped first)")
+    p.add_argument("--prompt-cache-bytes", type=int, default=None,
+                   help="the most bytes those caches may hold together (default: no limit but their number)")
     p.set_defaults(func=run_serve)
 
 
 def run_serve(args) -> None:
+    caches = PromptCaches(args.prompt_cache_size, args.prompt_cache_bytes)  # checks them before the load
     group = distributed_group()  # under mlx.launch: rank 0 serves, the others follow its generations
     bundle = load_model(args, group)
     name = model_name(args)
     if group is not None and group.rank() != 0:
-        follow(ServerState(bundle, name, args.num_draft_tokens, args.max_tokens, group=group))
+        follow(ServerState(bundle, name, args.num_draft_tokens, args.max_tokens, group=group, prompt_caches=caches))
     aliases = tuple(a for a in {args.model, str(bundle.path)} if a and a != name)
     server = make_server(bundle, args.host, args.port, name, args.num_draft_tokens, args.max_tokens, aliases,
-                         tuple(args.allowed_origins))
+                         tuple(args.allowed_origins), caches)
     server.RequestHandlerClass.state.group = group
     host, port = server.server_address[:2]
     print(f"serving {name} on http://{host}:{port}/v1 (Ctrl-C stops)", file=sys.stderr)

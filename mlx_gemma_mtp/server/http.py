@@ -29,6 +29,7 @@ from typing import Any
 from ..decode import GenerationResponse, encode_prompt, stream_generate
 from ..distributed.group import broadcast_json
 from ..load import Bundle
+from ..prompt_cache import PromptCaches
 from ..sampling import SamplerConfig
 from .protocol import (
     MAX_BODY_BYTES,
@@ -169,10 +170,12 @@ class Handler(BaseHTTPRequestHandler):
                 return
             if self.state.group is not None:  # the other ranks run the same generation (`follow`)
                 broadcast_json(self.state.group, {**request, "sampler": asdict(request["sampler"])})
+            cache = self.state.prompt_caches.for_prompt(request["prompt"])
             responses = stream_generate(self.state.bundle, num_draft_tokens=self.state.num_draft_tokens,
-                                        prompt_cache=self.state.prompt_cache, **request)
+                                        prompt_cache=cache, **request)
             try:
                 first = next(responses)  # errors in the prompt (template, ids) surface here, before headers
+                completion.cached = cache.reused
             except ValueError as e:
                 self.send_json(400, error_body(str(e)))
                 return
@@ -190,6 +193,7 @@ class Handler(BaseHTTPRequestHandler):
                 if self.state.group is not None:  # the other ranks generate to the end: so must this one
                     _drain(responses)
                 responses.close()
+                self.state.prompt_caches.trim()
 
     def answer_whole(self, completion: Completion, first: GenerationResponse,
                      responses: Iterator[GenerationResponse]) -> None:
@@ -241,7 +245,7 @@ class Handler(BaseHTTPRequestHandler):
                 if last.text:
                     self.send_event(completion.chunk(delta_of(last, completion.chat)))
             # usage (with MTP stats) once: in its own chunk when asked for, else on the finishing chunk
-            extra = {} if include_usage else {"usage": usage(last)}
+            extra = {} if include_usage else {"usage": usage(last, completion.cached)}
             self.send_event(completion.chunk({} if completion.chat else {"text": ""}, last.finish_reason, **extra))
             if include_usage:
                 self.send_event(completion.usage_chunk(last))
@@ -274,9 +278,10 @@ def follow(state: ServerState) -> None:
         request = broadcast_json(state.group)
         request["sampler"] = SamplerConfig(**request["sampler"])
         responses = stream_generate(state.bundle, num_draft_tokens=state.num_draft_tokens,
-                                    prompt_cache=state.prompt_cache, **request)
+                                    prompt_cache=state.prompt_caches.for_prompt(request["prompt"]), **request)
         with contextlib.suppress(ValueError):  # a bad prompt fails on rank 0 alike, before any collective
             _drain(responses)
+        state.prompt_caches.trim()
 
 
 def _chain(first: GenerationResponse, rest: Iterator[GenerationResponse]) -> Iterator[GenerationResponse]:
@@ -318,7 +323,7 @@ class Server(ThreadingHTTPServer):
 
 def make_server(bundle: Bundle, host: str = "127.0.0.1", port: int = 8080, model_name: str | None = None,
                 num_draft_tokens: int | str | None = None, max_tokens: int = 512, aliases: tuple[str, ...] = (),
-                allowed_origins: tuple[str, ...] = ()) -> Server:
+                allowed_origins: tuple[str, ...] = (), prompt_caches: PromptCaches | None = None) -> Server:
     """A server over `bundle` (not started: call `serve_forever()`, and `shutdown()` from another thread).
 
     Args:
@@ -329,8 +334,9 @@ def make_server(bundle: Bundle, host: str = "127.0.0.1", port: int = 8080, model
         max_tokens: used when a request gives neither `max_tokens` nor `max_completion_tokens`.
         allowed_origins: browser origins (e.g. "http://example.com:3000", or "*") whose pages may call the API;
             pages from this machine always may.
+        prompt_caches: the conversations' K/V kept between requests (default: `PromptCaches()`, 4 entries).
     """
     state = ServerState(bundle, model_name or bundle.path.name, num_draft_tokens, max_tokens, aliases=aliases,
-                        allowed_origins=allowed_origins)
+                        allowed_origins=allowed_origins, prompt_caches=prompt_caches or PromptCaches())
     handler = type("BoundHandler", (Handler,), {"state": state})
     return Server((host, port), handler)

@@ -12,7 +12,7 @@ from typing import Any
 
 from ..decode import GenerationResponse
 from ..load import Bundle
-from ..prompt_cache import PromptCache
+from ..prompt_cache import PromptCaches
 from ..sampling import SamplerConfig
 
 MAX_BODY_BYTES = 16 * 1024 * 1024
@@ -51,7 +51,7 @@ class ServerState:
     model_name: str  # the id /v1/models reports; requests may name it, or any of `aliases`
     num_draft_tokens: int | str | None = None
     default_max_tokens: int = 512
-    prompt_cache: PromptCache = field(default_factory=PromptCache)
+    prompt_caches: PromptCaches = field(default_factory=PromptCaches)  # a conversation's next turn reuses its K/V
     lock: threading.Lock = field(default_factory=threading.Lock)
     disconnects: int = 0  # requests whose client went away before the end (their generation was stopped)
     group: Any = None  # under mlx.launch: the ranks that follow every generation of this one (rank 0)
@@ -241,9 +241,11 @@ def fit_context(prompt_tokens: int, request: dict, state: ServerState, chat: boo
 # Response shapes
 # ------------------------------------------------------------------------------------------------------------
 
-def usage(last: GenerationResponse) -> dict:
+def usage(last: GenerationResponse, cached: int = 0) -> dict:
+    """OpenAI's usage (`cached`: prompt tokens the prompt cache held), with the MTP statistics under "mtp"."""
     out = {"prompt_tokens": last.prompt_tokens, "completion_tokens": last.generation_tokens,
-           "total_tokens": last.prompt_tokens + last.generation_tokens}
+           "total_tokens": last.prompt_tokens + last.generation_tokens,
+           "prompt_tokens_details": {"cached_tokens": cached}}
     if (d := last.draft) is not None:
         out["mtp"] = {"drafting_rounds": d.rounds, "plain_steps": d.plain_rounds, "drafted": d.drafted,
                       "accepted": d.accepted, "mean_accepted_length": round(d.mean_accepted_length, 4)}
@@ -268,6 +270,7 @@ class Completion:
 
     def __init__(self, state: ServerState, chat: bool):
         self.chat, self.model = chat, state.model_name
+        self.cached = 0  # prompt tokens the prompt cache held, known once generation starts
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         self.created = int(time.time())
 
@@ -283,9 +286,9 @@ class Completion:
             if thought:
                 message["reasoning_content"] = thought
             choice = {"index": 0, "message": message, "finish_reason": last.finish_reason, "logprobs": None}
-            return self._object("chat.completion", [choice], usage=usage(last))
+            return self._object("chat.completion", [choice], usage=usage(last, self.cached))
         choice = {"index": 0, "text": answer, "finish_reason": last.finish_reason, "logprobs": None}
-        return self._object("text_completion", [choice], usage=usage(last))
+        return self._object("text_completion", [choice], usage=usage(last, self.cached))
 
     def chunk(self, delta: dict, finish_reason: str | None = None, **extra) -> dict:
         kind = "chat.completion.chunk" if self.chat else "text_completion"
@@ -295,6 +298,6 @@ class Completion:
 
     def usage_chunk(self, last: GenerationResponse) -> dict:
         kind = "chat.completion.chunk" if self.chat else "text_completion"
-        return self._object(kind, [], usage=usage(last))
+        return self._object(kind, [], usage=usage(last, self.cached))
 
 
