@@ -18,7 +18,8 @@ import mlx.core as mx
 
 from .load import Bundle
 from .memory import generation_stream, on_stream, release_streams_at_thread_exit, wired_limit
-from .plain import first_token, generate_step, prefill
+from .logprobs import MAX_TOP_LOGPROBS, TokenLogprobs
+from .plain import Chooser, first_token, generate_step, prefill
 from .prompt import Prompt, prompt_ids
 from .prompt_cache import PromptCache
 from .sampling import SamplerConfig
@@ -42,6 +43,7 @@ class GenerationResponse:
     peak_memory: float  # GB
     draft: DraftStats | None  # live counters of the MTP path, None for plain decoding
     channel: str = ANSWER  # which part `text` belongs to: "answer", or "thought" inside Gemma 4's thinking
+    logprobs: TokenLogprobs | None = None  # the token's log-probability and alternatives, when asked for
 
 
 @dataclass(frozen=True)
@@ -55,10 +57,11 @@ class GenerationOptions:
     prefill_step_size: int
     proposer: Proposer | None
     prompt_cache: PromptCache | None
+    logprobs: int | None = None  # report log-probabilities with this many alternatives (None: none)
 
     @classmethod
     def of(cls, bundle: Bundle, max_tokens, sampler, num_draft_tokens, stop, prefill_step_size, proposer,
-           prompt_cache) -> GenerationOptions:
+           prompt_cache, logprobs=None) -> GenerationOptions:
         """`stream_generate`'s arguments checked and resolved, or a ValueError naming the bad one."""
         sampler = SamplerConfig() if sampler is None else sampler
         if not isinstance(sampler, SamplerConfig):
@@ -72,8 +75,12 @@ class GenerationOptions:
             raise ValueError(f"stop={stop!r}: pass a string or a list of strings")
         if prompt_cache is not None and not isinstance(prompt_cache, PromptCache):
             raise ValueError(f"prompt_cache must be a PromptCache, got {type(prompt_cache).__name__}")
+        if logprobs is not None and (not isinstance(logprobs, int) or isinstance(logprobs, bool)
+                                     or not 0 <= logprobs <= MAX_TOP_LOGPROBS):
+            raise ValueError(f"logprobs={logprobs!r}: None, or the number of alternatives to report with each "
+                             f"token's log-probability, 0..{MAX_TOP_LOGPROBS}")
         return cls(max_tokens, sampler, _resolve_draft_request(bundle, num_draft_tokens, proposer), tuple(stop),
-                   prefill_step_size, proposer, prompt_cache)
+                   prefill_step_size, proposer, prompt_cache, logprobs)
 
 
 def encode_prompt(bundle: Bundle, prompt: Prompt, chat_template_kwargs: dict | None = None) -> list[int]:
@@ -98,14 +105,14 @@ def _tokens(bundle: Bundle, ids: list[int], options: GenerationOptions, stats: D
         cache, start = prompt_cache.fetch(target, ids, MAX_DRAFT_TOKENS)
         snapshot = partial(prompt_cache.snapshot, cache, len(ids) - 1)
     out = prefill(target, mx.array(ids[start:]), cache, options.prefill_step_size, use_mtp, snapshot)
-    first = first_token(out, sampler, state.lockstep)
+    chooser = Chooser(sampler, state.lockstep, options.logprobs)
+    first = first_token(out, chooser)
     if not use_mtp:
-        yield from generate_step(target, cache, first.token, sampler, state.lockstep)
+        yield from generate_step(target, cache, first, chooser)
         return
     policy = state.draft_length(options.num_draft_tokens, sampler, MAX_DRAFT_TOKENS)
     propose = options.proposer or drafter_proposer(state.draft_step, sampler)
-    yield from mtp_generate_step(target, cache, first, propose, policy, sampler, stats, options.max_tokens,
-                                 state.lockstep)
+    yield from mtp_generate_step(target, cache, first, propose, policy, chooser, stats, options.max_tokens)
 
 
 def _resolve_draft_request(bundle: Bundle, num_draft_tokens, proposer) -> int | str:
@@ -137,6 +144,7 @@ def stream_generate(
     proposer: Proposer | None = None,
     chat_template_kwargs: dict | None = None,
     prompt_cache: PromptCache | None = None,
+    logprobs: int | None = None,
 ) -> Iterator[GenerationResponse]:
     """Generate from `prompt` (string, chat messages, or token ids), yielding one response per token.
 
@@ -157,9 +165,12 @@ def stream_generate(
             thinks first: those deltas come with `channel="thought"`). Thinking is off unless asked for.
         prompt_cache: a `PromptCache` kept across the turns of a conversation: the longest common prefix with
             the previous request is reused and only the rest is prefilled (output identical to a fresh run).
+        logprobs: report each token's log-probability under the target's distribution (its log-softmax, before
+            temperature and filters) and this many most likely alternatives (0..20) in `response.logprobs`;
+            drafted tokens get the verify pass's values, which are plain decoding's.
     """
     options = GenerationOptions.of(bundle, max_tokens, sampler, num_draft_tokens, stop, prefill_step_size, proposer,
-                                   prompt_cache)
+                                   prompt_cache, logprobs)
     ids = encode_prompt(bundle, prompt, chat_template_kwargs)
     _warn_past_context(bundle, len(ids), max_tokens)
     release_streams_at_thread_exit()
@@ -191,7 +202,7 @@ def _generate(bundle: Bundle, ids: list[int], options: GenerationOptions) -> Ite
     tokens = on_stream(_tokens(bundle, ids, options, stats), generation_stream)  # on generation's own stream
     received = list(ids)
     with _kept_in(prompt_cache, received), wired_limit(bundle.target, bundle.drafter, streams=[generation_stream]):
-        for n, (token, from_draft) in enumerate(tokens, start=1):
+        for n, (token, from_draft, scores) in enumerate(tokens, start=1):
             received.append(token)
             if n == 1:
                 prefilled = len(ids) - (prompt_cache.reused if prompt_cache is not None else 0)
@@ -203,7 +214,7 @@ def _generate(bundle: Bundle, ids: list[int], options: GenerationOptions) -> Ite
                 delta += text.flush(stopped)
             elapsed = max(time.perf_counter() - tic, 1e-9)
             yield GenerationResponse(delta, token, from_draft, finish, len(ids), prompt_tps, n, n / elapsed,
-                                     mx.get_peak_memory() / 1e9, stats, channel)
+                                     mx.get_peak_memory() / 1e9, stats, channel, scores)
             if finish:
                 break
             if n % 256 == 0:

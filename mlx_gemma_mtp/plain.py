@@ -14,16 +14,46 @@ import mlx.core as mx
 
 from .distributed.lockstep import Lockstep, agreed
 from .models.gemma4_text import Model, TargetOutput
+from .logprobs import Scores, TokenLogprobs, rows, token_scores
 from .sampling import SamplerConfig, choose
+
+
+@dataclass(frozen=True)
+class Chooser:
+    """How a step turns the target's logits into the emitted token: the sampler, rank 0's decision on a target
+    sharded over processes (`lockstep`), and the log-probabilities reported with it (`top_logprobs` best tokens
+    besides the chosen one's; None: none)."""
+
+    sampler: SamplerConfig
+    lockstep: Lockstep | None = None
+    top_logprobs: int | None = None
+
+    def token(self, logits: mx.array) -> mx.array:
+        """(1, V) logits -> the token (1,), lazy; rank 0's on every rank of a sharded target."""
+        return agreed(self.lockstep, choose(logits, self.sampler))
+
+    def scores(self, logits: mx.array, tokens: mx.array) -> Scores | None:
+        """Log-probabilities of `tokens` (R,) at the rows of `logits` (R, V), when asked for."""
+        return None if self.top_logprobs is None else token_scores(logits, tokens, self.top_logprobs)
 
 
 @dataclass
 class Frontier:
     """Where decoding stands (spec §5.1): the newest token, not yet in the cache, and the target's post-norm
-    hidden state of the position before it (what the drafter reads). Either may still be computing."""
+    hidden state of the position before it (what the drafter reads). Either may still be computing; `scores` are
+    the token's log-probabilities when asked for."""
 
     token: mx.array  # (1,)
     hidden: mx.array | None  # (1, 1, H); None when nothing drafts
+    scores: Scores | None = None
+
+    def arrays(self) -> list[mx.array]:
+        return [self.token, *([] if self.hidden is None else [self.hidden]),
+                *([] if self.scores is None else self.scores.arrays())]
+
+    def emitted(self) -> tuple[int, bool, TokenLogprobs | None]:
+        """(token, from_draft, logprobs) as the generators yield it (reading it waits for the step)."""
+        return self.token.item(), False, rows(self.scores, 1)[0]
 
 
 def prefill(model: Model, prompt: mx.array, cache: list, step: int, want_hidden: bool,
@@ -40,28 +70,31 @@ def prefill(model: Model, prompt: mx.array, cache: list, step: int, want_hidden:
     return model.forward(prompt[None, -1:], cache, return_hidden=want_hidden)
 
 
-def first_token(out: TargetOutput, sampler: SamplerConfig, lockstep: Lockstep | None) -> Frontier:
+def first_token(out: TargetOutput, chooser: Chooser) -> Frontier:
     """The token sampled after the prompt (lazy), with the hidden state it was sampled from."""
-    return Frontier(agreed(lockstep, choose(out.logits[:, -1], sampler)), out.hidden)
+    logits = out.logits[:, -1]
+    token = chooser.token(logits)
+    return Frontier(token, out.hidden, chooser.scores(logits, token))
 
 
-def plain_step(target: Model, cache: list, y: mx.array, sampler: SamplerConfig,
-               lockstep: Lockstep | None = None) -> Frontier:
+def plain_step(target: Model, cache: list, y: mx.array, chooser: Chooser) -> Frontier:
     """Queue one plain decoding step for token `y` (1,): the next token and the hidden state of `y`'s position,
     computing while the caller reads the previous token (mlx-lm's pipelining)."""
     out = target.forward(y[None], cache, return_hidden=True)
-    token = agreed(lockstep, choose(out.logits[:, -1], sampler))  # rank 0's token on every rank of a sharded target
-    mx.async_eval(token, out.hidden)
-    return Frontier(token, out.hidden)
+    logits = out.logits[:, -1]
+    token = chooser.token(logits)
+    step = Frontier(token, out.hidden, chooser.scores(logits, token))
+    mx.async_eval(step.arrays())
+    return step
 
 
-def generate_step(target: Model, cache: list, first: mx.array, sampler: SamplerConfig,
-                  lockstep: Lockstep | None = None) -> Generator[tuple[int, bool], None, None]:
-    """Plain decoding from the first token (chosen, maybe still computing) on; each step is queued before the
-    previous token is read, the first one included, so building the next graph overlaps the computation of the
-    current one."""
-    y = first
+def generate_step(target: Model, cache: list, first: Frontier, chooser: Chooser
+                  ) -> Generator[tuple[int, bool, TokenLogprobs | None], None, None]:
+    """Plain decoding from the first token (chosen, maybe still computing) on: (token, False, logprobs) per step.
+    Each step is queued before the previous token is read, the first one included, so building the next graph
+    overlaps the computation of the current one."""
+    at = first
     while True:
-        following = plain_step(target, cache, y, sampler, lockstep).token
-        yield y.item(), False
-        y = following
+        following = plain_step(target, cache, at.token, chooser)
+        yield at.emitted()
+        at = following

@@ -20,11 +20,12 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from .cache import trim_cache
-from .distributed.lockstep import Lockstep, agreed, agreed_round
+from .distributed.lockstep import agreed, agreed_round
 from .draft_length import DraftLength
 from .drafting import DraftStep, KVWindow, cache_windows, draft
 from .models.gemma4_text import Model, TargetOutput
-from .plain import Frontier, plain_step
+from .logprobs import TokenLogprobs, rows
+from .plain import Chooser, Frontier, plain_step
 from .sampling import (
     SamplerConfig,
     candidate_log_probs,
@@ -99,38 +100,39 @@ class Stopwatch:
         return lap
 
 
-def _queue_round(target: Model, propose: Proposer, cache: list, at: Frontier, k: int, sampler: SamplerConfig,
-                 lockstep: Lockstep | None) -> Frontier | Drafts:
+def _queue_round(target: Model, propose: Proposer, cache: list, at: Frontier, k: int, chooser: Chooser
+                 ) -> Frontier | Drafts:
     """Start a round lazily: a plain step for `at.token` (k = 0) or the k drafts after it."""
     if k == 0:
-        return plain_step(target, cache, at.token, sampler, lockstep)
+        return plain_step(target, cache, at.token, chooser)
     # `at.token` sits at the cache's offset; the cache holds exactly the accepted tokens before it
     tokens, q = propose(at.token, at.hidden, cache_windows(target, cache), cache[0].offset, k)
-    tokens = agreed(lockstep, tokens)
+    tokens = agreed(chooser.lockstep, tokens)
     mx.async_eval(tokens)  # the drafter computes while the caller reads the previous round's tokens
     return Drafts(tokens, q)
 
 
-def _verify(target: Model, cache: list, last: mx.array, drafts: Drafts, sampler: SamplerConfig,
-            lockstep: Lockstep | None) -> tuple[int, list[int], Frontier]:
+def _verify(target: Model, cache: list, last: mx.array, drafts: Drafts, chooser: Chooser
+            ) -> tuple[int, list[tuple[int, bool, TokenLogprobs | None]], Frontier]:
     """One target forward over `last` and the drafts, the acceptance rule, the rollback of rejected drafts: (n
-    accepted, the round's tokens (K + 1 ints), the new frontier)."""
+    accepted, the round's n + 1 emitted (token, from_draft, logprobs), the new frontier)."""
     k = drafts.tokens.size
     out = target.forward(mx.concatenate([last, drafts.tokens])[None], cache, rows=k + 1, return_hidden=True)
-    n, tokens = agreed_round(lockstep, *accept(out, drafts.tokens, drafts.q, sampler))
-    mx.eval(n, tokens)  # the round's one host sync
+    n, tokens = agreed_round(chooser.lockstep, *accept(out, drafts.tokens, drafts.q, chooser.sampler))
+    scores = chooser.scores(out.logits[0], tokens)  # every row's: rows past n are dropped below
+    mx.eval(n, tokens, *(scores.arrays() if scores else []))  # the round's one host sync
     n, tokens = n.item(), tokens.tolist()
     trim_cache(cache, k - n)
-    return n, tokens, Frontier(mx.array(tokens[n : n + 1]), out.hidden[:, n : n + 1])
+    emitted = [(t, i < n, lp) for i, (t, lp) in enumerate(zip(tokens[: n + 1], rows(scores, n + 1)))]
+    return n, emitted, Frontier(mx.array(tokens[n : n + 1]), out.hidden[:, n : n + 1])
 
 
 def mtp_generate_step(
-    target: Model, cache: list, first: Frontier, propose: Proposer, draft_length: DraftLength,
-    sampler: SamplerConfig, stats: DraftStats, max_tokens: int, lockstep: Lockstep | None = None,
-    clock: Callable[[], float] = time.perf_counter,
-) -> Generator[tuple[int, bool], None, None]:
-    """Yield (token, from_draft) for `max_tokens` (>= 1) tokens at most, `first.token` first (read once the first
-    round is queued).
+    target: Model, cache: list, first: Frontier, propose: Proposer, draft_length: DraftLength, chooser: Chooser,
+    stats: DraftStats, max_tokens: int, clock: Callable[[], float] = time.perf_counter,
+) -> Generator[tuple[int, bool, TokenLogprobs | None], None, None]:
+    """Yield (token, from_draft, logprobs) for `max_tokens` (>= 1) tokens at most, `first.token` first (read once
+    the first round is queued).
 
     Every round's first work is queued before the previous round's tokens are handed out (mlx-lm's pipelining): a
     plain step, or the drafts, which the drafter computes while the caller reads those tokens. A drafting round
@@ -144,33 +146,33 @@ def mtp_generate_step(
             told each round's accepted count as soon as it is known and its seconds once its tokens are read: the
             loop's own time from the previous round's tokens being read to its own (the caller's time between
             yielded tokens is not counted; `clock` is its time source).
-        lockstep: for a target sharded over processes: every decision is rank 0's.
+        chooser: the sampler (drafts are accepted by its rule), the lock-step of a sharded target, the logprobs.
     """
     watch, at, remaining = Stopwatch(clock), first, max_tokens - 1
     if remaining > 0:  # the first round starts before the first token is handed out
         k = _next_k(draft_length, remaining, cache)
-        queued = _queue_round(target, propose, cache, at, k, sampler, lockstep)
+        queued = _queue_round(target, propose, cache, at, k, chooser)
     watch.pause()
-    yield first.token.item(), False
+    yield first.emitted()
     watch.resume()
     while remaining > 0:
         if isinstance(queued, Drafts):
-            n, tokens, at = _verify(target, cache, at.token, queued, sampler, lockstep)
+            n, emitted, at = _verify(target, cache, at.token, queued, chooser)
             draft_length.timed(k, watch.lap())
         else:  # a plain step: its token is read only once the next round is queued
-            n, tokens, at = 0, None, queued
+            n, emitted, at = 0, None, queued
         stats.record(k, n)
         draft_length.accepted(k, n)
         remaining -= n + 1
         if remaining > 0:  # the next round starts before these tokens are handed out
             k = _next_k(draft_length, remaining, cache)
-            queued = _queue_round(target, propose, cache, at, k, sampler, lockstep)
-        if tokens is None:
-            tokens = [at.token.item()]
+            queued = _queue_round(target, propose, cache, at, k, chooser)
+        if emitted is None:
+            emitted = [at.emitted()]
             draft_length.timed(0, watch.lap())
-        for i, token in enumerate(tokens[: n + 1]):
+        for item in emitted:
             watch.pause()
-            yield token, i < n
+            yield item
             watch.resume()
 
 

@@ -325,7 +325,7 @@ def test_what_auto_learns_stays_with_the_pair_per_sampling_setting(fresh_pair):
 def test_the_loop_times_only_its_own_code(fresh_pair):
     """Seconds reported to the policy cover the loop's work, never the caller's time between tokens (fake clock:
     every call advances it by 1; the caller spends 1000 per token)."""
-    from mlx_gemma_mtp.plain import first_token, prefill
+    from mlx_gemma_mtp.plain import Chooser, first_token, prefill
     from mlx_gemma_mtp.speculative import drafter_proposer, mtp_generate_step
 
     b = fresh_pair()
@@ -344,9 +344,10 @@ def test_the_loop_times_only_its_own_code(fresh_pair):
 
     cache = b.target.make_cache(max_rollback=8)
     greedy = SamplerConfig()
-    first = first_token(prefill(b.target, mx.array(PROMPT), cache, 512, True), greedy, None)
-    steps = mtp_generate_step(b.target, cache, first, drafter_proposer(b.state.draft_step, greedy), Policy(), greedy,
-                              DraftStats(), 31, clock=lambda: next(ticks) + caller[0])
+    first = first_token(prefill(b.target, mx.array(PROMPT), cache, 512, True), Chooser(greedy))
+    propose = drafter_proposer(b.state.draft_step, greedy)
+    steps = mtp_generate_step(b.target, cache, first, propose, Policy(), Chooser(greedy), DraftStats(), 31,
+                              clock=lambda: next(ticks) + caller[0])
     for _ in steps:
         caller[0] += 1000
     assert len(reports) > 10 and all(0 < s < 20 for _, s in reports)

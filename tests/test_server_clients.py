@@ -148,8 +148,6 @@ def test_unknown_model_is_a_404_like_openai(served, client):
     ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
     ("tool_choice", "required"),
     ("response_format", {"type": "json_object"}),
-    ("logprobs", True),
-    ("top_logprobs", 3),
     ("frequency_penalty", 0.5),
     ("presence_penalty", -1),
     ("logit_bias", {"5": 10}),
@@ -164,7 +162,7 @@ def test_tool_messages_are_a_400_and_neutral_values_are_accepted(served):
     tool = [*MESSAGES, {"role": "tool", "tool_call_id": "1", "content": "42"}]
     status, _, body = request(served, "POST", "/v1/chat/completions", {"messages": tool})
     assert status == 400 and body["error"]["param"] == "messages[1]"
-    neutral = {"messages": MESSAGES, "max_tokens": 2, "logprobs": False, "frequency_penalty": 0, "tools": [],
+    neutral = {"messages": MESSAGES, "max_tokens": 2, "frequency_penalty": 0, "tools": [],
                "tool_choice": "none", "response_format": {"type": "text"}, "presence_penalty": 0.0}
     assert request(served, "POST", "/v1/chat/completions", neutral)[0] == 200
 
@@ -330,3 +328,43 @@ def test_prompt_caches_evict_the_least_recently_used_by_count_and_bytes(demo):
     assert caches.entries == [entry] and entry.nbytes > 0
     with pytest.raises(ValueError, match="max_entries=0"):
         PromptCaches(0)
+
+
+# ---- logprobs -------------------------------------------------------------------------------------------------
+
+def test_chat_logprobs_equal_generates_and_stream_the_same(served, client):
+    bundle = served[1]
+    want = list(mlx_gemma_mtp.stream_generate(bundle, MESSAGES, 8, num_draft_tokens=2, logprobs=3))
+    r = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=8, temperature=0,
+                                       logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens == len(want)
+    for entry, w in zip(content, want):
+        assert entry.logprob == pytest.approx(w.logprobs.logprob, abs=1e-6)
+        assert entry.token == bundle.tokenizer.decode([w.token]) and entry.bytes == list(entry.token.encode())
+        assert [t.token for t in entry.top_logprobs] == [bundle.tokenizer.decode([t]) for t, _ in w.logprobs.top]
+    chunks = list(client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=8, temperature=0,
+                                                 logprobs=True, top_logprobs=3, stream=True))
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
+    plain = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=8, temperature=0)
+    assert plain.choices[0].logprobs is None
+
+
+def test_completion_logprobs_in_the_legacy_shape(served, client):
+    r = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=6, temperature=0, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == r.usage.completion_tokens
+    assert all(len(top) <= 2 and max(top.values()) >= lp.token_logprobs[i] - 1e-6
+               for i, top in enumerate(lp.top_logprobs))
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"logprobs": "yes"}, "logprobs"),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"top_logprobs": 2}, "top_logprobs"),
+])
+def test_bad_logprobs_requests(served, body, param):
+    status, _, reply = request(served, "POST", "/v1/chat/completions", {"messages": MESSAGES, **body})
+    assert status == 400 and reply["error"]["param"] == param

@@ -313,7 +313,7 @@ def test_policy_switching_between_plain_and_mtp_rounds_is_exact(pair, pattern):
     """K = 0 rounds run pipelined inside the MTP loop; switching in and out of them keeps the output and asks the
     policy exactly once per round."""
     from mlx_gemma_mtp.drafting import DraftStep
-    from mlx_gemma_mtp.plain import first_token, prefill
+    from mlx_gemma_mtp.plain import Chooser, first_token, prefill
     from mlx_gemma_mtp.speculative import drafter_proposer, mtp_generate_step
     from mlx_gemma_mtp.stats import DraftStats
 
@@ -333,7 +333,7 @@ def test_policy_switching_between_plain_and_mtp_rounds_is_exact(pair, pattern):
             told.append(("timed", k, seconds))
 
     cache = target.make_cache(max_rollback=8)
-    first = first_token(prefill(target, mx.array(PROMPT), cache, 512, True), SamplerConfig(), None)
+    first = first_token(prefill(target, mx.array(PROMPT), cache, 512, True), Chooser(SamplerConfig()))
     stats, greedy, seen = DraftStats(), SamplerConfig(), []
     real = drafter_proposer(DraftStep(target, drafter), greedy)
 
@@ -341,8 +341,8 @@ def test_policy_switching_between_plain_and_mtp_rounds_is_exact(pair, pattern):
         seen.append((last.item(), hidden, position))
         return real(last, hidden, windows, position, k)
 
-    steps = mtp_generate_step(target, cache, first, propose, Policy(), greedy, stats, 40)
-    assert [t for t, _ in steps] == plain
+    steps = mtp_generate_step(target, cache, first, propose, Policy(), Chooser(greedy), stats, 40)
+    assert [t for t, *_ in steps] == plain
     assert calls[0] == (39, len(PROMPT))
     played = [min(pattern[i % len(pattern)], remaining - 1) for i, (remaining, _) in enumerate(calls)]
     assert (stats.rounds, stats.plain_rounds) == (len(played) - played.count(0), played.count(0))
@@ -361,3 +361,48 @@ def test_policy_switching_between_plain_and_mtp_rounds_is_exact(pair, pattern):
     for last, hidden, position in seen:
         assert last == sequence[position]
         assert mx.allclose(hidden[0, 0], full[position - 1], rtol=1e-3, atol=1e-3)  # float32, other shapes
+
+
+def _reference_log_probs(target, prompt: list[int], generated: list[int]) -> mx.array:
+    """The target's log-softmax at every position of prompt + generated, in one forward: (T, V)."""
+    sequence = prompt + generated
+    logits = target.forward(mx.array(sequence)[None], rows=len(sequence)).logits[0].astype(mx.float32)
+    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+
+
+def _assert_logprobs_are_the_targets(responses, reference: mx.array, top: int) -> None:
+    for i, r in enumerate(responses):
+        row = reference[len(PROMPT) - 1 + i]
+        assert r.logprobs.logprob == pytest.approx(row[r.token].item(), abs=1e-4)
+        ids = [t for t, _ in r.logprobs.top]
+        assert len(ids) == top and ids[0] == mx.argmax(row).item()
+        assert [v for _, v in r.logprobs.top] == pytest.approx(row[mx.array(ids)].tolist(), abs=1e-4)
+
+
+def test_logprobs_of_drafted_tokens_equal_plain_decodings(pair):
+    """Every emitted token's log-probability and alternatives come from the target's own distribution: with MTP
+    (drafted tokens read off the verify rows) they equal plain decoding's, token for token (drafts forced right
+    two times in three, so every round accepts some)."""
+    b = bundle(*pair)
+    plain = list(stream_generate(b, PROMPT, max_tokens=30, num_draft_tokens=0, logprobs=4))
+    propose = oracle_proposer(PROMPT + [r.token for r in plain] + [0] * 16, corrupt=lambda i: i % 3 == 2)
+    for k in (1, 3, 6):
+        mtp = list(stream_generate(b, PROMPT, max_tokens=30, num_draft_tokens=k, proposer=propose, logprobs=4))
+        assert [r.token for r in mtp] == [r.token for r in plain] and sum(r.from_draft for r in mtp) >= 10
+        for a, p in zip(mtp, plain):  # to float32 rounding: a several-row matmul sums in another order
+            assert a.logprobs.logprob == pytest.approx(p.logprobs.logprob, abs=1e-4)
+            assert [t for t, _ in a.logprobs.top] == [t for t, _ in p.logprobs.top]
+            assert [v for _, v in a.logprobs.top] == pytest.approx([v for _, v in p.logprobs.top],
+                                                                     abs=1e-4)
+    _assert_logprobs_are_the_targets(plain, _reference_log_probs(pair[0], PROMPT, [r.token for r in plain]), 4)
+    assert all(r.logprobs is None for r in stream_generate(b, PROMPT, max_tokens=3, num_draft_tokens=2))
+    with pytest.raises(ValueError, match="logprobs=21"):
+        next(stream_generate(b, PROMPT, max_tokens=3, logprobs=21))
+
+
+def test_sampled_logprobs_are_the_targets_distribution_before_temperature(pair):
+    b = bundle(*pair)
+    sampler = SamplerConfig(temperature=1.5, top_k=20, seed=5)
+    for k in (0, 3):
+        rs = list(stream_generate(b, PROMPT, max_tokens=20, sampler=sampler, num_draft_tokens=k, logprobs=2))
+        _assert_logprobs_are_the_targets(rs, _reference_log_probs(pair[0], PROMPT, [r.token for r in rs]), 2)

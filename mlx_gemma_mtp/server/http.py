@@ -238,15 +238,18 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = self._streaming = True
             if completion.chat:
                 self.send_event(completion.chunk({"role": "assistant", "content": ""}))
-            last = first
+            last, pending = first, []  # pending: tokens not sent yet (no text of their own), for their logprobs
             for last in _chain(first, responses):
                 if self.state.stopping.is_set():
                     raise BrokenPipeError("the server is stopping")
+                pending.append(last)
                 if last.text:
-                    self.send_event(completion.chunk(delta_of(last, completion.chat)))
+                    self.send_event(completion.chunk(delta_of(last, completion.chat), tokens=pending))
+                    pending = []
             # usage (with MTP stats) once: in its own chunk when asked for, else on the finishing chunk
             extra = {} if include_usage else {"usage": usage(last, completion.cached)}
-            self.send_event(completion.chunk({} if completion.chat else {"text": ""}, last.finish_reason, **extra))
+            end = {} if completion.chat else {"text": ""}
+            self.send_event(completion.chunk(end, last.finish_reason, tokens=pending, **extra))
             if include_usage:
                 self.send_event(completion.usage_chunk(last))
             self.wfile.write(b"data: [DONE]\n\n")

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..decode import GenerationResponse
+from ..logprobs import MAX_TOP_LOGPROBS
+from .logprobs import chat_logprobs, completion_logprobs
 from ..load import Bundle
 from ..prompt_cache import PromptCaches
 from ..sampling import SamplerConfig
@@ -23,7 +25,7 @@ MAX_BODY_BYTES = 16 * 1024 * 1024
 UNSUPPORTED = {
     "tools": (None, []), "tool_choice": (None, "none", "auto"), "functions": (None, []),
     "function_call": (None, "none", "auto"), "parallel_tool_calls": (None, True, False),
-    "response_format": (None, {"type": "text"}), "logprobs": (None, False, 0), "top_logprobs": (None, 0),
+    "response_format": (None, {"type": "text"}),
     "frequency_penalty": (None, 0, 0.0), "presence_penalty": (None, 0, 0.0), "repetition_penalty": (None, 1, 1.0),
     "logit_bias": (None, {}), "best_of": (None, 1), "echo": (None, False), "suffix": (None, ""),
     "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,), "guided_grammar": (None,),
@@ -110,6 +112,23 @@ def max_tokens_from(body: dict, state: ServerState) -> int:
         raise RequestError(f"'{name}'={value} exceeds the model's context length "
                            f"({state.max_tokens_cap} tokens)", name)
     return value
+
+
+def logprobs_from(body: dict, chat: bool) -> int | None:
+    """How many alternatives a request wants with each token's log-probability (None: no logprobs)."""
+    if not chat:  # completions: `logprobs` is the number of alternatives
+        top = _number(body, "logprobs", integer=True)
+        if top is not None and not 0 <= top <= MAX_TOP_LOGPROBS:
+            raise RequestError(f"'logprobs' must be 0..{MAX_TOP_LOGPROBS}, got {top}", "logprobs")
+        return top
+    wanted, top = body.get("logprobs"), _number(body, "top_logprobs", integer=True)
+    if wanted not in (None, True, False):
+        raise RequestError(f"'logprobs' must be a boolean, got {wanted!r}", "logprobs")
+    if top is not None and not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise RequestError(f"'top_logprobs' must be 0..{MAX_TOP_LOGPROBS}, got {top}", "top_logprobs")
+    if top and not wanted:
+        raise RequestError("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    return (top or 0) if wanted else None
 
 
 def stop_from(body: dict) -> list[str] | None:
@@ -216,6 +235,7 @@ def parse_request(body: Any, state: ServerState, chat: bool) -> dict:
         "stream": bool(stream),
         "include_usage": bool(options.get("include_usage")),
         "max_tokens_given": body.get("max_completion_tokens", body.get("max_tokens")) is not None,
+        "logprobs": logprobs_from(body, chat),
     }
 
 
@@ -271,6 +291,9 @@ class Completion:
     def __init__(self, state: ServerState, chat: bool):
         self.chat, self.model = chat, state.model_name
         self.cached = 0  # prompt tokens the prompt cache held, known once generation starts
+        tokenizer = state.bundle.tokenizer
+        self.token_text = (lambda t: tokenizer.decode([t])) if tokenizer is not None else str
+        self.text_length = 0  # text already sent (completions' text_offset)
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         self.created = int(time.time())
 
@@ -278,21 +301,31 @@ class Completion:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model,
                 "choices": choices, **extra}
 
+    def logprobs(self, responses: list[GenerationResponse]) -> dict | None:
+        """The `logprobs` of a choice for these tokens (None when the request asked for none)."""
+        if not responses or responses[0].logprobs is None:
+            return None
+        if self.chat:
+            return chat_logprobs(responses, self.token_text)
+        out = completion_logprobs(responses, self.token_text, self.text_length)
+        self.text_length = out["text_offset"][-1] + len(out["tokens"][-1])
+        return out
+
     def whole(self, responses: list[GenerationResponse]) -> dict:
         last = responses[-1]
         answer, thought = collect(responses)
+        choice = {"index": 0, "finish_reason": last.finish_reason, "logprobs": self.logprobs(responses)}
         if self.chat:
             message = {"role": "assistant", "content": answer}
             if thought:
                 message["reasoning_content"] = thought
-            choice = {"index": 0, "message": message, "finish_reason": last.finish_reason, "logprobs": None}
-            return self._object("chat.completion", [choice], usage=usage(last, self.cached))
-        choice = {"index": 0, "text": answer, "finish_reason": last.finish_reason, "logprobs": None}
-        return self._object("text_completion", [choice], usage=usage(last, self.cached))
+            return self._object("chat.completion", [{**choice, "message": message}], usage=usage(last, self.cached))
+        return self._object("text_completion", [{**choice, "text": answer}], usage=usage(last, self.cached))
 
-    def chunk(self, delta: dict, finish_reason: str | None = None, **extra) -> dict:
+    def chunk(self, delta: dict, finish_reason: str | None = None, tokens: list | None = None, **extra) -> dict:
+        """A stream chunk; `tokens`: the responses whose logprobs it carries."""
         kind = "chat.completion.chunk" if self.chat else "text_completion"
-        choice = {"index": 0, "finish_reason": finish_reason, "logprobs": None}
+        choice = {"index": 0, "finish_reason": finish_reason, "logprobs": self.logprobs(tokens or [])}
         choice.update({"delta": delta} if self.chat else delta)
         return self._object(kind, [choice], **extra)
 
