@@ -78,7 +78,7 @@ def measure_costs(target: Model, drafter: Drafter, max_drafts: int, context: int
         """The target's side of a round: forward and the acceptance rule (sampled acceptance is not free)."""
         out = target.forward(ids[None, :T], cache, rows=T, return_hidden=True)
         drafts, q = ids[: T - 1], None if greedy else uniform_q[: T - 1]
-        n, tokens = accept(out, drafts, q, sampler)
+        n, tokens = accept(out.logits[0], drafts, q, sampler)
         mx.eval(n, tokens)
         trim_cache(cache, T)  # keep the context fixed between timings
         return tokens

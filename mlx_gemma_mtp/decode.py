@@ -58,10 +58,11 @@ class GenerationOptions:
     proposer: Proposer | None
     prompt_cache: PromptCache | None
     logprobs: int | None = None  # report log-probabilities with this many alternatives (None: none)
+    json_schema: dict | None = None  # the answer must be JSON following it (None: free text)
 
     @classmethod
     def of(cls, bundle: Bundle, max_tokens, sampler, num_draft_tokens, stop, prefill_step_size, proposer,
-           prompt_cache, logprobs=None) -> GenerationOptions:
+           prompt_cache, logprobs=None, json_schema=None) -> GenerationOptions:
         """`stream_generate`'s arguments checked and resolved, or a ValueError naming the bad one."""
         sampler = SamplerConfig() if sampler is None else sampler
         if not isinstance(sampler, SamplerConfig):
@@ -79,8 +80,11 @@ class GenerationOptions:
                                      or not 0 <= logprobs <= MAX_TOP_LOGPROBS):
             raise ValueError(f"logprobs={logprobs!r}: None, or the number of alternatives to report with each "
                              f"token's log-probability, 0..{MAX_TOP_LOGPROBS}")
+        if json_schema is not None and not isinstance(json_schema, dict):
+            raise ValueError(f"json_schema must be a dict (a JSON schema; {{'type': 'object'}} for any JSON "
+                             f"object), got {type(json_schema).__name__}")
         return cls(max_tokens, sampler, _resolve_draft_request(bundle, num_draft_tokens, proposer), tuple(stop),
-                   prefill_step_size, proposer, prompt_cache, logprobs)
+                   prefill_step_size, proposer, prompt_cache, logprobs, json_schema)
 
 
 def encode_prompt(bundle: Bundle, prompt: Prompt, chat_template_kwargs: dict | None = None) -> list[int]:
@@ -105,7 +109,9 @@ def _tokens(bundle: Bundle, ids: list[int], options: GenerationOptions, stats: D
         cache, start = prompt_cache.fetch(target, ids, MAX_DRAFT_TOKENS)
         snapshot = partial(prompt_cache.snapshot, cache, len(ids) - 1)
     out = prefill(target, mx.array(ids[start:]), cache, options.prefill_step_size, use_mtp, snapshot)
-    chooser = Chooser(sampler, state.lockstep, options.logprobs)
+    constraint = None if options.json_schema is None else state.constraint(
+        bundle.tokenizer, options.json_schema, _eos_ids(bundle))
+    chooser = Chooser(sampler, state.lockstep, options.logprobs, constraint)
     first = first_token(out, chooser)
     if not use_mtp:
         yield from generate_step(target, cache, first, chooser)
@@ -145,6 +151,7 @@ def stream_generate(
     chat_template_kwargs: dict | None = None,
     prompt_cache: PromptCache | None = None,
     logprobs: int | None = None,
+    json_schema: dict | None = None,
 ) -> Iterator[GenerationResponse]:
     """Generate from `prompt` (string, chat messages, or token ids), yielding one response per token.
 
@@ -168,9 +175,12 @@ def stream_generate(
         logprobs: report each token's log-probability under the target's distribution (its log-softmax, before
             temperature and filters) and this many most likely alternatives (0..20) in `response.logprobs`;
             drafted tokens get the verify pass's values, which are plain decoding's.
+        json_schema: the answer must be JSON following this schema (`{"type": "object"}`: any JSON object),
+            by constrained decoding (llguidance): the target's distribution restricted to what the schema allows
+            next, with or without drafts (greedy MTP equals greedy plain decoding under the same schema).
     """
     options = GenerationOptions.of(bundle, max_tokens, sampler, num_draft_tokens, stop, prefill_step_size, proposer,
-                                   prompt_cache, logprobs)
+                                   prompt_cache, logprobs, json_schema)
     ids = encode_prompt(bundle, prompt, chat_template_kwargs)
     _warn_past_context(bundle, len(ids), max_tokens)
     release_streams_at_thread_exit()
@@ -194,7 +204,7 @@ def _generate(bundle: Bundle, ids: list[int], options: GenerationOptions) -> Ite
     elif not sampler.greedy and bundle.state.lockstep is not None:
         mx.random.seed(bundle.state.lockstep.shared_seed())  # the ranks of a sharded target draw the same numbers
     stats = DraftStats() if options.num_draft_tokens != 0 else None
-    eos = set(bundle.generation.eos_token_ids) | set(getattr(bundle.tokenizer, "eos_token_ids", None) or [])
+    eos = set(_eos_ids(bundle))
     text = TextStream(bundle.tokenizer, list(options.stop), bundle.special.channels)
     mx.reset_peak_memory()
     tic = time.perf_counter()
@@ -219,6 +229,12 @@ def _generate(bundle: Bundle, ids: list[int], options: GenerationOptions) -> Ite
                 break
             if n % 256 == 0:
                 mx.clear_cache()
+
+
+def _eos_ids(bundle: Bundle) -> list[int]:
+    """Every id generation stops at: config.json's, generation_config.json's and the tokenizer's."""
+    ids = set(bundle.generation.eos_token_ids) | set(getattr(bundle.tokenizer, "eos_token_ids", None) or [])
+    return sorted(ids)
 
 
 @contextlib.contextmanager

@@ -3,7 +3,8 @@
 - the drafter's compiled draft step (a JIT pass per draft length and sampling setting: built once, reused);
 - what the "auto" draft length learned about the pair (`draft_length.AutoRecords`), started from this machine's
   saved calibration when there is one;
-- for a target sharded over several processes, the `Lockstep` that keeps the ranks' decisions equal.
+- for a target sharded over several processes, the `Lockstep` that keeps the ranks' decisions equal;
+- the tokenizer as the grammar engine sees it, for structured output (built on first use: seconds at 262k tokens).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from functools import cached_property
 
 from .calibration import saved_costs
+from .constraint import Constraint, grammar_tokenizer
 from .distributed.lockstep import Lockstep
 from .draft_length import (
     AutoDraftLength,
@@ -32,6 +34,16 @@ class PairState:
 
     def __init__(self, target: Model, drafter: Drafter | None, lockstep: Lockstep | None = None):
         self.target, self.drafter, self.lockstep = target, drafter, lockstep
+        self._grammar_tokenizer = None
+
+    def constraint(self, tokenizer, schema: dict, eos_token_ids: list[int]) -> Constraint:
+        """A fresh grammar state for one generation whose answer must be JSON following `schema`."""
+        if tokenizer is None:
+            raise ValueError("structured output needs the checkpoint's tokenizer files")
+        vocab = self.target.args.vocab_size
+        if self._grammar_tokenizer is None:
+            self._grammar_tokenizer = grammar_tokenizer(tokenizer, vocab, eos_token_ids)
+        return Constraint.json(self._grammar_tokenizer, schema, vocab, eos_token_ids)
 
     @cached_property
     def draft_step(self) -> DraftStep:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
+from .constraint import Constraint
 from .distributed.lockstep import Lockstep, agreed
 from .models.gemma4_text import Model, TargetOutput
 from .logprobs import Scores, TokenLogprobs, rows, token_scores
@@ -21,16 +22,26 @@ from .sampling import SamplerConfig, choose
 @dataclass(frozen=True)
 class Chooser:
     """How a step turns the target's logits into the emitted token: the sampler, rank 0's decision on a target
-    sharded over processes (`lockstep`), and the log-probabilities reported with it (`top_logprobs` best tokens
-    besides the chosen one's; None: none)."""
+    sharded over processes (`lockstep`), the log-probabilities reported with it (`top_logprobs` best tokens
+    besides the chosen one's; None: none) and the grammar the answer must follow (`constraint`, or None)."""
 
     sampler: SamplerConfig
     lockstep: Lockstep | None = None
     top_logprobs: int | None = None
+    constraint: Constraint | None = None
 
     def token(self, logits: mx.array) -> mx.array:
         """(1, V) logits -> the token (1,), lazy; rank 0's on every rank of a sharded target."""
+        if self.constraint is not None:
+            logits = self.constraint.restrict(logits)
         return agreed(self.lockstep, choose(logits, self.sampler))
+
+    def read(self, step: Frontier) -> tuple[int, bool, TokenLogprobs | None]:
+        """`step.emitted()`, which a grammar consumes: the next step's mask depends on it."""
+        item = step.emitted()
+        if self.constraint is not None:
+            self.constraint.consume([item[0]])
+        return item
 
     def scores(self, logits: mx.array, tokens: mx.array) -> Scores | None:
         """Log-probabilities of `tokens` (R,) at the rows of `logits` (R, V), when asked for."""
@@ -95,6 +106,11 @@ def generate_step(target: Model, cache: list, first: Frontier, chooser: Chooser
     overlaps the computation of the current one."""
     at = first
     while True:
-        following = plain_step(target, cache, at.token, chooser)
-        yield at.emitted()
+        if chooser.constraint is not None:  # the next mask needs this token: read it first (no pipelining)
+            item = chooser.read(at)
+            following = plain_step(target, cache, at.token, chooser)
+        else:
+            following = plain_step(target, cache, at.token, chooser)
+            item = at.emitted()
+        yield item
         at = following

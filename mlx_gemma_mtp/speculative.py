@@ -23,7 +23,7 @@ from .cache import trim_cache
 from .distributed.lockstep import agreed, agreed_round
 from .draft_length import DraftLength
 from .drafting import DraftStep, KVWindow, cache_windows, draft
-from .models.gemma4_text import Model, TargetOutput
+from .models.gemma4_text import Model
 from .logprobs import TokenLogprobs, rows
 from .plain import Chooser, Frontier, plain_step
 from .sampling import (
@@ -51,9 +51,9 @@ class Drafts:
     q: mx.array | None  # (K, V) draft log-probabilities when sampling, None when greedy
 
 
-def accept(out: TargetOutput, drafts: mx.array, q: mx.array | None, sampler: SamplerConfig):
-    """(n accepted, tokens (K+1,)): drafts[:n] then the target's token; greedy or exact speculative sampling."""
-    logits = out.logits[0]
+def accept(logits: mx.array, drafts: mx.array, q: mx.array | None, sampler: SamplerConfig):
+    """(n accepted, tokens (K+1,)) from the verify rows' logits (K+1, V): drafts[:n] then the target's token;
+    greedy or exact speculative sampling."""
     if sampler.greedy:
         return greedy_accept(logits, drafts)
     if drafts.size == 0:
@@ -115,16 +115,24 @@ def _queue_round(target: Model, propose: Proposer, cache: list, at: Frontier, k:
 def _verify(target: Model, cache: list, last: mx.array, drafts: Drafts, chooser: Chooser
             ) -> tuple[int, list[tuple[int, bool, TokenLogprobs | None]], Frontier]:
     """One target forward over `last` and the drafts, the acceptance rule, the rollback of rejected drafts: (n
-    accepted, the round's n + 1 emitted (token, from_draft, logprobs), the new frontier)."""
-    k = drafts.tokens.size
-    out = target.forward(mx.concatenate([last, drafts.tokens])[None], cache, rows=k + 1, return_hidden=True)
-    n, tokens = agreed_round(chooser.lockstep, *accept(out, drafts.tokens, drafts.q, chooser.sampler))
-    scores = chooser.scores(out.logits[0], tokens)  # every row's: rows past n are dropped below
-    mx.eval(n, tokens, *(scores.arrays() if scores else []))  # the round's one host sync
-    n, tokens = n.item(), tokens.tolist()
+    accepted, the round's n + 1 emitted (token, from_draft, logprobs), the new frontier). Under a grammar, only
+    the drafts it allows are verified, against the masked target distribution (`constraint.py`)."""
+    tokens, q, masks = drafts.tokens, drafts.q, None
+    if chooser.constraint is not None:  # the drafts are read here: a second host sync, once per round
+        masks, allowed = chooser.constraint.masks_along(tokens.tolist())
+        tokens, q = tokens[:allowed], None if q is None else q[:allowed]
+    k = tokens.size
+    out = target.forward(mx.concatenate([last, tokens])[None], cache, rows=k + 1, return_hidden=True)
+    logits = out.logits[0] if masks is None else mx.where(masks, out.logits[0], float("-inf"))
+    n, emitted = agreed_round(chooser.lockstep, *accept(logits, tokens, q, chooser.sampler))
+    scores = chooser.scores(out.logits[0], emitted)  # every row's: rows past n are dropped below
+    mx.eval(n, emitted, *(scores.arrays() if scores else []))  # the round's one host sync
+    n, emitted = n.item(), emitted.tolist()[: n.item() + 1]
     trim_cache(cache, k - n)
-    emitted = [(t, i < n, lp) for i, (t, lp) in enumerate(zip(tokens[: n + 1], rows(scores, n + 1)))]
-    return n, emitted, Frontier(mx.array(tokens[n : n + 1]), out.hidden[:, n : n + 1])
+    if chooser.constraint is not None:
+        chooser.constraint.consume(emitted)
+    items = [(t, i < n, lp) for i, (t, lp) in enumerate(zip(emitted, rows(scores, n + 1)))]
+    return n, items, Frontier(mx.array(emitted[n:]), out.hidden[:, n : n + 1])
 
 
 def mtp_generate_step(
@@ -149,18 +157,22 @@ def mtp_generate_step(
         chooser: the sampler (drafts are accepted by its rule), the lock-step of a sharded target, the logprobs.
     """
     watch, at, remaining = Stopwatch(clock), first, max_tokens - 1
+    head = chooser.read(first) if chooser.constraint is not None else None  # a grammar's next mask needs it
     if remaining > 0:  # the first round starts before the first token is handed out
         k = _next_k(draft_length, remaining, cache)
         queued = _queue_round(target, propose, cache, at, k, chooser)
     watch.pause()
-    yield first.emitted()
+    yield head or first.emitted()
     watch.resume()
     while remaining > 0:
         if isinstance(queued, Drafts):
             n, emitted, at = _verify(target, cache, at.token, queued, chooser)
             draft_length.timed(k, watch.lap())
-        else:  # a plain step: its token is read only once the next round is queued
+        else:  # a plain step: its token is read once the next round is queued (under a grammar, before)
             n, emitted, at = 0, None, queued
+            if chooser.constraint is not None:
+                emitted = [chooser.read(at)]
+                draft_length.timed(0, watch.lap())
         stats.record(k, n)
         draft_length.accepted(k, n)
         remaining -= n + 1

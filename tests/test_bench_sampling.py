@@ -62,11 +62,10 @@ def test_bench_inputs_accept_like_the_pre_issue_10_reference(vocab):
     logits = bench_sampling.gemma_like_logits(9, vocab, seed=0)
     cfg = SamplerConfig(**bench_sampling.GEMMA)
     q, drafts = bench_sampling.accept_inputs(logits, cfg, seed=0)
-    out = bench_sampling.TargetOutput(logits=logits[None], hidden=None, shared_kv=None)
     for s in range(5):
         mx.random.seed(s)
         n_ref, _ = reference_speculative_accept(reference_log_probs(logits, cfg), q, drafts)
         mx.random.seed(s)
-        n, tokens = accept(out, drafts, q, cfg)
+        n, tokens = accept(logits, drafts, q, cfg)
         assert n.item() == n_ref.item(), s
         assert tokens[: n.item()].tolist() == drafts[: n.item()].tolist()

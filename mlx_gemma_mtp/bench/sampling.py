@@ -24,7 +24,6 @@ from collections.abc import Callable
 import mlx.core as mx
 import numpy as np
 
-from ..models.gemma4_text import TargetOutput
 from ..sampling import SamplerConfig, log_probs, sample
 from ..speculative import accept
 
@@ -110,12 +109,11 @@ def bench_accept(logits: mx.array, repeats: int, seed: int) -> tuple[float, str]
     """(ms, check) for the acceptance of a K = len(logits) - 1 round at Gemma's defaults."""
     cfg = SamplerConfig(**GEMMA)
     q, drafts = accept_inputs(logits, cfg, seed)
-    out = TargetOutput(logits=logits[None], hidden=None, shared_kv=None)
     counts = []
     for s in range(SEEDS):
         mx.random.seed(s)
-        counts.append(check_accept(logits, drafts, *accept(out, drafts, q, cfg), cfg))
-    ms = median_ms(lambda: accept(out, drafts, q, cfg), repeats)
+        counts.append(check_accept(logits, drafts, *accept(logits, drafts, q, cfg), cfg))
+    ms = median_ms(lambda: accept(logits, drafts, q, cfg), repeats)
     return ms, f"accepted {' '.join(map(str, counts))} of {drafts.shape[0]} (seeds 0-{SEEDS - 1})"
 
 

@@ -1,0 +1,102 @@
+"""Structured output: the target's distribution restricted to what a JSON schema allows, exact with MTP.
+
+The grammar engine is llguidance (Microsoft's, used by mlx-vlm and vLLM): it compiles a JSON schema against the
+tokenizer and gives, for the text so far, the set of tokens that may come next as a bitmask, in microseconds;
+it can consume tokens and roll them back. Nothing here is hand-written grammar.
+
+Exactness with drafts: the constraint is part of the target's distribution (its logits outside the mask are
+-inf), so plain decoding and MTP sample from the same masked distribution. A round's drafts come from the
+drafter unconstrained (one compiled graph, no host work between draft tokens); once they are known (one extra
+host sync per round, not per draft token) the matcher walks them, giving the mask at every verify position; a
+draft the grammar forbids has target probability 0 and would be rejected, so the round verifies only the drafts
+before it. Greedy: the masked argmax decides; sampled: Leviathan's rule on the masked target distribution, which
+is exact whatever the drafts' distribution q was.
+"""
+
+from __future__ import annotations
+
+import json
+
+import mlx.core as mx
+import numpy as np
+
+_NEG_INF = float("-inf")
+
+
+def grammar_tokenizer(tokenizer, vocab_size: int, eos_token_ids: list[int]):
+    """llguidance's view of `tokenizer` (each token's bytes; 1.5 s at 262,144 tokens: a bundle keeps it)."""
+    import llguidance.hf
+
+    backend = getattr(tokenizer, "_tokenizer", tokenizer)  # mlx-lm's wrapper holds the HF tokenizer
+    try:
+        return llguidance.hf.from_tokenizer(backend, n_vocab=vocab_size, eos_token=eos_token_ids)
+    except (TypeError, ValueError, AttributeError) as e:
+        raise ValueError(f"this tokenizer cannot be used for structured output ({e})") from e
+
+
+class Constraint:
+    """The grammar state of one generation: which tokens may come next. Made by `Constraint.json`."""
+
+    def __init__(self, matcher, vocab_size: int, eos_token_ids: list[int]):
+        self.matcher, self.vocab_size = matcher, vocab_size
+        self._shifts = mx.arange(32, dtype=mx.uint32)  # bit j of each mask word
+        # once the answer is complete: an EOS only (as wide as the matcher's masks, which pad a word)
+        self._end = np.zeros(len(matcher.compute_bitmask()) // 4, np.uint32)
+        for t in eos_token_ids:
+            self._end[t // 32] |= np.uint32(1 << (t % 32))
+
+    @classmethod
+    def json(cls, grammar_tokenizer, schema: dict, vocab_size: int, eos_token_ids: list[int]) -> Constraint:
+        """Answers that are JSON following `schema` ({"type": "object"}: any JSON object), then an EOS id.
+
+        Raises:
+            ValueError: naming the schema's problem.
+        """
+        import llguidance
+
+        if not isinstance(schema, dict):
+            raise ValueError(f"the JSON schema must be an object, got {type(schema).__name__}")
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema))
+        error = llguidance.LLMatcher.validate_grammar(grammar, grammar_tokenizer)  # "" when usable
+        if error:
+            raise ValueError(f"unsupported JSON schema: {error}")
+        return cls(llguidance.LLMatcher(grammar_tokenizer, grammar), vocab_size, eos_token_ids)
+
+    def _words(self) -> np.ndarray:
+        """The allowed next tokens as 32-bit words (bit t % 32 of word t // 32)."""
+        if self.matcher.is_stopped():  # the grammar is complete
+            return self._end
+        if self.matcher.is_error():
+            raise RuntimeError(f"the grammar matcher failed: {self.matcher.get_error()}")
+        return np.frombuffer(self.matcher.compute_bitmask(), np.uint32)
+
+    def _masks(self, words: np.ndarray) -> mx.array:
+        """(R, W) words -> (R, V) bool, unpacked on the device."""
+        bits = (mx.array(words)[..., None] >> self._shifts) & 1  # (R, W, 32)
+        return bits.reshape(words.shape[0], -1)[:, : self.vocab_size].astype(mx.bool_)
+
+    def restrict(self, logits: mx.array) -> mx.array:
+        """(1, V) logits of the next position with the tokens the grammar forbids at -inf."""
+        return mx.where(self._masks(self._words()[None]), logits, _NEG_INF)
+
+    def masks_along(self, drafts: list[int]) -> tuple[mx.array, int]:
+        """The masks of a round's verify positions, (j + 1, V), and j: how many of `drafts` the grammar allows in
+        a row (the drafts after them cannot be accepted, so they are not verified). The matcher is left as it
+        was."""
+        words, allowed = [self._words()], 0
+        for token in drafts:
+            if self.matcher.is_stopped() or not words[-1][token // 32] >> np.uint32(token % 32) & 1:
+                break  # (after the end only an EOS, which ends generation: nothing is verified past it)
+            self.matcher.consume_token(token)
+            allowed += 1
+            words.append(self._words())
+        self.matcher.rollback(allowed)
+        return self._masks(np.stack(words)), allowed
+
+    def consume(self, tokens: list[int]) -> None:
+        """The tokens emitted (each one allowed: they were chosen under the mask; an EOS after the end of the
+        answer is not the grammar's)."""
+        for token in tokens:
+            if self.matcher.is_stopped():
+                return
+            self.matcher.consume_token(token)

@@ -1,0 +1,82 @@
+"""Structured output (constraint.py): answers follow a JSON schema, and MTP under a schema is exact: greedy MTP equals
+greedy plain decoding under the same schema token for token, drafts the grammar forbids are never accepted."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import llguidance
+import mlx.core as mx
+import pytest
+from conftest import write_gemma4_tokenizer
+
+import mlx_gemma_mtp
+from mlx_gemma_mtp import SamplerConfig, stream_generate
+
+PROMPT = "Answer in JSON: "
+FLAG = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+        "additionalProperties": False}
+
+
+@pytest.fixture(scope="module")
+def bundle(pair_dir, tmp_path_factory):
+    """The tiny pair with a Gemma-4-like tokenizer (JSON's characters are in its vocabulary)."""
+    path = tmp_path_factory.mktemp("json-pair")
+    shutil.copytree(pair_dir("e2b")[0], path, dirs_exist_ok=True)
+    write_gemma4_tokenizer(path, "e2b")
+    return mlx_gemma_mtp.load(path)
+
+
+def _valid_prefix(bundle, schema: dict, tokens: list[int]) -> bool:
+    """Whether a fresh matcher of `schema` accepts every one of `tokens`."""
+    constraint = bundle.state.constraint(bundle.tokenizer, schema, list(bundle.generation.eos_token_ids) or [1])
+    return constraint.matcher.validate_tokens(tokens) == len(tokens)
+
+
+@pytest.mark.parametrize("schema", [{"type": "object"}, FLAG,
+                                    {"type": "object", "properties": {"n": {"type": "integer"},
+                                                                      "s": {"type": "string"}}}])
+def test_greedy_mtp_under_a_schema_equals_greedy_plain(bundle, schema):
+    plain = [r.token for r in stream_generate(bundle, PROMPT, 40, num_draft_tokens=0, json_schema=schema)]
+    assert _valid_prefix(bundle, schema, [t for t in plain if t not in bundle.generation.eos_token_ids])
+    for k in (1, 3, 6, "auto"):
+        mtp = list(stream_generate(bundle, PROMPT, 40, num_draft_tokens=k, json_schema=schema))
+        assert [r.token for r in mtp] == plain, k
+
+
+def test_a_closed_schema_gives_parseable_json(bundle):
+    for k in (0, 2):
+        text = mlx_gemma_mtp.generate(bundle, PROMPT, max_tokens=60, num_draft_tokens=k, json_schema=FLAG)
+        assert set(json.loads(text)) == {"ok"}
+
+
+def test_drafts_the_grammar_forbids_are_never_verified(bundle):
+    """A proposer that drafts a forbidden token after two right ones: the rounds still equal plain decoding."""
+    plain = [r.token for r in stream_generate(bundle, PROMPT, 30, num_draft_tokens=0, json_schema=FLAG)]
+    reference = bundle.tokenizer.encode(PROMPT) + plain + [0] * 16
+    bad = bundle.tokenizer.encode("zzz")[-1]
+
+    def propose(last, hidden, windows, position, k):
+        drafts = [reference[i] if (i - position) % 3 else bad for i in range(position + 1, position + 1 + k)]
+        return mx.array(drafts, mx.int32), None
+
+    out = list(stream_generate(bundle, PROMPT, 30, num_draft_tokens=4, proposer=propose, json_schema=FLAG))
+    assert [r.token for r in out] == plain and any(r.from_draft for r in out)
+
+
+def test_sampled_answers_follow_the_schema(bundle):
+    for k in (0, 3):
+        for seed in range(3):
+            rs = list(stream_generate(bundle, PROMPT, 40, SamplerConfig(temperature=1.0, seed=seed), k,
+                                      json_schema={"type": "object"}))
+            tokens = [r.token for r in rs if r.token not in bundle.generation.eos_token_ids]
+            assert _valid_prefix(bundle, {"type": "object"}, tokens)
+
+
+def test_bad_schemas_are_refused(bundle):
+    with pytest.raises(ValueError, match="json_schema must be a dict"):
+        next(stream_generate(bundle, PROMPT, 4, json_schema="object"))
+    with pytest.raises(ValueError, match="unsupported JSON schema"):
+        next(stream_generate(bundle, PROMPT, 4, json_schema={"type": "no-such-type"}))
+    assert llguidance.LLMatcher is not None
