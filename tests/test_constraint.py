@@ -80,3 +80,50 @@ def test_bad_schemas_are_refused(bundle):
     with pytest.raises(ValueError, match="unsupported JSON schema"):
         next(stream_generate(bundle, PROMPT, 4, json_schema={"type": "no-such-type"}))
     assert llguidance.LLMatcher is not None
+
+
+# ---- through the server's response_format ---------------------------------------------------------------------
+
+def test_response_format_through_the_official_client(bundle):
+    import threading
+
+    import openai
+
+    from mlx_gemma_mtp.server import make_server
+
+    server = make_server(bundle, "127.0.0.1", 0, model_name="tiny", num_draft_tokens=3)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    messages = [{"role": "user", "content": "json please"}]
+    try:
+        with openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=60) as c:
+            r = c.chat.completions.create(model="tiny", messages=messages, max_tokens=60, temperature=0,
+                                          response_format={"type": "json_schema",
+                                                           "json_schema": {"name": "flag", "schema": FLAG}})
+            assert set(json.loads(r.choices[0].message.content)) == {"ok"}
+            assert r.choices[0].message.content == mlx_gemma_mtp.generate(bundle, messages, max_tokens=60,
+                                                                          json_schema=FLAG)
+            r = c.completions.create(model="tiny", prompt=PROMPT, max_tokens=30, temperature=0,
+                                     extra_body={"response_format": {"type": "json_object"}})  # not in its types
+            assert r.choices[0].text == mlx_gemma_mtp.generate(bundle, PROMPT, max_tokens=30,
+                                                               json_schema={"type": "object"}, num_draft_tokens=3)
+            for bad in ({"type": "json_schema", "json_schema": {"name": "x"}}, {"type": "yaml"},
+                        {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}):
+                with pytest.raises(openai.BadRequestError):
+                    c.chat.completions.create(model="tiny", messages=messages, max_tokens=4, response_format=bad)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+def test_constrained_benchmark_prints_mask_costs_and_checks_mtp_rows(capsys):
+    from mlx_gemma_mtp.bench import constrained
+
+    constrained.main(["--k", "2", "--max-tokens", "12", "--repeats", "2"])
+    out = capsys.readouterr().out
+    assert "next-token mask (us)" in out and "verify masks, K = " in out
+    for setting in ("free text", "JSON schema"):
+        for mode in ("plain", "K=2", "K=auto"):
+            assert f"{setting:12} {mode:6}" in out, (setting, mode)
