@@ -17,8 +17,8 @@ from functools import partial
 import mlx.core as mx
 
 from .load import Bundle
-from .memory import generation_stream, on_stream, release_streams_at_thread_exit, wired_limit
 from .logprobs import MAX_TOP_LOGPROBS, TokenLogprobs
+from .memory import generation_stream, on_stream, release_streams_at_thread_exit, wired_limit
 from .plain import Chooser, first_token, generate_step, prefill
 from .prompt import Prompt, prompt_ids
 from .prompt_cache import PromptCache

@@ -14,8 +14,8 @@ import mlx.core as mx
 
 from .constraint import Constraint
 from .distributed.lockstep import Lockstep, agreed
-from .models.gemma4_text import Model, TargetOutput
 from .logprobs import Scores, TokenLogprobs, rows, token_scores
+from .models.gemma4_text import Model, TargetOutput
 from .sampling import SamplerConfig, choose
 
 

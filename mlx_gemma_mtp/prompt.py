@@ -1,4 +1,4 @@
-"""Prompts as the released Gemma 4 checkpoints expect them (`shared/spec/REAL_CHECKPOINTS.md`).
+"""Prompts as the released Gemma 4 checkpoints expect them (docs/real-checkpoints.md).
 
 - Raw text: Gemma 4's tokenizer has `add_bos_token` false and BOS (`<bos>`, id 2) comes only from the chat
   template, so a raw text prompt gets `<bos>` prepended here unless it already starts with it; without it Gemma

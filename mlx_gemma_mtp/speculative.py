@@ -23,8 +23,8 @@ from .cache import trim_cache
 from .distributed.lockstep import agreed, agreed_round
 from .draft_length import DraftLength
 from .drafting import DraftStep, KVWindow, cache_windows, draft
-from .models.gemma4_text import Model
 from .logprobs import TokenLogprobs, rows
+from .models.gemma4_text import Model
 from .plain import Chooser, Frontier, plain_step
 from .sampling import (
     SamplerConfig,

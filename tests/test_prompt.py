@@ -193,7 +193,7 @@ def test_thought_channel_is_separated_from_the_answer(gemma, monkeypatch):
     script = [CHANNEL, *tok.encode("thought", add_special_tokens=False), NL, *thought, END_CHANNEL, *answer, END_TURN]
 
     def scripted(*_args):
-        yield from ((t, False) for t in script)
+        yield from ((t, False, None) for t in script)  # (token, from_draft, logprobs)
 
     monkeypatch.setattr(decode, "_tokens", scripted)
     responses = list(mlx_gemma_mtp.stream_generate(gemma, [{"role": "user", "content": "Hi"}], max_tokens=50,
@@ -226,7 +226,7 @@ def test_stop_strings_apply_to_the_answer_only(gemma):
 def test_a_string_stop_is_one_stop_string(gemma, monkeypatch):
     tok = gemma.tokenizer
     script = tok.encode("Hi there, the user", add_special_tokens=False)
-    monkeypatch.setattr(decode, "_tokens", lambda *a: ((t, False) for t in script))
+    monkeypatch.setattr(decode, "_tokens", lambda *a: ((t, False, None) for t in script))
     text = mlx_gemma_mtp.generate(gemma, "Hi", max_tokens=50, stop="the user")
     assert text == "Hi there, "
     with pytest.raises(ValueError, match="a string or a list of strings"):

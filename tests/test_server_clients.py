@@ -145,9 +145,9 @@ def test_unknown_model_is_a_404_like_openai(served, client):
 
 
 @pytest.mark.parametrize("field, value", [
-    ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
-    ("tool_choice", "required"),
-    ("response_format", {"type": "json_object"}),
+    ("functions", [{"name": "f", "parameters": {}}]),  # the deprecated form of `tools`
+    ("function_call", {"name": "f"}),
+    ("response_format", {"type": "grammar"}),
     ("frequency_penalty", 0.5),
     ("presence_penalty", -1),
     ("logit_bias", {"5": 10}),
@@ -155,13 +155,16 @@ def test_unknown_model_is_a_404_like_openai(served, client):
 def test_unsupported_fields_are_a_400_naming_them(served, field, value):
     status, _, body = request(served, "POST", "/v1/chat/completions",
                               {"messages": MESSAGES, "max_tokens": 2, field: value})
-    assert status == 400 and body["error"]["param"] == field and "not supported" in body["error"]["message"]
+    assert status == 400 and body["error"]["param"] == field and body["error"]["message"]
 
 
-def test_tool_messages_are_a_400_and_neutral_values_are_accepted(served):
-    tool = [*MESSAGES, {"role": "tool", "tool_call_id": "1", "content": "42"}]
+def test_tools_need_gemma4_tool_support_and_neutral_values_are_accepted(served):
+    tool = [*MESSAGES, {"role": "tool", "tool_call_id": "1", "content": "42"}]  # answers no call
     status, _, body = request(served, "POST", "/v1/chat/completions", {"messages": tool})
-    assert status == 400 and body["error"]["param"] == "messages[1]"
+    assert status == 400 and body["error"]["param"] == "messages[1].tool_call_id"
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]  # this tokenizer has no tool tokens
+    status, _, body = request(served, "POST", "/v1/chat/completions", {"messages": MESSAGES, "tools": tools})
+    assert status == 400 and body["error"]["param"] == "tools" and "tool tokens" in body["error"]["message"]
     neutral = {"messages": MESSAGES, "max_tokens": 2, "frequency_penalty": 0, "tools": [],
                "tool_choice": "none", "response_format": {"type": "text"}, "presence_penalty": 0.0}
     assert request(served, "POST", "/v1/chat/completions", neutral)[0] == 200

@@ -26,7 +26,7 @@ from dataclasses import asdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from ..decode import GenerationResponse, encode_prompt, stream_generate
+from ..decode import GenerationResponse, stream_generate
 from ..distributed.group import broadcast_json
 from ..load import Bundle
 from ..prompt_cache import PromptCaches
@@ -36,12 +36,12 @@ from .protocol import (
     Completion,
     RequestError,
     ServerState,
-    delta_of,
     error_body,
     fit_context,
     parse_request,
     usage,
 )
+from .tools import encode_with_tools
 
 DISCONNECTED = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError)
 
@@ -60,6 +60,18 @@ class Handler(BaseHTTPRequestHandler):
             model = {"id": self.state.model_name, "object": "model", "created": 0,
                      "owned_by": "mlx-gemma-mtp"}
             self.send_json(200, {"object": "list", "data": [model]})
+        elif path == "":  # `/`: the web chat page, one static file (read per request: a few kB)
+            from importlib.resources import files
+
+            page = (files(__package__) / "static" / "chat.html").read_bytes()
+            try:
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html; charset=utf-8")
+                self.send_header("Content-Length", str(len(page)))
+                self.end_headers()
+                self.wfile.write(page)
+            except DISCONNECTED:
+                self.close_connection = True
         else:
             self.not_found()
 
@@ -117,9 +129,10 @@ class Handler(BaseHTTPRequestHandler):
     def token_ids(self, request: dict, chat: bool) -> list[int]:
         """The prompt's token ids, counted against the model's context before the model is taken."""
         try:
-            ids = encode_prompt(self.state.bundle, request["prompt"], request.pop("chat_template_kwargs"))
-        except ValueError as e:
-            raise RequestError(str(e), "messages" if chat else "prompt") from None
+            ids = encode_with_tools(self.state.bundle, request["prompt"], request.pop("chat_template_kwargs"),
+                                    request["tools"])
+        except ValueError as e:  # a ToolError names its field
+            raise RequestError(str(e), getattr(e, "param", None) or ("messages" if chat else "prompt")) from None
         fit_context(len(ids), request, self.state, chat)
         return ids
 
@@ -163,7 +176,7 @@ class Handler(BaseHTTPRequestHandler):
         stream, include_usage = request.pop("stream"), request.pop("include_usage")
         del request["max_tokens_given"]
         self._streaming = False  # True once SSE headers are out: an error can then only end the stream
-        completion = Completion(self.state, chat)
+        completion = Completion(self.state, chat, request.pop("tools"))
         with self.state.lock:  # batch 1: one generation at a time, the prompt cache is used by one request
             if self.state.stopping.is_set():  # queued behind a generation while the server was stopping
                 self.send_json(503, error_body("the server is shutting down", kind="server_error"))
@@ -243,8 +256,8 @@ class Handler(BaseHTTPRequestHandler):
                 if self.state.stopping.is_set():
                     raise BrokenPipeError("the server is stopping")
                 pending.append(last)
-                if last.text:
-                    self.send_event(completion.chunk(delta_of(last, completion.chat), tokens=pending))
+                for delta in completion.deltas(last):  # none while text is held back (a tool call's)
+                    self.send_event(completion.chunk(delta, tokens=pending))
                     pending = []
             # usage (with MTP stats) once: in its own chunk when asked for, else on the finishing chunk
             extra = {} if include_usage else {"usage": usage(last, completion.cached)}

@@ -11,11 +11,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..decode import GenerationResponse
-from ..logprobs import MAX_TOP_LOGPROBS
-from .logprobs import chat_logprobs, completion_logprobs
 from ..load import Bundle
+from ..logprobs import MAX_TOP_LOGPROBS
 from ..prompt_cache import PromptCaches
 from ..sampling import SamplerConfig
+from .logprobs import chat_logprobs, completion_logprobs
+from .tools import ToolCalls, ToolError, ToolRequest, tool_request_from
 
 MAX_BODY_BYTES = 16 * 1024 * 1024
 
@@ -23,9 +24,7 @@ MAX_BODY_BYTES = 16 * 1024 * 1024
 # Fields this server does not implement, with the values that mean "not used": anything else is a 400 naming the
 # field (a client must never get a 200 that silently ignored what it asked for).
 UNSUPPORTED = {
-    "tools": (None, []), "tool_choice": (None, "none", "auto"), "functions": (None, []),
-    "function_call": (None, "none", "auto"), "parallel_tool_calls": (None, True, False),
-    "response_format": (None, {"type": "text"}),
+    "functions": (None, []), "function_call": (None, "none", "auto"),  # the deprecated form of `tools`
     "frequency_penalty": (None, 0, 0.0), "presence_penalty": (None, 0, 0.0), "repetition_penalty": (None, 1, 1.0),
     "logit_bias": (None, {}), "best_of": (None, 1), "echo": (None, False), "suffix": (None, ""),
     "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,), "guided_grammar": (None,),
@@ -200,15 +199,30 @@ def refuse_unsupported(body: dict) -> None:
         if not any(value == u and type(value) is type(u) for u in unused):
             raise RequestError(f"'{name}' is not supported by this server (got {value!r:.80}); leave it out",
                                name)
-    for i, m in enumerate(body.get("messages") or []):
-        if isinstance(m, dict) and (m.get("role") == "tool" or m.get("tool_calls")):
-            raise RequestError(f"messages[{i}]: tool calls and tool results are not supported by this server",
-                               f"messages[{i}]")
+
+
+def json_schema_from(body: dict) -> dict | None:
+    """`response_format` as the JSON schema the answer must follow: json_object is any JSON object, json_schema
+    gives its `schema`; "text" (or none) is free text."""
+    spec = body.get("response_format")
+    if spec is None or spec == {"type": "text"}:
+        return None
+    kind = spec.get("type") if isinstance(spec, dict) else None
+    if kind == "json_object":
+        return {"type": "object"}
+    if kind == "json_schema":
+        schema = (spec.get("json_schema") or {}).get("schema") if isinstance(spec.get("json_schema"), dict) else None
+        if not isinstance(schema, dict):
+            raise RequestError("'response_format.json_schema.schema' must be a JSON schema object",
+                               "response_format")
+        return schema
+    raise RequestError(f"'response_format' must be {{'type': 'text' | 'json_object' | 'json_schema'}}, got "
+                       f"{spec!r:.80}", "response_format")
 
 
 def parse_request(body: Any, state: ServerState, chat: bool) -> dict:
-    """Keyword arguments for `stream_generate` plus `stream` / `include_usage` / `max_tokens_given`, or a
-    RequestError."""
+    """Keyword arguments for `stream_generate` plus `stream` / `include_usage` / `max_tokens_given` / `tools` (a
+    `ToolRequest` or None), or a RequestError."""
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
     check_model(body, state)
@@ -226,8 +240,14 @@ def parse_request(body: Any, state: ServerState, chat: bool) -> dict:
     if kwargs is not None and (not chat or not isinstance(kwargs, dict)):
         raise RequestError("'chat_template_kwargs' must be an object (chat completions only)",
                            "chat_template_kwargs")
+    prompt = messages_from(body) if chat else prompt_from(body)
+    try:
+        tools = tool_request_from(body, prompt if chat else None)  # tool calls and results added to `prompt`
+    except ToolError as e:
+        raise RequestError(str(e), e.param) from None
     return {
-        "prompt": messages_from(body) if chat else prompt_from(body),
+        "prompt": prompt,
+        "tools": tools,
         "max_tokens": max_tokens_from(body, state),
         "sampler": sampler_from(body, state),
         "stop": stop_from(body),
@@ -236,6 +256,7 @@ def parse_request(body: Any, state: ServerState, chat: bool) -> dict:
         "include_usage": bool(options.get("include_usage")),
         "max_tokens_given": body.get("max_completion_tokens", body.get("max_tokens")) is not None,
         "logprobs": logprobs_from(body, chat),
+        "json_schema": json_schema_from(body),
     }
 
 
@@ -288,8 +309,9 @@ def delta_of(r: GenerationResponse, chat: bool) -> dict:
 class Completion:
     """Builds the JSON objects of one request (ids and timestamps shared by all its chunks)."""
 
-    def __init__(self, state: ServerState, chat: bool):
+    def __init__(self, state: ServerState, chat: bool, tools: ToolRequest | None = None):
         self.chat, self.model = chat, state.model_name
+        self.tools = ToolCalls(tools) if tools is not None and tools.offered else None  # splits calls from text
         self.cached = 0  # prompt tokens the prompt cache held, known once generation starts
         tokenizer = state.bundle.tokenizer
         self.token_text = (lambda t: tokenizer.decode([t])) if tokenizer is not None else str
@@ -317,6 +339,9 @@ class Completion:
         choice = {"index": 0, "finish_reason": last.finish_reason, "logprobs": self.logprobs(responses)}
         if self.chat:
             message = {"role": "assistant", "content": answer}
+            if self.tools is not None:
+                message.update(self.tools.message(answer, last.finish_reason))
+                choice["finish_reason"] = self.tools.finish_reason(last.finish_reason)
             if thought:
                 message["reasoning_content"] = thought
             return self._object("chat.completion", [{**choice, "message": message}], usage=usage(last, self.cached))
@@ -325,9 +350,17 @@ class Completion:
     def chunk(self, delta: dict, finish_reason: str | None = None, tokens: list | None = None, **extra) -> dict:
         """A stream chunk; `tokens`: the responses whose logprobs it carries."""
         kind = "chat.completion.chunk" if self.chat else "text_completion"
+        if self.tools is not None:
+            finish_reason = self.tools.finish_reason(finish_reason)
         choice = {"index": 0, "finish_reason": finish_reason, "logprobs": self.logprobs(tokens or [])}
         choice.update({"delta": delta} if self.chat else delta)
         return self._object(kind, [choice], **extra)
+
+    def deltas(self, r: GenerationResponse) -> list[dict]:
+        """A response's stream deltas: its text, or with tools the content and each call once complete."""
+        if self.tools is not None:
+            return self.tools.deltas(r)
+        return [delta_of(r, self.chat)] if r.text else []
 
     def usage_chunk(self, last: GenerationResponse) -> dict:
         kind = "chat.completion.chunk" if self.chat else "text_completion"
