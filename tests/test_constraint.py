@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import live_server
 import llguidance
 import mlx.core as mx
 import pytest
@@ -85,15 +86,11 @@ def test_bad_schemas_are_refused(bundle):
 # ---- through the server's response_format ---------------------------------------------------------------------
 
 def test_response_format_through_the_official_client(bundle):
-    import threading
 
     import openai
 
-    from mlx_gemma_mtp.server import make_server
 
-    server = make_server(bundle, "127.0.0.1", 0, model_name="tiny", num_draft_tokens=3)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    server, thread = live_server.start(bundle, model_name="tiny", num_draft_tokens=3)
     url = f"http://127.0.0.1:{server.server_address[1]}/v1"
     messages = [{"role": "user", "content": "json please"}]
     try:
@@ -113,9 +110,7 @@ def test_response_format_through_the_official_client(bundle):
                 with pytest.raises(openai.BadRequestError):
                     c.chat.completions.create(model="tiny", messages=messages, max_tokens=4, response_format=bad)
     finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
+        live_server.stop(server, thread)
 
 
 def test_constrained_benchmark_prints_mask_costs_and_checks_mtp_rows(capsys):

@@ -5,9 +5,8 @@ README.)"""
 
 from __future__ import annotations
 
-from mlx_gemma_mtp.testing.tokenizer import write_gemma4_tokenizer
-
 from mlx_gemma_mtp.bench import scale
+from mlx_gemma_mtp.testing.tokenizer import write_gemma4_tokenizer
 
 
 def test_scale_script_runs_every_step_at_a_tiny_cut(tmp_path, capsys):

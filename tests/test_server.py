@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 
+import live_server
 import pytest
 
 import mlx_gemma_mtp
@@ -26,19 +27,14 @@ PROMPT = "for i in range(10):\n"
 @pytest.fixture(scope="module")
 def served(pair_dir):
     bundle = mlx_gemma_mtp.load(pair_dir("e2b")[0])
-    server = make_server(bundle, "127.0.0.1", 0, model_name="tiny", num_draft_tokens=2)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    server, thread = live_server.start(bundle, model_name="tiny", num_draft_tokens=2)
     yield server, bundle
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=10)
+    live_server.stop(server, thread)
 
 
 @pytest.fixture(scope="module")
 def client(served):
-    port = served[0].server_address[1]
-    with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=60) as c:
+    with live_server.client(served[0]) as c:
         yield c
 
 

@@ -16,10 +16,10 @@ import time
 
 import mlx.core as mx
 import pytest
+from live_server import start, stop
 
 import mlx_gemma_mtp
 from mlx_gemma_mtp.cli.options import DEMO_NAME, load_model, model_name
-from mlx_gemma_mtp.server import make_server
 
 openai = pytest.importorskip("openai")
 
@@ -27,19 +27,6 @@ MESSAGES = [{"role": "user", "content": "def speculative(draft, verify):"}]
 PROMPT = "for i in range(10):\n"
 # the demo pair continues code for thousands of tokens before an EOS: a generation that runs long
 LONG = {"prompt": "import os\n\n\ndef walk(top):\n", "max_tokens": 4000, "temperature": 0}
-
-
-def start(bundle, **kwargs):
-    server = make_server(bundle, "127.0.0.1", 0, **kwargs)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    return server, thread
-
-
-def stop(server, thread):
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=10)
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import json
 import shutil
 import threading
 
+import live_server
 import pytest
 from conftest import GEMMA4_EOS, write_gemma4_tokenizer
 
@@ -164,19 +165,14 @@ def bundle(pair_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(bundle):
-    server = make_server(bundle, "127.0.0.1", 0, model_name="tiny", num_draft_tokens=2)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    server, thread = live_server.start(bundle, model_name="tiny", num_draft_tokens=2)
     yield server, bundle
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=10)
+    live_server.stop(server, thread)
 
 
 @pytest.fixture(scope="module")
 def client(served):
-    port = served[0].server_address[1]
-    with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=60) as c:
+    with live_server.client(served[0]) as c:
         yield c
 
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 import http.client
 import os
 import re
-import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from live_server import serve, stop
 
 import mlx_gemma_mtp
 from mlx_gemma_mtp.sampling import SamplerConfig
@@ -40,18 +40,6 @@ async function callApi(url) {
 </script>"""
 
 
-def start(server):
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    return thread
-
-
-def stop(server, thread):
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=10)
-
-
 @pytest.fixture(scope="module")
 def demo():
     from mlx_gemma_mtp.demo import demo_dtype, demo_path
@@ -75,7 +63,7 @@ def other_origin():
             pass
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Page)
-    thread = start(server)
+    thread = serve(server)
     yield server.server_address[1]
     stop(server, thread)
 
@@ -85,7 +73,7 @@ def served(demo, other_origin):
     """(base URL, server) of the API over the demo pair; pages from ALLOWED_HOST's origin may call it."""
     server = make_server(demo, "127.0.0.1", 0, model_name="demo",
                          allowed_origins=(f"http://{ALLOWED_HOST}:{other_origin}",))
-    thread = start(server)
+    thread = serve(server)
     yield f"http://127.0.0.1:{server.server_address[1]}", server
     stop(server, thread)
 
@@ -208,7 +196,7 @@ def test_stop_ends_the_answer_and_the_generation(browser, served):
 def test_chat_model_answers_in_the_page_as_generate_does(browser, pair_dir):
     bundle = mlx_gemma_mtp.load(pair_dir("e2b")[0])
     server = make_server(bundle, "127.0.0.1", 0, model_name="tiny", num_draft_tokens=2)
-    thread = start(server)
+    thread = serve(server)
     try:
         open_page(browser, f"http://127.0.0.1:{server.server_address[1]}", max_tokens=8)
         answer, stats = ask(browser, "def speculative(draft, verify):")
