@@ -206,6 +206,7 @@ def _generate(bundle: Bundle, ids: list[int], options: GenerationOptions) -> Ite
     stats = DraftStats() if options.num_draft_tokens != 0 else None
     eos = set(_eos_ids(bundle))
     text = TextStream(bundle.tokenizer, list(options.stop), bundle.special.channels)
+    text.resume(ids)  # a prompt may leave a thought open
     mx.reset_peak_memory()
     tic = time.perf_counter()
     prompt_tps = n = 0

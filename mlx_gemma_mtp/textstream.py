@@ -26,6 +26,21 @@ class TextStream:
         self.header: list[int] | None = None  # ids of a channel header being read ("thought\n")
         self.text, self.emitted = "", 0
 
+    def resume(self, prompt: list[int]) -> None:
+        """Start in the channel the prompt leaves open: a template may end the prompt inside
+        `<|channel>thought\n` (Gemma 4's, with thinking on, after a tool result), so the first tokens are a
+        thought. The prompt's own text is never shown."""
+        if self.channels is None:
+            return
+        last = max((i for i, t in enumerate(prompt) if t in self.channels), default=None)
+        if last is None or prompt[last] != self.channels[0]:
+            return
+        head = self.tokenizer.decode(prompt[last + 1 :]) if self.tokenizer is not None else ""
+        if "\n" in head:
+            self.channel = head.split("\n", 1)[0].strip() or "thought"
+        else:  # the header goes on in the answer (the prompt ended right after the marker, or mid-name)
+            self.header = list(prompt[last + 1 :])
+
     def add(self, token: int | None) -> tuple[str, str, bool]:
         """Add a token (None for EOS, which is not shown).
 

@@ -258,3 +258,25 @@ def test_prompt_past_max_position_embeddings_warns(pair_dir):
             list(mlx_gemma_mtp.stream_generate(bundle, [2, 10, 11, 12, 13], max_tokens=5, num_draft_tokens=0))
     finally:
         bundle.target.args.max_position_embeddings = limit
+
+
+def test_a_thought_the_prompt_opens_is_reported_as_thought(gemma, monkeypatch):
+    """Gemma 4's template ends the prompt inside `<|channel>thought\n` after a tool result with thinking on: the
+    first generated tokens are a thought, not the answer."""
+    tok = gemma.tokenizer
+    script = [*tok.encode("the user", add_special_tokens=False), END_CHANNEL,
+              *tok.encode("Hi there", add_special_tokens=False), END_TURN]
+    monkeypatch.setattr(decode, "_tokens", lambda *a: ((t, False, None) for t in script))
+    for opened in ([CHANNEL, *tok.encode("thought", add_special_tokens=False), NL], [CHANNEL]):
+        prompt = [BOS, TURN, *tok.encode("Hi", add_special_tokens=False), *opened]
+        if opened == [CHANNEL]:  # the name and its newline come from the model
+            script[:0] = [*tok.encode("thought", add_special_tokens=False), NL]
+        by_channel = {}
+        for r in mlx_gemma_mtp.stream_generate(gemma, prompt, max_tokens=50):
+            by_channel[r.channel] = by_channel.get(r.channel, "") + r.text
+        assert by_channel == {"thought": "the user", ANSWER: "Hi there"}, opened
+    closed = [BOS, TURN, CHANNEL, *tok.encode("thought", add_special_tokens=False), NL, END_CHANNEL]
+    answer = [*tok.encode("Hi", add_special_tokens=False), END_TURN]
+    monkeypatch.setattr(decode, "_tokens", lambda *a: ((t, False, None) for t in answer))
+    responses = list(mlx_gemma_mtp.stream_generate(gemma, closed, max_tokens=5))  # a closed thought: the answer
+    assert {r.channel for r in responses} == {ANSWER} and "".join(r.text for r in responses) == "Hi"
