@@ -5,12 +5,13 @@ tokenizer and gives, for the text so far, the set of tokens that may come next a
 it can consume tokens and roll them back. Nothing here is hand-written grammar.
 
 Exactness with drafts: the constraint is part of the target's distribution (its logits outside the mask are
--inf), so plain decoding and MTP sample from the same masked distribution. A round's drafts come from the
-drafter unconstrained (one compiled graph, no host work between draft tokens); once they are known (one extra
-host sync per round, not per draft token) the matcher walks them, giving the mask at every verify position; a
-draft the grammar forbids has target probability 0 and would be rejected, so the round verifies only the drafts
-before it. Greedy: the masked argmax decides; sampled: Leviathan's rule on the masked target distribution, which
-is exact whatever the drafts' distribution q was.
+-inf), so plain decoding and MTP sample from the same masked distribution. A round's drafts are one compiled
+graph (no host work between draft tokens): the first is chosen among the tokens the grammar allows next (that
+mask is known when the round is queued), the later ones unconstrained (their masks depend on the drafts before
+them). Once the drafts are known (one extra host sync per round, not per draft token) the matcher walks them,
+giving the mask at every verify position; a draft the grammar forbids has target probability 0 and would be
+rejected, so the round verifies only the drafts before it. Greedy: the masked argmax decides; sampled:
+Leviathan's rule on the masked target distribution, exact for the q each draft was sampled from.
 """
 
 from __future__ import annotations
@@ -74,6 +75,10 @@ class Constraint:
         """(R, W) words -> (R, V) bool, unpacked on the device."""
         bits = (mx.array(words)[..., None] >> self._shifts) & 1  # (R, W, 32)
         return bits.reshape(words.shape[0], -1)[:, : self.vocab_size].astype(mx.bool_)
+
+    def next_mask(self) -> mx.array:
+        """(V,) bool: the tokens allowed next."""
+        return self._masks(self._words()[None])[0]
 
     def restrict(self, logits: mx.array) -> mx.array:
         """(1, V) logits of the next position with the tokens the grammar forbids at -inf."""

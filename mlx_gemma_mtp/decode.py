@@ -117,7 +117,7 @@ def _tokens(bundle: Bundle, ids: list[int], options: GenerationOptions, stats: D
         yield from generate_step(target, cache, first, chooser)
         return
     policy = state.draft_length(options.num_draft_tokens, sampler, MAX_DRAFT_TOKENS)
-    propose = options.proposer or drafter_proposer(state.draft_step, sampler)
+    propose = options.proposer or drafter_proposer(state.draft_step, sampler, constraint=constraint)
     yield from mtp_generate_step(target, cache, first, propose, policy, chooser, stats, options.max_tokens)
 
 

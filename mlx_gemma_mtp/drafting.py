@@ -96,22 +96,23 @@ class DraftStep:
             kv[layer_type] = (keys[layer_type], values[layer_type])
         return self.drafter(self.target.model.embed(token[None]), hidden, kv, position, masks)
 
-    def _round(self, num_drafts: int, sampler: SamplerConfig) -> Callable:
-        def steps(token, hidden, *context):
+    def _round(self, num_drafts: int, sampler: SamplerConfig, masked: bool) -> Callable:
+        def steps(token, hidden, *inputs):
+            mask, context = (inputs[0], inputs[1:]) if masked else (None, inputs)  # mask: the first draft's
             tokens, qs = [], []
-            for _ in range(num_drafts):
+            for i in range(num_drafts):
                 hidden, y = self._step(token, hidden, *context)
                 if sampler.greedy:
-                    token = self.drafter.top_token(y)[0]
+                    token = self.drafter.top_token(y)[0] if i or mask is None else _masked_top(self.drafter, y, mask)
                 else:
-                    token, q = _sampled_token(self.drafter, y, sampler)
+                    token, q = _sampled_token(self.drafter, y, sampler, None if i else mask)
                     qs.append(q)
                 tokens.append(token)
             return mx.concatenate(tokens), mx.stack(qs) if qs else mx.zeros((0,))
 
         # only what shapes the draft distribution: a new seed must not mean a new graph
-        key = (num_drafts, None if sampler.greedy else (sampler.temperature, sampler.top_p, sampler.top_k,
-                                                        sampler.min_p))
+        key = (num_drafts, masked, None if sampler.greedy else (sampler.temperature, sampler.top_p, sampler.top_k,
+                                                                sampler.min_p))
         if key not in self._rounds:
             if len(self._rounds) >= MAX_GRAPHS:  # e.g. an app whose temperature slider keeps moving
                 del self._rounds[next(iter(self._rounds))]
@@ -130,10 +131,13 @@ class DraftStep:
         )
 
     def __call__(self, last: mx.array, hidden: mx.array, context: tuple, num_drafts: int,
-                 sampler: SamplerConfig) -> tuple[mx.array, mx.array | None]:
-        """`num_drafts` draft tokens (K,) and, when sampling, their draft distributions q (K, V)."""
-        compiled = self._round(num_drafts, sampler)
-        tokens, q = _restoring(self._state + [mx.random.state], compiled, last, hidden, *context)
+                 sampler: SamplerConfig, first_mask: mx.array | None = None) -> tuple[mx.array, mx.array | None]:
+        """`num_drafts` draft tokens (K,) and, when sampling, their draft distributions q (K, V). `first_mask`
+        (V,) bool: the tokens a grammar allows as the first draft (the later ones are not known before the
+        round runs)."""
+        compiled = self._round(num_drafts, sampler, first_mask is not None)
+        inputs = context if first_mask is None else (first_mask, *context)
+        tokens, q = _restoring(self._state + [mx.random.state], compiled, last, hidden, *inputs)
         return tokens, None if sampler.greedy else q
 
     def body(self, token: mx.array, hidden: mx.array, context: tuple) -> tuple[mx.array, mx.array]:
@@ -166,13 +170,32 @@ def _restoring(state: list, compiled: Callable, *args):
         raise
 
 
-def _sampled_token(drafter: Drafter, y: mx.array, sampler: SamplerConfig) -> tuple[mx.array, mx.array]:
+def _allowed(candidates: mx.array | None, logits: mx.array, mask: mx.array) -> mx.array:
+    """`logits` (C,) of `candidates` (C,) ids (None: the vocabulary) with the tokens `mask` (V,) forbids at -inf;
+    unchanged when it forbids them all (the round's verify then stops at this draft)."""
+    allowed = mask if candidates is None else mask[candidates]
+    return mx.where(mx.any(allowed), mx.where(allowed, logits, float("-inf")), logits)
+
+
+def _masked_top(drafter: Drafter, y: mx.array, mask: mx.array) -> mx.array:
+    """The greedy draft token (1,) among those `mask` allows."""
+    candidates, logits = drafter.candidates(y)  # (1, 1, C) ids or None, (1, 1, C or V)
+    ids = None if candidates is None else candidates[0, 0]
+    best = mx.argmax(_allowed(ids, logits[0, 0], mask))
+    return (best if ids is None else ids[best]).reshape(1).astype(mx.int32)
+
+
+def _sampled_token(drafter: Drafter, y: mx.array, sampler: SamplerConfig, mask: mx.array | None = None
+                   ) -> tuple[mx.array, mx.array]:
     """A draft token (1,) sampled from q, and q (V,) itself (log-probabilities; -inf outside the candidates).
 
-    q is processed and sampled on the clustered head's candidates, and of those on the sampler's top-k only;
-    it is spread over the vocabulary once, because the acceptance rule reads it there."""
+    q is processed and sampled on the clustered head's candidates (of those `mask` allows, when given), and of
+    those on the sampler's top-k only; it is spread over the vocabulary once, because the acceptance rule reads
+    it there."""
     candidates, logits = drafter.candidates(y)  # (1, 1, C) ids or None for the vocabulary, (1, 1, C or V)
-    kept, q = candidate_log_probs(logits[0, 0], sampler)  # same processing as the target: Leviathan needs it
+    logits = logits[0, 0] if mask is None else _allowed(None if candidates is None else candidates[0, 0],
+                                                        logits[0, 0], mask)
+    kept, q = candidate_log_probs(logits, sampler)  # same processing as the target: Leviathan needs it
     ids = None if candidates is None else candidates[0, 0]
     if kept is not None:  # positions along `logits`: map them to token ids
         ids = kept if ids is None else ids[kept]
@@ -184,10 +207,10 @@ def _sampled_token(drafter: Drafter, y: mx.array, sampler: SamplerConfig) -> tup
 
 def draft(
     step: DraftStep, last: mx.array, hidden: mx.array, windows: dict[str, KVWindow], position: int,
-    num_drafts: int, sampler: SamplerConfig,
+    num_drafts: int, sampler: SamplerConfig, first_mask: mx.array | None = None,
 ) -> tuple[mx.array, mx.array | None]:
     """`num_drafts` tokens (K,) from the drafter at one constant query position, and their q rows (K, V)
-    (log-probabilities) when sampling."""
+    (log-probabilities) when sampling; the first among the tokens `first_mask` (V,) allows, when given."""
     if num_drafts == 0:
         return mx.zeros((0,), mx.int32), None
-    return step(last, hidden, step.context(windows, position), num_drafts, sampler)
+    return step(last, hidden, step.context(windows, position), num_drafts, sampler, first_mask)

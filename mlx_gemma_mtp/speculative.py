@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from .cache import trim_cache
+from .constraint import Constraint
 from .distributed.lockstep import agreed, agreed_round
 from .draft_length import DraftLength
 from .drafting import DraftStep, KVWindow, cache_windows, draft
@@ -68,14 +69,16 @@ def accept(logits: mx.array, drafts: mx.array, q: mx.array | None, sampler: Samp
 Proposer = Callable[[mx.array, mx.array, dict[str, KVWindow], int, int], tuple[mx.array, mx.array | None]]
 
 
-def drafter_proposer(step: DraftStep, sampler: SamplerConfig, position_offset: int = DRAFT_POSITION_OFFSET
-                     ) -> Proposer:
+def drafter_proposer(step: DraftStep, sampler: SamplerConfig, position_offset: int = DRAFT_POSITION_OFFSET,
+                     constraint: Constraint | None = None) -> Proposer:
     """The real drafter through its compiled `step` (the pair's: `bundle.state.draft_step`), querying at (position
-    of the hidden state) + `position_offset` (1: HF, 0: mlx-vlm)."""
+    of the hidden state) + `position_offset` (1: HF, 0: mlx-vlm). Under a grammar (`constraint`) the first draft
+    is chosen among the tokens it allows next (known when the round is queued; the later ones are not)."""
 
     def propose(last, hidden, windows, last_position, k):
         position = last_position - 1 + position_offset
-        return draft(step, last, hidden, windows, position, k, sampler)
+        mask = None if constraint is None else constraint.next_mask()
+        return draft(step, last, hidden, windows, position, k, sampler, mask)
 
     return propose
 

@@ -122,3 +122,23 @@ def test_constrained_benchmark_prints_mask_costs_and_checks_mtp_rows(capsys):
     for setting in ("free text", "JSON schema"):
         for mode in ("plain", "K=2", "K=auto"):
             assert f"{setting:12} {mode:6}" in out, (setting, mode)
+
+
+def test_the_first_draft_of_every_round_is_one_the_grammar_allows(bundle, monkeypatch):
+    """The drafter's first draft is chosen under the mask known when the round is queued: every drafting round
+    verifies at least one draft (a random drafter unmasked mostly proposes forbidden tokens)."""
+    from mlx_gemma_mtp.constraint import Constraint
+
+    allowed, masks_along = [], Constraint.masks_along
+
+    def counted(self, drafts):
+        masks, n = masks_along(self, drafts)
+        allowed.append((len(drafts), n, self.matcher.is_stopped()))
+        return masks, n
+
+    monkeypatch.setattr(Constraint, "masks_along", counted)
+    for sampler in (SamplerConfig(), SamplerConfig(temperature=1.0, seed=2)):
+        allowed.clear()
+        list(stream_generate(bundle, PROMPT, 40, sampler, 3, json_schema={"type": "object"}))
+        rounds = [(k, n) for k, n, done in allowed if not done]
+        assert rounds and all(n >= 1 for k, n in rounds), rounds
