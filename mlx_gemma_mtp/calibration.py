@@ -16,12 +16,12 @@ import os
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
 
 from .cache import trim_cache
+from .draft_length import DraftCosts
 from .drafting import DraftStep, cache_windows, draft
 from .models.gemma4_assistant import Drafter
 from .models.gemma4_text import Model
@@ -29,19 +29,6 @@ from .sampling import SamplerConfig
 from .speculative import accept
 
 COSTS_VERSION = 5  # bump when the drafter step or the verify changes cost: saved measurements become stale
-
-
-@dataclass
-class DraftCosts:
-    """Measured seconds at a `context`-token prefix (`measure_costs`)."""
-
-    draft: list[float]  # draft[K] = seconds to draft K tokens (one call, as a round does); draft[0] = 0
-    verify: list[float]  # verify[T] = seconds for a target forward of T tokens and the acceptance rule (index 0 unused)
-    context: int = 128
-
-    @property
-    def draft_step(self) -> float:
-        return self.draft[1]
 
 
 def _timed_pair(first: Callable[[], mx.array], second: Callable[[], mx.array], reps: int = 5) -> tuple[float, float]:

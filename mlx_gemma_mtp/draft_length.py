@@ -54,7 +54,6 @@ from .sampling import SamplerConfig
 from .stats import DraftStats
 
 if TYPE_CHECKING:
-    from .calibration import DraftCosts
     from .distributed.lockstep import Lockstep
 
 MAX_AUTO_K = 8
@@ -102,6 +101,19 @@ class FixedDraftLength:
 
     def timed(self, k: int, seconds: float) -> None:
         pass
+
+
+@dataclass
+class DraftCosts:
+    """Measured seconds at a `context`-token prefix (`measure_costs`)."""
+
+    draft: list[float]  # draft[K] = seconds to draft K tokens (one call, as a round does); draft[0] = 0
+    verify: list[float]  # verify[T] = seconds for a target forward of T tokens and the acceptance rule (index 0 unused)
+    context: int = 128
+
+    @property
+    def draft_step(self) -> float:
+        return self.draft[1]
 
 
 @dataclass(frozen=True)
@@ -373,3 +385,24 @@ def new_record(model: CostModel, prior: DraftCosts | None = None) -> Learned:
         learned.prior = [per_unit[min(k, measured - 1)] / per_unit[0] for k in range(MAX_AUTO_K + 1)]
         learned.calibrated = True
     return learned
+
+
+class LockstepDraftLength:
+    """A `DraftLength` for a target sharded over processes: `policy` decides on rank 0's round timings on every
+    rank (they arrive through the lock-step's all-sums, one or two rounds late); counts and context are equal
+    everywhere, so every rank chooses the same K."""
+
+    def __init__(self, lockstep: Lockstep, policy: DraftLength):
+        self.lockstep, self.policy = lockstep, policy
+        lockstep.start_generation()  # nothing in flight is this generation's
+
+    def choose(self, remaining: int, context: int) -> int:
+        for k, seconds in self.lockstep.received():
+            self.policy.timed(k, seconds)
+        return self.policy.choose(remaining, context)
+
+    def accepted(self, k: int, n: int) -> None:
+        self.policy.accepted(k, n)
+
+    def timed(self, k: int, seconds: float) -> None:
+        self.lockstep.send(k, seconds)

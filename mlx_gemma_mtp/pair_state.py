@@ -20,6 +20,7 @@ from .draft_length import (
     DraftLength,
     FixedDraftLength,
     Learned,
+    LockstepDraftLength,
     cost_model,
     new_record,
 )
@@ -77,4 +78,4 @@ class PairState:
             learned = new_record(records.model, prior)
             records.swap(sampler, learned)
         policy = AutoDraftLength(records.model, max_k, learned)
-        return policy if self.lockstep is None else self.lockstep.draft_length(policy)
+        return policy if self.lockstep is None else LockstepDraftLength(self.lockstep, policy)

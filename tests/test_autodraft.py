@@ -12,8 +12,7 @@ from test_speculative import PROMPT, bundle, make_drafter, make_target, tokens
 
 import mlx_gemma_mtp.draft_length as auto
 from mlx_gemma_mtp import SamplerConfig, calibration, stream_generate
-from mlx_gemma_mtp.calibration import DraftCosts
-from mlx_gemma_mtp.draft_length import AutoDraftLength, CostModel, Learned
+from mlx_gemma_mtp.draft_length import AutoDraftLength, CostModel, DraftCosts, Learned
 from mlx_gemma_mtp.stats import DraftStats
 
 # a flat analytic model: a round at K costs 1 + 0.2 K (+ the round overhead) units, no context term

@@ -33,6 +33,7 @@ from mlx_gemma_mtp.decode import stream_generate
 from mlx_gemma_mtp.distributed.load import load_sharded_target
 from mlx_gemma_mtp.distributed.lockstep import Lockstep
 from mlx_gemma_mtp.distributed.shard import kv_heads_for, shard, split_points, weight_bytes
+from mlx_gemma_mtp.draft_length import LockstepDraftLength
 from mlx_gemma_mtp.load import Bundle, GenerationDefaults
 from mlx_gemma_mtp.models.config import ModelArgs
 from mlx_gemma_mtp.models.gemma4_text import Model
@@ -303,7 +304,7 @@ def test_lockstep_hands_rank0_timings_to_the_policy():
         def timed(self, k, seconds):
             seen.append(("timed", k, seconds))
 
-    policy = lockstep.draft_length(Policy())
+    policy = LockstepDraftLength(lockstep, Policy())
     policy.choose(10, 0)
     mx.eval(lockstep.agree(mx.array([5])))
     policy.timed(2, 0.5)  # round 1 took 0.5 s: sent with round 2's decision

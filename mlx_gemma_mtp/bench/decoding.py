@@ -37,8 +37,8 @@ from pathlib import Path
 import mlx.core as mx
 
 from .. import load, stream_generate
-from ..calibration import DraftCosts, measure_costs, save_costs, saved_costs
-from ..draft_length import MAX_AUTO_K, new_record
+from ..calibration import measure_costs, save_costs, saved_costs
+from ..draft_length import MAX_AUTO_K, DraftCosts, new_record
 from ..load import Bundle
 from ..sampling import SamplerConfig
 from ..speculative import drafter_proposer

@@ -5,12 +5,8 @@ different paths and there is still one host sync per round; rank 0's round timin
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
 
 import mlx.core as mx
-
-if TYPE_CHECKING:
-    from ..draft_length import DraftLength
 
 
 class Lockstep:
@@ -20,7 +16,8 @@ class Lockstep:
     identical machines; `agree` still makes rank 0's decision everyone's (an all-sum where only rank 0 puts its
     values), inside the graph the round evaluates, so a bit of difference between two machines' kernels cannot
     make the ranks take different paths (a mismatch would desynchronise the collectives). The auto draft length
-    runs on every rank on rank 0's round timings, which travel in the same all-sums: `draft_length` wraps it.
+    runs on every rank on rank 0's round timings, which travel in the same all-sums
+    (`draft_length.LockstepDraftLength`).
     """
 
     def __init__(self, group: mx.distributed.Group):
@@ -47,11 +44,9 @@ class Lockstep:
         both = self.agree(mx.concatenate([n.reshape(1).astype(tokens.dtype), tokens]))
         return both[0].astype(n.dtype), both[1:]
 
-    def draft_length(self, policy: DraftLength) -> DraftLength:
-        """`policy` fed rank 0's round timings, so it chooses the same K on every rank (a new generation: nothing
-        in flight is its)."""
+    def start_generation(self) -> None:
+        """Forget timings in flight: they belong to the previous generation."""
         self._outbox, self._ks, self._sent = [], [], []
-        return _SharedDraftLength(self, policy)
 
     def received(self) -> list[tuple[int, float]]:
         """(K, rank 0's seconds) of the rounds whose timings arrived: through `agree` calls already evaluated
@@ -80,24 +75,6 @@ class Lockstep:
         return total.item()
 
 
-
-
-class _SharedDraftLength:
-    """A `DraftLength` that decides on rank 0's timings on every rank; counts and context are equal everywhere."""
-
-    def __init__(self, lockstep: Lockstep, policy: DraftLength):
-        self.lockstep, self.policy = lockstep, policy
-
-    def choose(self, remaining: int, context: int) -> int:
-        for k, seconds in self.lockstep.received():
-            self.policy.timed(k, seconds)
-        return self.policy.choose(remaining, context)
-
-    def accepted(self, k: int, n: int) -> None:
-        self.policy.accepted(k, n)
-
-    def timed(self, k: int, seconds: float) -> None:
-        self.lockstep.send(k, seconds)
 
 
 def agreed(lockstep: Lockstep | None, values: mx.array) -> mx.array:
