@@ -82,7 +82,7 @@ class Constraint:
 
     def restrict(self, logits: mx.array) -> mx.array:
         """(1, V) logits of the next position with the tokens the grammar forbids at -inf."""
-        return mx.where(self._masks(self._words()[None]), logits, _NEG_INF)
+        return mx.where(self.next_mask()[None], logits, _NEG_INF)
 
     def masks_along(self, drafts: list[int]) -> tuple[mx.array, int]:
         """The masks of a round's verify positions, (j + 1, V), and j: how many of `drafts` the grammar allows in

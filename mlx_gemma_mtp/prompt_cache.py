@@ -150,9 +150,10 @@ class PromptCaches:
         """The cache to generate `ids` with, marked most recently used. A conversation's next turn starts with its
         previous prompt (up to the last token, which the template may render differently once answered); any
         other request gets a fresh entry, or the least recently used one's place when full."""
-        same = [e for e in self.entries if e.prompt_length and e.common_prefix(ids) >= e.prompt_length - 1]
+        shared = {id(e): e.common_prefix(ids) for e in self.entries}
+        same = [e for e in self.entries if e.prompt_length and shared[id(e)] >= e.prompt_length - 1]
         if same:
-            entry = max(same, key=lambda e: e.common_prefix(ids))
+            entry = max(same, key=lambda e: shared[id(e)])
         elif len(self.entries) < self.max_entries:
             entry = PromptCache()
         else:

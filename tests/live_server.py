@@ -33,3 +33,16 @@ def client(server):
 
     return openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key="x", max_retries=0,
                          timeout=60)
+
+
+def serving(bundle, **kwargs):
+    """A module fixture's body: yields (server, bundle) while the server runs."""
+    server, thread = start(bundle, **kwargs)
+    yield server, bundle
+    stop(server, thread)
+
+
+def client_of(served):
+    """A module fixture's body: yields the official client of `served`'s server."""
+    with client(served[0]) as c:
+        yield c

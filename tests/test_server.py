@@ -27,15 +27,12 @@ PROMPT = "for i in range(10):\n"
 @pytest.fixture(scope="module")
 def served(pair_dir):
     bundle = mlx_gemma_mtp.load(pair_dir("e2b")[0])
-    server, thread = live_server.start(bundle, model_name="tiny", num_draft_tokens=2)
-    yield server, bundle
-    live_server.stop(server, thread)
+    yield from live_server.serving(bundle, model_name="tiny", num_draft_tokens=2)
 
 
 @pytest.fixture(scope="module")
 def client(served):
-    with live_server.client(served[0]) as c:
-        yield c
+    yield from live_server.client_of(served)
 
 
 def expected(bundle, prompt, **kwargs) -> list[GenerationResponse]:

@@ -165,15 +165,12 @@ def bundle(pair_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(bundle):
-    server, thread = live_server.start(bundle, model_name="tiny", num_draft_tokens=2)
-    yield server, bundle
-    live_server.stop(server, thread)
+    yield from live_server.serving(bundle, model_name="tiny", num_draft_tokens=2)
 
 
 @pytest.fixture(scope="module")
 def client(served):
-    with live_server.client(served[0]) as c:
-        yield c
+    yield from live_server.client_of(served)
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -20,20 +19,12 @@ import mlx.core as mx
 
 from .. import load, stream_generate
 from ..constraint import Constraint, grammar_tokenizer
+from .sampling import median_ms
 
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "size": {"type": "integer"},
                                            "tags": {"type": "array", "items": {"type": "string"}}},
           "required": ["name", "size", "tags"]}
 VOCAB = 262144
-
-
-def median_us(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        tic = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - tic)
-    return 1e6 * statistics.median(times)
 
 
 def mask_costs(repeats: int) -> dict[str, float]:
@@ -54,9 +45,9 @@ def mask_costs(repeats: int) -> dict[str, float]:
     drafts = tokenizer.encode("bc\", \"size\": 1", add_special_tokens=False)[:8]
     return {
         "tokenizer conversion (once per loaded model, s)": setup,
-        "next-token mask (us)": median_us(lambda: mx.eval(constraint.restrict(mx.zeros((1, VOCAB)))), repeats),
-        f"verify masks, K = {len(drafts)} drafts (us)": median_us(
-            lambda: mx.eval(constraint.masks_along(drafts)[0]), repeats),
+        "next-token mask (us)": 1e3 * median_ms(lambda: constraint.restrict(mx.zeros((1, VOCAB))), repeats),
+        f"verify masks, K = {len(drafts)} drafts (us)": 1e3 * median_ms(lambda: constraint.masks_along(drafts)[0],
+                                                                         repeats),
     }
 
 

@@ -51,7 +51,7 @@ def sampler_from(args, bundle) -> SamplerConfig:
     )
 
 
-DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
+DTYPES = ("float32", "float16", "bfloat16")  # mlx.core's names
 DEMO_NAME = "mlx-gemma-mtp-demo"  # the model id `serve` reports for the demo pair
 
 
@@ -60,7 +60,7 @@ def add_model_arguments(p) -> None:
     p.add_argument("--model", default=None,
                    help="local folder or hub id of a Gemma 4 checkpoint or bundle (default: the offline demo pair)")
     p.add_argument("--draft", default=None, help="folder or hub id of the matching gemma4_assistant drafter")
-    p.add_argument("--dtype", choices=list(DTYPES), default=None,
+    p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="cast the float weights (default: as stored; the demo pair: float32 on a CPU, whose "
                         "half-precision matmuls are slow)")
 
