@@ -6,7 +6,8 @@ Reference: mlx-lm `convert.py` / `utils.py: save_model, quantize_model` (sharded
 lazily one at a time, cast/quantized with `mx.quantize` and appended to output shards capped at
 `max_shard_size` (convert/shards.py), each shard file written once: peak memory is about one tensor plus its
 output, never a whole shard or model, and a tensor over SLICE_BYTES (E2B's 4.7 GB per-layer embedding table)
-is read, quantized and written in row slices. Vision/audio towers are never read. Everything is written to a
+is read, quantized and written in row slices. Vision/audio towers are kept, in the output's float dtype
+(convert/towers.py), unless `text_only`. Everything is written to a
 temporary folder next to the output and renamed into place only on success; an error, Ctrl-C or SIGTERM
 removes it, and the next conversion to the same output removes those a killed run (SIGKILL, power loss) left
 behind.
@@ -38,6 +39,7 @@ from ..load import DRAFTER_DIR, load_safetensors, read_config, resolve, safetens
 from ..models.config import ModelArgs
 from ..models.gemma4_assistant import Drafter, DrafterArgs
 from ..models.gemma4_text import Model, canonical_key
+from ..models.towers import Towers, tower_key
 from .quantize import (
     DTYPES,
     RECIPES,
@@ -53,6 +55,8 @@ from .quantize import (
     transform,
 )
 from .shards import SAFETENSORS_DTYPES, ShardWriter, data_start, read_rows
+from .towers import TargetWithTowers
+from .towers import keeps as tower_keeps
 
 DEFAULT_MAX_SHARD_BYTES = 2 * 10**9
 SLICE_BYTES = 256 << 20  # tensors above this are read and converted in row slices of about this size
@@ -92,15 +96,23 @@ def _args(path: Path, config: dict, parse):
         raise ValueError(f"{path / 'config.json'}: {e}") from e
 
 
-def target_source(path: Path) -> Source:
-    """Validate a Gemma 4 target checkpoint without reading tensor data."""
+def target_source(path: Path, text_only: bool = False) -> Source:
+    """Validate a Gemma 4 target checkpoint without reading tensor data. Its towers are kept when the config
+    declares them and the weights hold them, unless `text_only` (then the config loses vision/audio_config)."""
     config = read_config(path)
     if config.get("model_type") == "gemma4_assistant":
         raise ValueError(
             f"{path} holds a Gemma 4 drafter; pass its target as hf_path and this as draft_hf_path"
         )
     model = Model(_args(path, config, ModelArgs.from_dict))
-    source = Source(path, config, model, safetensors_files(path), lambda k: canonical_key(k) is not None)
+    files = safetensors_files(path)
+    has_towers = any(tower_key(k) is not None for f in files for k in safetensors_header(f))
+    if isinstance(config.get("vision_config"), dict) and has_towers and not text_only:
+        module = TargetWithTowers(model, Towers(config, model.args.hidden_size))
+        source = Source(path, config, module, files, tower_keeps)
+    else:  # text only: a bundle that says so, never a config promising towers it lacks
+        config = {k: v for k, v in config.items() if k not in ("vision_config", "audio_config")}
+        source = Source(path, config, model, files, lambda k: canonical_key(k) is not None)
     check_weights(source)
     return source
 
@@ -382,6 +394,7 @@ def convert(
     force: bool = False,
     report: bool = False,
     max_shard_size: int = DEFAULT_MAX_SHARD_BYTES,
+    text_only: bool = False,
 ) -> Path:
     """Convert a Hugging Face Gemma 4 checkpoint (and its MTP drafter) into an MLX bundle folder.
 
@@ -394,6 +407,7 @@ def convert(
         dtype: float type of the non-quantized weights ("bfloat16", "float16", "float32").
         report: afterwards, measure KL / top-1 / MTP acceptance against the source (`quality_report.json`).
         max_shard_size: cap in bytes of each written safetensors shard.
+        text_only: leave out the vision/audio towers (a smaller bundle that takes text only).
 
     Returns:
         The bundle folder, loadable with `mlx_gemma_mtp.load`.
@@ -404,7 +418,7 @@ def convert(
     out = Path(mlx_path).expanduser().resolve()
     if out.exists() and not force:  # fail fast, before any download
         _check_output(out, force, [])
-    target = target_source(resolve(hf_path, "hf_path"))
+    target = target_source(resolve(hf_path, "hf_path"), text_only)
     draft_path = target.path / DRAFTER_DIR if draft_hf_path is None else resolve(draft_hf_path, "draft_hf_path")
     has_drafter = draft_hf_path is not None or draft_path.is_dir()
     drafter = drafter_source(draft_path, target.module.args) if has_drafter else None
@@ -472,6 +486,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="replace MLX_PATH if it exists (after success)")
     p.add_argument(
         "--report", action="store_true", help="write quality_report.json (KL, top-1, MTP acceptance)"
+    )
+    p.add_argument(
+        "--text-only", action="store_true", help="leave out the vision/audio towers (text prompts only)"
     )
 
 

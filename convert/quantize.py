@@ -62,14 +62,14 @@ def _mixed_high_precision(path: str, num_layers: int, has_v_proj: bool) -> bool:
 def target_plan(model: nn.Module, recipe: str, bits: int, group_size: int) -> Plan:
     """(group_size, bits) per quantized module of a Gemma 4 target.
 
-    `uniform`: everything at `bits`; `mixed`: the spec §6.3-sensitive layers at 8 bits. The router projection
+    `uniform`: everything of the text model at `bits` (vision/audio towers are never quantized); `mixed`: the spec §6.3-sensitive layers at 8 bits. The router projection
     is 8-bit in both. Modules whose input dimension is not a multiple of `group_size` stay in float.
     """
     num_layers = model.args.num_hidden_layers
     modules = quantizable_modules(model)
     plan = {}
     for path, module in modules.items():
-        if module.weight.shape[-1] % group_size:
+        if module.weight.shape[-1] % group_size or not path.startswith("model."):  # towers stay float
             continue
         if path.endswith("router.proj"):
             plan[path] = (group_size, HIGH_BITS)

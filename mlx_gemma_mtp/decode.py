@@ -20,7 +20,10 @@ from .load import Bundle
 from .logprobs import MAX_TOP_LOGPROBS, TokenLogprobs
 from .memory import generation_stream, on_stream, release_streams_at_thread_exit, wired_limit
 from .plain import Chooser, first_token, generate_step, prefill
-from .prompt import Prompt, prompt_ids
+from .media.content import has_media, split_media
+from .media.encoder import PromptMedia
+from .media.placeholders import expand
+from .prompt import EncodedPrompt, Prompt, prompt_ids
 from .prompt_cache import PromptCache
 from .sampling import SamplerConfig
 from .speculative import Proposer, drafter_proposer, mtp_generate_step
@@ -87,28 +90,49 @@ class GenerationOptions:
                    prefill_step_size, proposer, prompt_cache, logprobs, json_schema)
 
 
-def encode_prompt(bundle: Bundle, prompt: Prompt, chat_template_kwargs: dict | None = None) -> list[int]:
-    """The token ids `stream_generate` would feed for `prompt` (a server counts them before it takes the model)."""
-    ids = prompt_ids(bundle.tokenizer, bundle.special, prompt, chat_template_kwargs, where=str(bundle.path))
-    if not ids:
+def encode_prompt(bundle: Bundle, prompt: Prompt | EncodedPrompt, chat_template_kwargs: dict | None = None,
+                  local_files: bool = True) -> EncodedPrompt:
+    """What `stream_generate` would feed for `prompt`: token ids, with the images and audio of chat messages
+    decoded and processed (a server does this before it takes the model). `local_files`: whether media parts may
+    name local paths (a server allows them only when told to)."""
+    if isinstance(prompt, EncodedPrompt):
+        encoded = prompt
+    else:
+        items = []
+        if has_media(prompt):
+            if bundle.media is None:
+                raise ValueError(f"{bundle.path} takes no images or audio: its config.json has no vision_config "
+                                 "(a text-only checkpoint or conversion); load the released multimodal checkpoint")
+            prompt, items = split_media(prompt, local_files)
+        ids = prompt_ids(bundle.tokenizer, bundle.special, prompt, chat_template_kwargs, where=str(bundle.path))
+        encoded = EncodedPrompt(ids)
+        if items:
+            encoded = expand(ids, [bundle.media.prepare(item) for item in items], bundle.media.tokens)
+    if not encoded.ids:
         raise ValueError("the prompt encodes to no tokens")
     vocab = bundle.target.args.vocab_size
-    if bad := [t for t in ids if not 0 <= t < vocab]:  # the tokenizer must fit the model too
+    if bad := [t for t in encoded.ids if not 0 <= t < vocab]:  # the tokenizer must fit the model too
         raise ValueError(f"prompt token ids {bad[:5]} are outside the model's vocabulary [0, {vocab})")
-    return ids
+    return encoded
 
 
-def _tokens(bundle: Bundle, ids: list[int], options: GenerationOptions, stats: DraftStats | None) -> Iterator:
-    """(token, from_draft) for the prompt `ids`: prefill (after what the prompt cache holds), then plain decoding or
-    MTP. Both loops queue their next step or round before they hand out the first token."""
+def _tokens(bundle: Bundle, prompt: EncodedPrompt, options: GenerationOptions, stats: DraftStats | None
+            ) -> Iterator:
+    """(token, from_draft) for the prompt: prefill (after what the prompt cache holds), then plain decoding or MTP.
+    Both loops queue their next step or round before they hand out the first token."""
     target, state, sampler, prompt_cache = bundle.target, bundle.state, options.sampler, options.prompt_cache
     use_mtp = options.num_draft_tokens != 0  # resolved: 0 whenever there is nothing to draft with
+    ids = prompt.ids
     if prompt_cache is None:
         cache, start, snapshot = target.make_cache(max_rollback=MAX_DRAFT_TOKENS), 0, None
     else:
-        cache, start = prompt_cache.fetch(target, ids, MAX_DRAFT_TOKENS)
+        # keyed on media content too: two images of one size expand to the same ids
+        cache, start = prompt_cache.fetch(target, prompt.keys(), MAX_DRAFT_TOKENS)
         snapshot = partial(prompt_cache.snapshot, cache, len(ids) - 1)
-    out = prefill(target, mx.array(ids[start:]), cache, options.prefill_step_size, use_mtp, snapshot)
+    if (inside := prompt.span_inside(start)) is not None:  # a cached prefix ends where no item is split
+        raise RuntimeError(f"prompt cache reuse stopped inside an {inside.kind} at {start}; please report this")
+    media = PromptMedia(prompt, bundle.media) if prompt.spans else None
+    out = prefill(target, mx.array(ids[start:]), cache, options.prefill_step_size, use_mtp, snapshot, media)
     constraint = None if options.json_schema is None else state.constraint(
         bundle.tokenizer, options.json_schema, _eos_ids(bundle))
     chooser = Chooser(sampler, state.lockstep, options.logprobs, constraint)
@@ -153,9 +177,12 @@ def stream_generate(
     logprobs: int | None = None,
     json_schema: dict | None = None,
 ) -> Iterator[GenerationResponse]:
-    """Generate from `prompt` (string, chat messages, or token ids), yielding one response per token.
+    """Generate from `prompt` (string, chat messages, token ids, or an `encode_prompt` result), yielding one
+    response per token.
 
-    A string gets the tokenizer's BOS prepended when the tokenizer does not add it (Gemma 4); chat messages are
+    Chat messages may hold images and audio as content parts (`{"type": "image", "image": "photo.jpg"}`: a path,
+    bytes, a PIL image, a numpy array or a data: URL; `{"type": "audio", "audio": "clip.wav"}` on E2B/E4B), in
+    any order among the text parts. A string gets the tokenizer's BOS prepended when the tokenizer does not add it (Gemma 4); chat messages are
     rendered by the checkpoint's own chat template; token ids are used as given. Generation stops at any EOS id
     of `config.json`, `generation_config.json` or the tokenizer (released Gemma 4: 1, 106, 50).
 
@@ -181,11 +208,11 @@ def stream_generate(
     """
     options = GenerationOptions.of(bundle, max_tokens, sampler, num_draft_tokens, stop, prefill_step_size, proposer,
                                    prompt_cache, logprobs, json_schema)
-    ids = encode_prompt(bundle, prompt, chat_template_kwargs)
-    _warn_past_context(bundle, len(ids), max_tokens)
+    encoded = encode_prompt(bundle, prompt, chat_template_kwargs)
+    _warn_past_context(bundle, len(encoded), max_tokens)
     release_streams_at_thread_exit()
     with bundle.exclusive():
-        yield from _generate(bundle, ids, options)
+        yield from _generate(bundle, encoded, options)
 
 
 def _warn_past_context(bundle: Bundle, prompt_tokens: int, max_tokens: int) -> None:
@@ -197,7 +224,7 @@ def _warn_past_context(bundle: Bundle, prompt_tokens: int, max_tokens: int) -> N
                       f"max_position_embeddings={limit}; output past it is unreliable", stacklevel=3)
 
 
-def _generate(bundle: Bundle, ids: list[int], options: GenerationOptions) -> Iterator[GenerationResponse]:
+def _generate(bundle: Bundle, prompt: EncodedPrompt, options: GenerationOptions) -> Iterator[GenerationResponse]:
     sampler, prompt_cache, max_tokens = options.sampler, options.prompt_cache, options.max_tokens
     if sampler.seed is not None:
         mx.random.seed(sampler.seed)
@@ -205,13 +232,14 @@ def _generate(bundle: Bundle, ids: list[int], options: GenerationOptions) -> Ite
         mx.random.seed(bundle.state.lockstep.shared_seed())  # the ranks of a sharded target draw the same numbers
     stats = DraftStats() if options.num_draft_tokens != 0 else None
     eos = set(_eos_ids(bundle))
+    ids = prompt.ids
     text = TextStream(bundle.tokenizer, list(options.stop), bundle.special.channels)
     text.resume(ids)  # a prompt may leave a thought open
     mx.reset_peak_memory()
     tic = time.perf_counter()
     prompt_tps = n = 0
-    tokens = on_stream(_tokens(bundle, ids, options, stats), generation_stream)  # on generation's own stream
-    received = list(ids)
+    tokens = on_stream(_tokens(bundle, prompt, options, stats), generation_stream)  # on generation's own stream
+    received = prompt.keys()  # what the prompt cache holds afterwards: media content-keyed
     with _kept_in(prompt_cache, received), wired_limit(bundle.target, bundle.drafter, streams=[generation_stream]):
         for n, (token, from_draft, scores) in enumerate(tokens, start=1):
             received.append(token)

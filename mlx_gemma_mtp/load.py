@@ -25,7 +25,9 @@ from mlx.utils import tree_flatten
 from .distributed.lockstep import Lockstep
 from .models.config import ModelArgs
 from .models.gemma4_assistant import Drafter, DrafterArgs
+from .media.encoder import MediaEncoder, read_processor_config
 from .models.gemma4_text import Model, canonical_key
+from .models.towers import Towers, tower_key
 from .pair_state import PairState
 from .prompt import SpecialTokens, special_tokens
 
@@ -64,6 +66,8 @@ class Bundle:
     special: SpecialTokens = field(default_factory=SpecialTokens)  # BOS and Gemma 4's channel markers
     # compiled draft steps, what "auto" learned, a sharded target's lock-step; made for this target and drafter
     state: PairState | None = field(default=None, repr=False, compare=False)
+    # processors and (loaded on first use) towers for images and audio; None for a text-only checkpoint
+    media: MediaEncoder | None = field(default=None, repr=False, compare=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
     _owner: int | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -283,6 +287,29 @@ def load_target(path: Path, dtype: mx.Dtype | None = None) -> tuple[Model, dict]
     return model, config
 
 
+def load_towers(path: Path, config: dict, text_hidden_size: int, dtype: mx.Dtype | None = None) -> Towers:
+    """The vision (and audio) towers with their embedders, every array evaluated."""
+    towers = Towers(config, text_hidden_size)
+    raw = load_safetensors(safetensors_files(path), keep=lambda k: tower_key(k) is not None)
+    weights = towers.sanitize(_cast(raw, dtype))
+    if not weights:
+        raise ValueError(f"{path}: config.json declares a vision tower but the weights hold none (a text-only "
+                         "conversion?); load the released checkpoint, or convert it again keeping the towers")
+    _quantize(towers, config, weights)
+    _load_module(towers, weights, path)
+    materialize(towers)
+    return towers
+
+
+def media_encoder(path: Path, config: dict, target: Model, dtype: mx.Dtype | None) -> MediaEncoder | None:
+    """What the bundle needs for images and audio when the config declares a vision tower, else None."""
+    if not isinstance(config.get("vision_config"), dict):
+        return None
+    hidden = target.args.hidden_size
+    return MediaEncoder(config, read_processor_config(path), lambda: load_towers(path, config, hidden, dtype),
+                        target.args.use_bidirectional_attention == "vision")
+
+
 def load_drafter(path: Path, target_args: ModelArgs, dtype: mx.Dtype | None = None) -> Drafter:
     config = read_config(path)
     try:
@@ -367,4 +394,5 @@ def bundle_of(path: Path, target: Model, config: dict, draft: str | Path | None,
     generation = read_generation_defaults(path, config)
     tokenizer = load_tokenizer(path, generation.eos_token_ids)
     special = special_tokens(tokenizer, generation.bos_token_id)
-    return Bundle(target, drafter, tokenizer, config, generation, path, special, PairState(target, drafter, lockstep))
+    return Bundle(target, drafter, tokenizer, config, generation, path, special, PairState(target, drafter, lockstep),
+                  media_encoder(path, config, target, dtype))

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
+from typing import Protocol
 
 import mlx.core as mx
 
 from .constraint import Constraint
 from .distributed.lockstep import Lockstep, agreed
 from .logprobs import Scores, TokenLogprobs, rows, token_scores
-from .models.gemma4_text import Model, TargetOutput
+from .models.gemma4_text import MediaRows, Model, TargetOutput
 from .sampling import SamplerConfig, choose
 
 
@@ -67,15 +68,31 @@ class Frontier:
         return self.token.item(), False, rows(self.scores, 1)[0]
 
 
+class ChunkMedia(Protocol):
+    """A prompt's images and audio as prefill feeds them (`media.encoder.PromptMedia`); absolute positions."""
+
+    def cut(self, start: int, end: int) -> int: ...  # a chunk end that splits no item
+
+    def rows(self, start: int, end: int) -> MediaRows | None: ...  # the soft tokens of chunk [start, end)
+
+
 def prefill(model: Model, prompt: mx.array, cache: list, step: int, want_hidden: bool,
-            before_last: Callable[[], None] | None = None) -> TargetOutput:
+            before_last: Callable[[], None] | None = None, media: ChunkMedia | None = None) -> TargetOutput:
     """Feed `prompt` (T,) into `cache`: all but the last token in chunks without logits, then the last one.
-    `before_last` runs when everything but the last token is in the cache (the prompt cache snapshots there)."""
-    for start in range(0, prompt.size - 1, step):
-        model.forward(prompt[None, start : min(start + step, prompt.size - 1)], cache, rows=0)
+    `before_last` runs when everything but the last token is in the cache (the prompt cache snapshots there).
+    With `media`, chunks end where no image or audio item is split (a chunk may then exceed `step`)."""
+    offset = cache[0].offset if cache else 0  # the absolute position of prompt[0]
+    start, end = 0, prompt.size - 1
+    while start < end:
+        stop = min(start + step, end)
+        if media is not None:
+            stop = media.cut(offset + start, offset + stop) - offset
+        rows = None if media is None else media.rows(offset + start, offset + stop)
+        model.forward(prompt[None, start:stop], cache, rows=0, media=rows)
         # keys *and* values: a lazy value buffer keeps every chunk's activations alive (memory ~ prompt x hidden)
         mx.eval([(c.keys, c.values) for c in cache])
         mx.clear_cache()
+        start = stop
     if before_last is not None:
         before_last()
     return model.forward(prompt[None, -1:], cache, return_hidden=want_hidden)

@@ -8,6 +8,8 @@
   through; thinking is off unless asked for, as in Google's templates (mlx-lm's wrapper would switch it on for
   any tokenizer that has `<|channel>`).
 - Token ids (a list, or a 1-D numpy / MLX integer array): used exactly as given.
+- Images and audio: content parts of chat messages (`media/content.py`); the template writes one placeholder
+  per part, expanded to the item's soft tokens (`media/placeholders.py`). The result is an `EncodedPrompt`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,44 @@ import numpy as np
 
 Prompt = str | list[int] | list[dict]
 CHANNEL_START, CHANNEL_END = "<|channel>", "<channel|>"  # Gemma 4's thought channel: <|channel>thought\n…<channel|>
+
+
+@dataclass(frozen=True)
+class Span:
+    """An image or audio clip in an encoded prompt: its soft tokens are `ids[start:start + length]`."""
+
+    kind: str  # "image" or "audio"
+    start: int
+    length: int
+    digest: int  # hash of the processed item (pixels / features): what tells two same-sized items apart
+    inputs: Any  # what its tower reads: media.image.ImageFeatures or media.audio.AudioFeatures
+
+    @property
+    def end(self) -> int:
+        return self.start + self.length
+
+
+@dataclass(frozen=True)
+class EncodedPrompt:
+    """A prompt as the model reads it: token ids, and where images and audio replace placeholder tokens."""
+
+    ids: list[int]
+    spans: tuple[Span, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def keys(self) -> list[int]:
+        """The ids with each item's soft tokens replaced by a negative number from its digest: two different
+        images expand to the same placeholder ids, so a prompt cache must compare these, not the ids."""
+        keys = list(self.ids)
+        for span in self.spans:
+            keys[span.start : span.end] = [-1 - span.digest] * span.length
+        return keys
+
+    def span_inside(self, position: int) -> Span | None:
+        """The span that `position` falls strictly inside of (not at its start), if any."""
+        return next((s for s in self.spans if s.start < position < s.end), None)
 
 
 @dataclass(frozen=True)

@@ -132,9 +132,18 @@ _KIND_TEXT = {
 # Smallest towers the configs allow: they only need to exist in a multimodal checkpoint.
 _VISION = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
            "num_key_value_heads": 2, "head_dim": 8, "patch_size": 4, "pooling_kernel_size": 2,
-           "position_embedding_size": 16}
+           "position_embedding_size": 64}
+# subsampling_conv_channels[0] must equal the 128 mel bins: HF sizes the projection after the convs from it
 _AUDIO = {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
-          "subsampling_conv_channels": [4, 4], "conv_kernel_size": 3, "output_proj_dims": 16}
+          "subsampling_conv_channels": [128, 4], "conv_kernel_size": 3, "output_proj_dims": 16}
+
+
+# Placeholder ids inside the toy vocabulary of 256 (released: 255999, 258880, ... do not fit); the test tokenizer
+# gets the same ids (`MEDIA_TOKENS`).
+TINY_MEDIA_IDS = {"image_token_id": 250, "boi_token_id": 251, "eoi_token_id": 252, "audio_token_id": 253,
+                  "boa_token_id": 254, "eoa_token_index": 255, "video_token_id": 249}
+MEDIA_TOKENS = {250: "<|image|>", 251: "<|image>", 252: "<image|>", 253: "<|audio|>", 254: "<|audio>",
+                255: "<audio|>", 249: "<|video|>"}
 
 
 def _copy(obj):
@@ -247,7 +256,27 @@ def make_target_config(kind: str, layout: str = "text", **overrides):
         raise ValueError(f"unknown layout {layout!r}")
     audio = Gemma4AudioConfig(**_AUDIO) if kind in ("e2b", "e4b") else None
     return Gemma4Config(text_config=text, vision_config=Gemma4VisionConfig(**_VISION), audio_config=audio,
-                        dtype="float32")
+                        dtype="float32", **TINY_MEDIA_IDS)
+
+
+@torch.no_grad()
+def perturb_towers(model, seed: int = 0) -> None:
+    """Re-draw a multimodal target's tower and embedder weights so that media matter: HF's init leaves a tiny
+    vision tower nearly blind to patch position and a tiny audio tower's attention nearly uniform, so a test on
+    untouched towers passes even when media are ignored or misplaced. Projections N(0, 1/fan_in), norms and
+    scales U(0.5, 1.5), the patch position table N(0, 1); clip bounds stay as they are."""
+    generator = torch.Generator().manual_seed(seed)
+    for name, t in sorted(model.named_parameters()):
+        if not name.startswith(("model.vision_tower", "model.audio_tower", "model.embed_vision",
+                                "model.embed_audio")):
+            continue
+        if "position_embedding" in name:
+            new = torch.randn(t.shape, generator=generator)
+        elif "norm" in name or name.endswith(("scale", "per_dim_scale")) or t.dim() == 1:
+            new = 0.5 + torch.rand(t.shape, generator=generator)
+        else:
+            new = torch.randn(t.shape, generator=generator) * t[0].numel() ** -0.5
+        t.copy_(new.to(t.dtype))
 
 
 def make_target(kind: str, seed: int = 0, layout: str = "text", **overrides):
@@ -255,7 +284,7 @@ def make_target(kind: str, seed: int = 0, layout: str = "text", **overrides):
     ``Gemma4ForConditionalGeneration`` ("multimodal", text weights under ``model.language_model.``).
 
     The text weights depend only on (kind, seed, overrides), not on the layout, so both layouts produce
-    identical text logits (towers keep HF's init).
+    identical text logits (towers re-drawn by `perturb_towers`).
     """
     torch.manual_seed(seed)
     with patch_kv_sharing_modes():
@@ -265,6 +294,7 @@ def make_target(kind: str, seed: int = 0, layout: str = "text", **overrides):
             return text_model.float().eval()
         model = Gemma4ForConditionalGeneration(make_target_config(kind, layout, **overrides))
     model.model.language_model.load_state_dict(text_model.model.state_dict())
+    perturb_towers(model, seed)
     return model.float().eval()
 
 

@@ -27,15 +27,16 @@ from pathlib import Path
 import conftest
 import hf_oracle as oracle
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 import pytest
 import torch
+from mlx import nn
 from mlx_gemma_mtp.convert import convert, format_report, quality_report
 
 from mlx_gemma_mtp import cli, load, stream_generate
 from mlx_gemma_mtp.load import load_safetensors, safetensors_files, safetensors_header
 from mlx_gemma_mtp.models.gemma4_text import canonical_key
+from mlx_gemma_mtp.models.towers import tower_key
 
 convert_module = sys.modules["mlx_gemma_mtp.convert.convert"]
 PROMPT = [2, 17, 45, 99, 3, 201, 64, 12, 150, 33, 7, 88]  # longer than the sliding window (8)
@@ -104,9 +105,11 @@ def test_round_trip_float32_matches_hf(kind, layout, sources, tmp_path, monkeypa
     )
     out = convert(src, tmp_path / "out", dtype="float32", max_shard_size=64_000)
 
-    assert not any("tower" in k or "embed_vision" in k or "embed_audio" in k for k in read)  # never read
     source_keys = [k for f in safetensors_files(src) for k in safetensors_header(f)]
     assert any("vision_tower" in k for k in source_keys) == (layout == "multimodal")
+    written = _written(out)
+    towers = [k for k in written if tower_key(k) is not None]
+    assert bool(towers) == (layout == "multimodal") and all(tower_key(k) == k for k in towers)  # mlx-vlm names
     assert len(safetensors_files(src)) > 1 and len(safetensors_files(out)) > 1
     for name in (
         "config.json",
@@ -123,7 +126,7 @@ def test_round_trip_float32_matches_hf(kind, layout, sources, tmp_path, monkeypa
         "quantization" not in config
         and config["model_type"] == json.loads((src / "config.json").read_text())["model_type"]
     )
-    assert all(canonical_key(k) == k for k in _written(out))  # canonical names, no towers
+    assert all(canonical_key(k) == k for k in written if k not in towers)  # canonical names
 
     bundle = load(out)
     ids = PROMPT
@@ -209,9 +212,12 @@ def test_protected_tensors_bit_exact(kind, layout, converted, sources):
     bundle = load(out)
     modules = dict(bundle.target.named_modules())
     written, source = _written(out), _source_weights(src, bundle.target)
+    towers = {k for k in written if tower_key(k) is not None}
+    assert bool(towers) == (layout == "multimodal")
+    assert not any(k.endswith(".scales") for k in towers)  # the towers are never quantized
     protected = [
         k
-        for k in written
+        for k in written.keys() - towers
         if not hasattr(modules[k.rsplit(".", 1)[0]], "to_quantized")
         and not isinstance(modules[k.rsplit(".", 1)[0]], (nn.QuantizedLinear, nn.QuantizedEmbedding))
         and "switch_glu" not in k
@@ -304,6 +310,42 @@ def test_quantized_drafter_gathers_dequantized_rows(converted, sources):
     plain, _ = _greedy(bundle, 0)
     mtp, stats = _greedy(bundle, 3)
     assert mtp == plain and stats.drafted > 0
+
+
+def test_towers_round_trip_and_text_only_drops_them(sources, tmp_path, monkeypatch):
+    """A converted multimodal bundle answers an image and an audio clip as its source does (float32: the same
+    logits); `text_only` reads no tower tensor and writes a config that declares none."""
+    from test_multimodal import PROCESSOR, TEMPLATE, audio, chat, image
+
+    from mlx_gemma_mtp.decode import encode_prompt
+    from mlx_gemma_mtp.media.encoder import PromptMedia
+    from mlx_gemma_mtp.testing.tokenizer import write_gemma4_tokenizer
+
+    src = tmp_path / "src"
+    shutil.copytree(sources("e2b", "multimodal"), src)
+    write_gemma4_tokenizer(src, 256, TEMPLATE, media=oracle.MEDIA_TOKENS)  # one that renders media parts
+    (src / "processor_config.json").write_text(json.dumps(PROCESSOR))
+    out = convert(src, tmp_path / "out", dtype="float32")
+    assert (out / "processor_config.json").is_file()
+    prompt = chat(image(), audio())
+    logits = []
+    for bundle in (load(src, dtype=mx.float32), load(out)):
+        encoded = encode_prompt(bundle, prompt, None)
+        rows = PromptMedia(encoded, bundle.media).rows(0, len(encoded))
+        n = len(encoded)
+        logits.append(bundle.target.forward(mx.array(encoded.ids)[None], bundle.target.make_cache(), rows=n,
+                                            media=rows).logits)
+    assert mx.array_equal(*logits).item()
+
+    read = []
+    real = convert_module.load_safetensors
+    monkeypatch.setattr(
+        convert_module, "load_safetensors", lambda *a, **k: read.extend(w := real(*a, **k)) or w
+    )
+    text = convert(src, tmp_path / "text", dtype="float32", text_only=True)
+    assert read and not any(tower_key(k) is not None for k in read)
+    assert not any(tower_key(k) is not None for k in _written(text))
+    assert "vision_config" not in json.loads((text / "config.json").read_text()) and load(text).media is None
 
 
 def test_mlx_community_layout_loads_and_matches(converted, tmp_path):

@@ -49,7 +49,7 @@ def piece_ids(tok, *pieces: str) -> list[int]:
 
 
 def prompt_of(bundle, prompt, **kwargs) -> list[int]:
-    return decode.encode_prompt(bundle, prompt, kwargs.get("chat_template_kwargs"))
+    return decode.encode_prompt(bundle, prompt, kwargs.get("chat_template_kwargs")).ids
 
 
 def test_special_tokens_are_read_from_the_tokenizer(gemma):

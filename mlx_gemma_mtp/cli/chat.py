@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import sys
 from dataclasses import dataclass, field
 
@@ -11,8 +12,9 @@ from ..sampling import SamplerConfig
 from .options import add_model_arguments, add_sampling_arguments, load_model, sampler_from
 from .output import ChannelPrinter, format_stats
 
-HELP = ("type a message; /reset starts over, /stats shows the last answer's stats, /exit, /quit or Ctrl-D "
-        "ends, Ctrl-C stops an answer")
+HELP = ("type a message; /image PATH or /audio PATH attaches a file to your next message, /reset starts over, "
+        "/stats shows the last answer's stats, /exit, /quit or Ctrl-D ends, Ctrl-C stops an answer")
+MEDIA_COMMANDS = {"/image": "image", "/audio": "audio"}
 
 
 def add_chat_parser(sub) -> None:
@@ -40,6 +42,7 @@ class Chat:
     cache: PromptCache = field(default_factory=PromptCache)
     last: object = None  # the last GenerationResponse (for /stats)
     raw: bool = False
+    attached: list[dict] = field(default_factory=list)  # media parts for the next message (/image, /audio)
 
     def prompt(self):
         """What the model continues: the chat messages, or in raw mode their text run together."""
@@ -52,6 +55,7 @@ class Chat:
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
         self.cache.reset()
         self.last = None
+        self.attached = []
 
 
 def stats_line(r, reused: int) -> str:
@@ -67,13 +71,23 @@ def answer(bundle, chat: Chat, text: str, args, sampler: SamplerConfig, out) -> 
     """Stream the answer to `text`; Ctrl-C stops it, keeping what was shown as the assistant's message."""
     from .. import stream_generate
 
-    chat.messages.append({"role": "user", "content": text + "\n" if chat.raw else text})
+    content = [*chat.attached, {"type": "text", "text": text}] if chat.attached else text
+    chat.messages.append({"role": "user", "content": text + "\n" if chat.raw else content})
     kwargs = {"enable_thinking": True} if args.thinking and not chat.raw else None
     responses = stream_generate(bundle, chat.prompt(), args.max_tokens, sampler, args.num_draft_tokens,
                                 chat_template_kwargs=kwargs, prompt_cache=chat.cache)
     printer, shown, last, interrupted = ChannelPrinter(out), [], None, False
     try:
-        for last in responses:
+        try:
+            first = next(responses, None)  # a bad attachment or prompt fails here, before anything is shown
+        except ValueError as e:
+            chat.messages.pop()  # the conversation goes on without the message that failed
+            dropped = " (attachments dropped)" if chat.attached else ""
+            chat.attached = []
+            _dim(out, f"error: {e}{dropped}")
+            return
+        chat.attached = []
+        for last in itertools.chain([first] if first is not None else [], responses):
             printer.write(last.channel, last.text)
             if last.channel == "answer":
                 shown.append(last.text)
@@ -88,6 +102,23 @@ def answer(bundle, chat: Chat, text: str, args, sampler: SamplerConfig, out) -> 
     if last is not None:
         note = " (stopped)" if interrupted else ""
         _dim(out, stats_line(last, chat.cache.reused) + note)
+
+
+def attach(chat: Chat, bundle, command: str, argument: str, out) -> None:
+    """`/image PATH` or `/audio PATH`: the file goes with the next message (checked to exist now)."""
+    from pathlib import Path
+
+    kind = MEDIA_COMMANDS[command]
+    path = Path(argument.strip()).expanduser()
+    if chat.raw or bundle.media is None:
+        _dim(out, f"error: {bundle.path.name} takes no images or audio (no chat template or no vision tower)")
+    elif kind == "audio" and not bundle.media.takes_audio:
+        _dim(out, f"error: {bundle.path.name} takes no audio (only E2B and E4B have an audio tower)")
+    elif not argument.strip() or not path.is_file():
+        _dim(out, f"error: {command} needs the path of a file ({argument.strip() or 'none given'})")
+    else:
+        chat.attached.append({"type": kind, kind: str(path)})
+        _dim(out, f"attached {path.name} ({kind}) to your next message")
 
 
 def _dim(out, line: str) -> None:
@@ -125,6 +156,9 @@ def run_chat(bundle, args, input_fn=input, out=None) -> Chat:
         if command == "/reset":
             chat.reset()
             _dim(out, "new conversation")
+        elif command.split(" ", 1)[0] in MEDIA_COMMANDS:
+            name, _, argument = command.partition(" ")
+            attach(chat, bundle, name, argument, out)
         elif command == "/stats":
             _dim(out, format_stats(chat.last) if chat.last is not None else "no answer yet")
         elif command:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import sys
+from pathlib import Path
 
 from .options import add_model_arguments, add_sampling_arguments, json_object, load_model, sampler_from
 from .output import ChannelPrinter, format_stats
@@ -20,6 +21,10 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--prompt", default=None, help="default: a question, or a code prefix for the demo pair")
     p.add_argument("--max-tokens", type=int, default=256)
     add_sampling_arguments(p)
+    p.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="an image to ask about (repeatable; placed before the prompt's text, in the given order)")
+    p.add_argument("--audio", action="append", default=[], metavar="PATH",
+                   help="an audio clip to ask about (repeatable; E2B/E4B; placed after the images)")
     p.add_argument("--no-chat-template", action="store_true", help="feed the prompt as raw text (BOS is added)")
     p.add_argument("--chat-template-kwargs", type=json_object, default=None,
                    help='options for the chat template as JSON, e.g. \'{"enable_thinking": true}\'')
@@ -27,6 +32,15 @@ def add_generate_parser(sub) -> None:
                    help="let Gemma 4 think first (enable_thinking); the thought is printed dimmed, or after a "
                         "'[thinking]' marker when stdout is not a terminal")
     p.set_defaults(func=run_generate)
+
+
+def media_parts(images: list[str], audio: list[str]) -> list[dict]:
+    """Chat content parts for `--image` / `--audio` files (checked to exist, so a typo fails before loading)."""
+    for path in [*images, *audio]:
+        if not Path(path).expanduser().is_file():
+            raise SystemExit(f"error: {path}: no such file")
+    return ([{"type": "image", "image": str(Path(p).expanduser())} for p in images]
+            + [{"type": "audio", "audio": str(Path(p).expanduser())} for p in audio])
 
 
 def run_generate(args) -> None:
@@ -43,7 +57,12 @@ def run_generate(args) -> None:
     if args.prompt is None:
         args.prompt = "Write a haiku about speculative decoding."
     use_chat = not args.no_chat_template and bundle.tokenizer is not None and bundle.tokenizer.has_chat_template
-    prompt = [{"role": "user", "content": args.prompt}] if use_chat else args.prompt
+    media = media_parts(args.image, args.audio)
+    if media and not use_chat:
+        raise SystemExit("error: --image/--audio need the chat template (leave out --no-chat-template; the "
+                         "checkpoint must have one)")
+    content = [*media, {"type": "text", "text": args.prompt}] if media else args.prompt
+    prompt = [{"role": "user", "content": content}] if use_chat else args.prompt
     template_kwargs = dict(args.chat_template_kwargs or {})
     if args.thinking:
         template_kwargs["enable_thinking"] = True

@@ -33,6 +33,9 @@ def add_serve_parser(sub) -> None:
                    help="conversations whose K/V are kept between requests (least recently used dropped first)")
     p.add_argument("--prompt-cache-bytes", type=int, default=None,
                    help="the most bytes those caches may hold together (default: no limit but their number)")
+    p.add_argument("--allow-local-media", action="store_true",
+                   help="let image/audio parts name files on this machine (default: data: URLs only; nothing is "
+                        "ever fetched from the network)")
     p.set_defaults(func=run_serve)
 
 
@@ -45,7 +48,7 @@ def run_serve(args) -> None:
         follow(ServerState(bundle, name, args.num_draft_tokens, args.max_tokens, group=group, prompt_caches=caches))
     aliases = tuple(a for a in {args.model, str(bundle.path)} if a and a != name)
     server = make_server(bundle, args.host, args.port, name, args.num_draft_tokens, args.max_tokens, aliases,
-                         tuple(args.allowed_origins), caches)
+                         tuple(args.allowed_origins), caches, args.allow_local_media)
     server.RequestHandlerClass.state.group = group
     host, port = server.server_address[:2]
     print(f"serving {name} on http://{host}:{port}/v1 (Ctrl-C stops)", file=sys.stderr)

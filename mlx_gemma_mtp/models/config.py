@@ -59,7 +59,8 @@ TEXT_FIELDS: dict[str, Rule] = {
         POSITIVE_INT,
     ),
     **dict.fromkeys(
-        ("vocab_size_per_layer_input", "hidden_size_per_layer_input", "num_kv_shared_layers"), COUNT
+        ("vocab_size_per_layer_input", "hidden_size_per_layer_input", "num_kv_shared_layers", "pad_token_id"),
+        COUNT,
     ),
     **dict.fromkeys(
         ("num_global_key_value_heads", "num_experts", "top_k_experts", "moe_intermediate_size"),
@@ -113,7 +114,8 @@ class ModelArgs:
     moe_intermediate_size: int | None = None
     tie_word_embeddings: bool = True
     attention_bias: bool = False
-    use_bidirectional_attention: str | None = None
+    use_bidirectional_attention: str | None = None  # "vision": an image's soft tokens see each other (sliding)
+    pad_token_id: int = 0  # what a multimodal placeholder is looked up as in the per-layer embeddings
     per_layer_config: dict | None = None
     # how errors name the fields: "text_config." inside a multimodal or drafter config
     where: InitVar[str] = ""

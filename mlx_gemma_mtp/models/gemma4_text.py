@@ -56,21 +56,29 @@ def _compiled_rms_norm(features: int, unscaled: bool):
     return mx.compile(norm, shapeless=True)
 
 
-def attention_mask(q_start: int, T: int, k_start: int, S: int, window: int | None) -> mx.array | str | None:
+Blocks = tuple[tuple[int, int], ...]  # absolute [start, end) position ranges whose tokens see each other
+
+
+def attention_mask(q_start: int, T: int, k_start: int, S: int, window: int | None, blocks: Blocks = ()
+                   ) -> mx.array | str | None:
     """Boolean (T, S) mask for queries at q_start.. over keys at k_start..; "causal" when it is the plain causal
     mask ending at the last query; None when all keys are visible.
 
-    A key is visible iff `q - window < k <= q` (sliding, pitfall 14) or `k <= q` (full).
+    A key is visible iff `q - window < k <= q` (sliding, pitfall 14) or `k <= q` (full). Within a block (an
+    image's soft tokens, when the config says `use_bidirectional_attention: "vision"`) a query also sees the
+    later keys of its block, still bounded by the window: HF's AND(window, OR(causal, same block)).
     """
     causal_free = k_start + S - 1 <= q_start
     window_free = window is None or k_start > q_start + T - 1 - window
     if causal_free and window_free:
         return None
-    if window_free and k_start + S == q_start + T:
+    if window_free and k_start + S == q_start + T and not blocks:
         return "causal"  # SDPA's own causal mask (aligned to the last key): no mask array at all
     q = mx.arange(q_start, q_start + T)[:, None]
     k = mx.arange(k_start, k_start + S)[None]
     visible = k <= q
+    for start, end in blocks:
+        visible = visible | ((q >= start) & (q < end) & (k >= start) & (k < end))
     return visible & (k > q - window) if window is not None else visible
 
 
@@ -122,11 +130,12 @@ class Attention(nn.Module):
         return k, v
 
     def __call__(self, x, offset: int, cache: KVCache | None = None, shared: tuple | None = None,
-                 explicit_mask: mx.array | None = None, masks: dict | None = None):
+                 explicit_mask: mx.array | None = None, masks: dict | None = None, blocks: Blocks = ()):
         """Returns (output, (keys, values, k_start)): what this layer attended to, for consumers/the drafter.
 
         `explicit_mask` (T, S) replaces the causal/window mask (drafter training attends per-row windows).
         `masks` holds the forward's masks so far, built once and shared by the layers that need the same one.
+        `blocks`: bidirectional ranges (image soft tokens); HF applies them to sliding layers only.
         """
         B, T, _ = x.shape
         q = self.q_norm(self.q_proj(x).reshape(B, T, self.n_heads, self.head_dim))
@@ -143,7 +152,8 @@ class Attention(nn.Module):
             k, v = k[:, self.kv_slice], v[:, self.kv_slice]
         mask = explicit_mask
         if mask is None:
-            mask = shared_mask(masks, offset, T, k_start, k.shape[2], self.window)
+            blocks = blocks if self.window is not None else ()
+            mask = shared_mask(masks, offset, T, k_start, k.shape[2], self.window, blocks)
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)  # scale 1.0: pitfall 2
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, T, -1)), shared
 
@@ -241,14 +251,27 @@ class DecoderLayer(nn.Module):
             y = self.post_feedforward_layernorm_1(y) + self.post_feedforward_layernorm_2(moe)
         return self.post_feedforward_layernorm(y)
 
-    def __call__(self, x, per_layer_input, offset, cache=None, shared=None, explicit_mask=None, masks=None):
-        a, shared = self.self_attn(self.input_layernorm(x), offset, cache, shared, explicit_mask, masks)
+    def __call__(self, x, per_layer_input, offset, cache=None, shared=None, explicit_mask=None, masks=None,
+                 blocks: Blocks = ()):
+        a, shared = self.self_attn(self.input_layernorm(x), offset, cache, shared, explicit_mask, masks, blocks)
         x = x + self.post_attention_layernorm(a)
         x = x + self.feed_forward(x)
         if per_layer_input is not None:
             g = geglu(self.per_layer_input_gate(x), per_layer_input)
             x = x + self.post_per_layer_input_norm(self.per_layer_projection(g))
         return x * self.layer_scalar, shared  # layer_scalar scales the whole residual stream (pitfall 7)
+
+
+@dataclass(frozen=True)
+class MediaRows:
+    """Soft tokens that replace placeholder rows of one forward's input (images, audio; spec: HF Gemma4Model).
+
+    `rows[j]` = (first row within the forward's tokens, features (L, hidden)). Placeholders are looked up as the
+    pad token in the per-layer embeddings, while the per-layer context projection sees the features (as HF
+    does). `blocks`: absolute position ranges that attend bidirectionally in sliding layers."""
+
+    rows: tuple[tuple[int, mx.array], ...]
+    blocks: Blocks = ()
 
 
 @dataclass
@@ -320,19 +343,22 @@ class Model(nn.Module):
         return_hidden: bool = False,
         return_shared_kv: bool = False,
         return_logits: bool = True,
+        media: MediaRows | None = None,
     ) -> TargetOutput:
         """Run token ids `inputs` (B, T) through the model, appending to `cache`.
 
         Args:
             rows: how many trailing rows need logits/hidden (0: none, e.g. a non-final prefill chunk). Layers
                 after the last KV producer only run those rows, as HF's `logits_to_keep` does.
+            media: image/audio soft tokens replacing placeholder rows (a prompt's prefill; batch size 1).
         """
         m, a = self.model, self.args
         T = inputs.shape[1]
         rows = min(rows, T)
         offset = cache[0].offset if cache else 0
-        h = m.embed(inputs)
+        h, inputs = self._embed(inputs, media)
         ple = m.per_layer_inputs(inputs, h) if a.hidden_size_per_layer_input else None
+        blocks = () if media is None else media.blocks
         shared_by_type: dict[str, tuple] = {}
         producer_kv: dict[str, KV] = {}
         masks: dict[tuple, mx.array | str | None] = {}  # layers of one type share their mask
@@ -347,7 +373,8 @@ class Model(nn.Module):
                 layer_cache, shared = (cache[i] if cache else None), None
             else:
                 layer_cache, shared = None, shared_by_type[layer_type]
-            h, kv = layer(h, None if ple is None else ple[:, :, i], offset, layer_cache, shared, masks=masks)
+            h, kv = layer(h, None if ple is None else ple[:, :, i], offset, layer_cache, shared, masks=masks,
+                          blocks=blocks)
             shared_by_type[layer_type] = kv
             if i == self.producers[layer_type]:
                 producer_kv[layer_type] = kv[:2]
@@ -356,6 +383,18 @@ class Model(nn.Module):
         h = m.norm(h[:, -rows:])
         logits = self.logits(h) if return_logits else None
         return TargetOutput(logits, h if return_hidden else None, producer_kv if return_shared_kv else None)
+
+    def _embed(self, inputs: mx.array, media: MediaRows | None) -> tuple[mx.array, mx.array]:
+        """(embeddings with media features spliced in, the ids the per-layer embeddings look up)."""
+        if media is None or not media.rows:
+            return self.model.embed(inputs), inputs
+        ids = mx.array(inputs)  # a copy: the caller's token array keeps its placeholders
+        for row, features in media.rows:
+            ids[:, row : row + features.shape[0]] = self.args.pad_token_id
+        h = self.model.embed(ids)  # (1, T, H)
+        for row, features in media.rows:
+            h[:, row : row + features.shape[0]] = features.astype(h.dtype)
+        return h, ids
 
     def logits(self, hidden: mx.array) -> mx.array:
         """Tied head on post-norm hidden states, softcapped, float32."""

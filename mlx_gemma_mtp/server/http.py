@@ -29,6 +29,7 @@ from typing import Any
 from ..decode import GenerationResponse, stream_generate
 from ..distributed.group import broadcast_json
 from ..load import Bundle
+from ..prompt import EncodedPrompt
 from ..prompt_cache import PromptCaches
 from ..sampling import SamplerConfig
 from .protocol import (
@@ -126,15 +127,19 @@ class Handler(BaseHTTPRequestHandler):
             return
         self.complete(request, chat)
 
-    def token_ids(self, request: dict, chat: bool) -> list[int]:
-        """The prompt's token ids, counted against the model's context before the model is taken."""
+    def token_ids(self, request: dict, chat: bool) -> EncodedPrompt:
+        """The encoded prompt (images and audio decoded and processed), counted against the model's context
+        before the model is taken."""
         try:
-            ids = encode_with_tools(self.state.bundle, request["prompt"], request.pop("chat_template_kwargs"),
-                                    request["tools"])
+            encoded = encode_with_tools(self.state.bundle, request["prompt"], request.pop("chat_template_kwargs"),
+                                        request["tools"], self.state.allow_local_media)
         except ValueError as e:  # a ToolError names its field
             raise RequestError(str(e), getattr(e, "param", None) or ("messages" if chat else "prompt")) from None
-        fit_context(len(ids), request, self.state, chat)
-        return ids
+        if encoded.spans and self.state.group is not None:
+            raise RequestError("images and audio are not supported by a sharded (mlx.launch) server yet; serve "
+                               "the model on one machine", "messages")
+        fit_context(len(encoded), request, self.state, chat)
+        return encoded
 
     def not_found(self):
         self.send_json(404, error_body(f"no such endpoint: {self.command} {self.path}"))
@@ -182,8 +187,9 @@ class Handler(BaseHTTPRequestHandler):
                 self.send_json(503, error_body("the server is shutting down", kind="server_error"))
                 return
             if self.state.group is not None:  # the other ranks run the same generation (`follow`)
-                broadcast_json(self.state.group, {**request, "sampler": asdict(request["sampler"])})
-            cache = self.state.prompt_caches.for_prompt(request["prompt"])
+                broadcast_json(self.state.group, {**request, "prompt": request["prompt"].ids,
+                                                  "sampler": asdict(request["sampler"])})
+            cache = self.state.prompt_caches.for_prompt(request["prompt"].keys())
             responses = stream_generate(self.state.bundle, num_draft_tokens=self.state.num_draft_tokens,
                                         prompt_cache=cache, **request)
             try:
@@ -339,7 +345,8 @@ class Server(ThreadingHTTPServer):
 
 def make_server(bundle: Bundle, host: str = "127.0.0.1", port: int = 8080, model_name: str | None = None,
                 num_draft_tokens: int | str | None = None, max_tokens: int = 512, aliases: tuple[str, ...] = (),
-                allowed_origins: tuple[str, ...] = (), prompt_caches: PromptCaches | None = None) -> Server:
+                allowed_origins: tuple[str, ...] = (), prompt_caches: PromptCaches | None = None,
+                allow_local_media: bool = False) -> Server:
     """A server over `bundle` (not started: call `serve_forever()`, and `shutdown()` from another thread).
 
     Args:
@@ -351,8 +358,10 @@ def make_server(bundle: Bundle, host: str = "127.0.0.1", port: int = 8080, model
         allowed_origins: browser origins (e.g. "http://example.com:3000", or "*") whose pages may call the API;
             pages from this machine always may.
         prompt_caches: the conversations' K/V kept between requests (default: `PromptCaches()`, 4 entries).
+        allow_local_media: let image/audio parts name files on this machine (default: data: URLs only).
     """
     state = ServerState(bundle, model_name or bundle.path.name, num_draft_tokens, max_tokens, aliases=aliases,
-                        allowed_origins=allowed_origins, prompt_caches=prompt_caches or PromptCaches())
+                        allowed_origins=allowed_origins, prompt_caches=prompt_caches or PromptCaches(),
+                        allow_local_media=allow_local_media)
     handler = type("BoundHandler", (Handler,), {"state": state})
     return Server((host, port), handler)

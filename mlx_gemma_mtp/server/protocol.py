@@ -18,7 +18,7 @@ from ..sampling import SamplerConfig
 from .logprobs import chat_logprobs, completion_logprobs
 from .tools import ToolCalls, ToolError, ToolRequest, tool_request_from
 
-MAX_BODY_BYTES = 16 * 1024 * 1024
+MAX_BODY_BYTES = 64 * 1024 * 1024  # images and audio come base64-encoded in the body
 
 
 # Fields this server does not implement, with the values that mean "not used": anything else is a 400 naming the
@@ -59,6 +59,7 @@ class ServerState:
     aliases: tuple[str, ...] = ()  # other names a request may give `model` (the path the server was started with)
     allowed_origins: tuple[str, ...] = ()  # browser origins allowed by CORS ("*": any); localhost pages always
     stopping: threading.Event = field(default_factory=threading.Event)  # set at shutdown: generations end
+    allow_local_media: bool = False  # image/audio parts may name files on this machine (serve --allow-local-media)
 
     @property
     def max_tokens_cap(self) -> int | None:
@@ -141,15 +142,25 @@ def stop_from(body: dict) -> list[str] | None:
     return stop
 
 
-def _text_content(content, i: int) -> str:
-    """A message's content: a string, null, or a list of {"type": "text", "text": ...} parts (text only)."""
+MEDIA_PARTS = ("image_url", "input_audio", "image", "audio")
+
+
+def _content(content, i: int) -> str | list[dict]:
+    """A message's content: a string, null, or a list of parts: text, `image_url` (a data: URL; a local path
+    only when the server allows it) and `input_audio` (base64 with its format). Text alone is joined."""
     if content is None or isinstance(content, str):
         return content or ""
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
-                                         and isinstance(p.get("text"), str) for p in content):
+    if not isinstance(content, list) or not all(isinstance(p, dict) for p in content):
+        raise RequestError(f"messages[{i}].content must be a string or a list of content parts",
+                           f"messages[{i}].content")
+    for j, p in enumerate(content):
+        if p.get("type") == "text" and isinstance(p.get("text"), str) or p.get("type") in MEDIA_PARTS:
+            continue
+        raise RequestError(f"messages[{i}].content[{j}] must be a text, image_url or input_audio part, got "
+                           f"type {p.get('type')!r}", f"messages[{i}].content[{j}]")
+    if all(p["type"] == "text" for p in content):
         return "".join(p["text"] for p in content)
-    raise RequestError(f"messages[{i}].content must be a string or a list of text parts (this server is "
-                       f"text-only)", f"messages[{i}].content")
+    return content
 
 
 def messages_from(body: dict) -> list[dict]:
@@ -164,7 +175,7 @@ def messages_from(body: dict) -> list[dict]:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise RequestError(f"messages[{i}] must be an object with a string 'role'", f"messages[{i}]")
         role = "system" if m["role"] == "developer" else m["role"]
-        out.append({"role": role, "content": _text_content(m.get("content"), i)})
+        out.append({"role": role, "content": _content(m.get("content"), i)})
     return out
 
 

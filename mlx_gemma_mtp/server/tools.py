@@ -24,6 +24,7 @@ import uuid
 from dataclasses import dataclass
 
 from ..decode import GenerationResponse, encode_prompt
+from ..prompt import EncodedPrompt
 from ..load import Bundle
 
 DECLARATION, CALL_START, CALL_END, STRING = "<|tool>", "<|tool_call>", "<tool_call|>", '<|"|>'
@@ -202,10 +203,10 @@ def _call_from(call, where: str) -> dict:
 # ------------------------------------------------------------------------------------------------------------
 
 def encode_with_tools(bundle: Bundle, prompt, chat_template_kwargs: dict | None,
-                      request: ToolRequest | None) -> list[int]:
-    """The prompt's token ids (`decode.encode_prompt`), with `request`'s tools declared by the chat template when
-    offered and, when a call is forced, its opening (`<|tool_call>call:` or `<|tool_call>call:NAME{`) after the
-    generation prompt.
+                      request: ToolRequest | None, local_files: bool = False) -> EncodedPrompt:
+    """The encoded prompt (`decode.encode_prompt`; `local_files`: whether media parts may name local paths),
+    with `request`'s tools declared by the chat template when offered and, when a call is forced, its opening
+    (`<|tool_call>call:` or `<|tool_call>call:NAME{`) after the generation prompt.
 
     Raises:
         ToolError: the checkpoint cannot take tools (its tokenizer has no Gemma 4 tool tokens, or its template
@@ -217,8 +218,9 @@ def encode_with_tools(bundle: Bundle, prompt, chat_template_kwargs: dict | None,
         raise ToolError("pass tools in the request's 'tools' field, not in chat_template_kwargs",
                         "chat_template_kwargs")
     if request is None or not request.offered:
-        return encode_prompt(bundle, prompt, chat_template_kwargs)
-    ids = encode_prompt(bundle, prompt, {**kwargs, "tools": request.tools})
+        return encode_prompt(bundle, prompt, chat_template_kwargs, local_files)
+    encoded = encode_prompt(bundle, prompt, {**kwargs, "tools": request.tools}, local_files)
+    ids = encoded.ids
     tokenizer = bundle.tokenizer
     declaration = _token_id(tokenizer, DECLARATION)
     if declaration is None or _token_id(tokenizer, CALL_START) is None:
@@ -228,7 +230,8 @@ def encode_with_tools(bundle: Bundle, prompt, chat_template_kwargs: dict | None,
         raise ToolError(f"this checkpoint's chat template does not render 'tools' (no {DECLARATION}declaration:… "
                         f"in the prompt); tool calling needs Gemma 4's template with tool support", "tools")
     forced = request.forced
-    return ids + (list(tokenizer.encode(forced, add_special_tokens=False)) if forced else [])
+    opening = list(tokenizer.encode(forced, add_special_tokens=False)) if forced else []
+    return EncodedPrompt(ids + opening, encoded.spans)
 
 
 def _token_id(tokenizer, token: str) -> int | None:

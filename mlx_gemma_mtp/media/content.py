@@ -1,0 +1,121 @@
+"""Images and audio in chat messages: which content parts hold media, and where each item's bytes come from.
+
+Accepted parts (OpenAI's and HF's spellings), kept in the order the client sent them (the template renders them
+in that order; moving audio after the text would be a different prompt):
+
+- image: `{"type": "image", "image" | "url" | "path": SOURCE}`, `{"type": "image_url", "image_url": {"url": URL}}`
+  (or `"image_url": URL`)
+- audio: `{"type": "audio", "audio" | "url" | "path": SOURCE}`,
+  `{"type": "input_audio", "input_audio": {"data": BASE64, "format": "wav"}}`
+
+SOURCE is a `data:` URL, a local path (when `local_files` allows it; a server refuses them unless started with
+`--allow-local-media`), raw bytes of a file, a PIL image, a numpy array (audio: `(array, sampling_rate)` too).
+Nothing is fetched from the network: an `http(s)://` URL is refused with a message saying what to send instead.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+IMAGE, AUDIO = "image", "audio"
+_KINDS = {"image": IMAGE, "image_url": IMAGE, "audio": AUDIO, "input_audio": AUDIO}
+_SOURCE_KEYS = ("image", "audio", "url", "path", "image_url", "input_audio")
+
+
+@dataclass(frozen=True)
+class MediaItem:
+    """One image or audio clip of a prompt, not yet decoded: `source` is bytes, a path, an image or an array."""
+
+    kind: str  # IMAGE or AUDIO
+    source: Any
+    where: str  # how errors name it: "messages[0].content[1]"
+
+
+def split_media(messages: list, local_files: bool = True) -> tuple[list, list[MediaItem]]:
+    """(messages for the chat template, the media items in order). In the returned messages each media part is
+    `{"type": "image"}` or `{"type": "audio"}` (the template writes one placeholder for it); text is untouched.
+
+    Raises:
+        ValueError: a media part without a usable source, naming the part and what to send instead.
+    """
+    rendered, items = [], []
+    for i, message in enumerate(messages):
+        content = message.get("content") if isinstance(message, Mapping) else None
+        if not isinstance(content, list):
+            rendered.append(message)
+            continue
+        parts = []
+        for j, part in enumerate(content):
+            kind = _KINDS.get(part.get("type")) if isinstance(part, Mapping) else None
+            if kind is None:
+                parts.append(part)
+                continue
+            where = f"messages[{i}].content[{j}]"
+            items.append(MediaItem(kind, _source(part, kind, where, local_files), where))
+            parts.append({"type": kind})
+        rendered.append({**message, "content": parts})
+    return rendered, items
+
+
+def has_media(messages) -> bool:
+    """Whether any message holds an image or audio part (cheap: nothing is decoded)."""
+    return isinstance(messages, (list, tuple)) and any(
+        isinstance(m, Mapping) and isinstance(m.get("content"), list)
+        and any(isinstance(p, Mapping) and p.get("type") in _KINDS for p in m["content"])
+        for m in messages
+    )
+
+
+def _source(part: Mapping, kind: str, where: str, local_files: bool):
+    value = next((part[k] for k in _SOURCE_KEYS if part.get(k) is not None), None)
+    if isinstance(value, Mapping):  # {"image_url": {"url": ...}} / {"input_audio": {"data": ..., "format": ...}}
+        if "url" in value:
+            value = value["url"]
+        elif "data" in value:
+            return _base64(value["data"], f"{where}.input_audio.data")
+        else:
+            raise ValueError(f"{where}: expected {{'url': ...}} or {{'data': BASE64, 'format': 'wav'}}, got "
+                             f"keys {sorted(value)}")
+    if value is None:
+        raise ValueError(f"{where}: a {kind} part needs its content: {{'type': '{kind}', '{kind}': PATH, bytes or "
+                         f"array}}, or a data: URL")
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, Path):
+        return _local(str(value), where, local_files)
+    if isinstance(value, str):
+        return _string(value, where, local_files)
+    return value  # a PIL image or an array: the decoder checks it
+
+
+def _string(value: str, where: str, local_files: bool):
+    if value.startswith("data:"):
+        header, sep, data = value.partition(",")
+        if not sep or not header.endswith(";base64"):
+            raise ValueError(f"{where}: a data: URL must be base64 (data:image/png;base64,...)")
+        return _base64(data, where)
+    if value.startswith(("http://", "https://")):
+        raise ValueError(f"{where}: {value[:60]!r} is a web URL; nothing is fetched from the network: download "
+                         "it and send its bytes (a data: URL) or, locally, its path")
+    return _local(value.removeprefix("file://"), where, local_files)
+
+
+def _local(path: str, where: str, local_files: bool) -> str:
+    if not local_files:
+        raise ValueError(f"{where}: local file paths are not accepted here (the server was not started with "
+                         "--allow-local-media); send the file's bytes as a data: URL")
+    return path
+
+
+def _base64(data, where: str) -> bytes:
+    if not isinstance(data, str):
+        raise ValueError(f"{where}: expected a base64 string, got {type(data).__name__}")
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ValueError(f"{where}: not valid base64 ({e})") from None

@@ -1,0 +1,134 @@
+"""What a bundle needs to take images and audio: the checkpoint's processors, its placeholder ids, and its towers,
+loaded on first use so text-only work never pays their memory (E2B's vision + audio towers: ~0.6 GB in bf16)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from ..models.gemma4_text import MediaRows
+from ..models.towers import Towers
+from ..prompt import EncodedPrompt, Span
+from .content import AUDIO, IMAGE, MediaItem
+from .placeholders import MediaTokens, Prepared
+
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+
+
+def read_processor_config(path: Path) -> dict:
+    """The first of `processor_config.json` (transformers 5: sections per processor) and
+    `preprocessor_config.json` (flat) that the folder has; {} (the reference defaults) when neither."""
+    for name in PROCESSOR_FILES:
+        file = path / name
+        if file.is_file():
+            try:
+                value = json.loads(file.read_text())
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{file} is not valid JSON: {e}") from e
+            if not isinstance(value, dict):
+                raise ValueError(f"{file} must hold a JSON object")
+            return value
+    return {}
+
+
+def digest(*arrays: np.ndarray) -> int:
+    """A 60-bit content hash of processed inputs (what the tower reads), for the prompt cache's keys."""
+    h = hashlib.blake2b(digest_size=8)
+    for a in arrays:
+        h.update(str((a.dtype, a.shape)).encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return int.from_bytes(h.digest(), "little") >> 4
+
+
+class MediaEncoder:
+    """Processors, placeholder ids and (lazily) towers of one multimodal checkpoint.
+
+    `load_towers` returns the loaded `Towers`; it runs once, on the first prompt with media."""
+
+    def __init__(self, config: dict, processor_config: dict, load_towers: Callable[[], Towers],
+                 bidirectional_images: bool):
+        from .image import ImageProcessor
+
+        self.tokens = MediaTokens.from_config(config)
+        self.image_processor = ImageProcessor.from_config(processor_config)
+        self.audio_extractor = None
+        if isinstance(config.get("audio_config"), dict):
+            from .audio import AudioFeatureExtractor
+
+            self.audio_extractor = AudioFeatureExtractor.from_config(processor_config)
+        self.bidirectional_images = bidirectional_images
+        self._load_towers, self._towers, self._lock = load_towers, None, threading.Lock()
+
+    @property
+    def takes_audio(self) -> bool:
+        return self.audio_extractor is not None
+
+    @property
+    def towers(self) -> Towers:
+        with self._lock:  # two first requests at once load once
+            if self._towers is None:
+                self._towers = self._load_towers()
+        return self._towers
+
+    def prepare(self, item: MediaItem) -> Prepared:
+        """Decode and process one item (host work, before the model is taken).
+
+        Raises:
+            ValueError: the item cannot be decoded, or this checkpoint has no tower for its kind.
+        """
+        if item.kind == IMAGE:
+            from .image import load_image
+
+            try:
+                features = self.image_processor(load_image(item.source))
+            except ValueError as e:
+                raise ValueError(f"{item.where}: {e}") from None
+            return Prepared(IMAGE, features, features.num_soft_tokens,
+                            digest(features.pixel_values, features.position_ids))
+        if not self.takes_audio:
+            raise ValueError(f"{item.where}: this checkpoint takes no audio (no audio_config; only E2B and E4B "
+                             "have an audio tower); send text or images")
+        from .audio import load_audio
+
+        try:
+            features = self.audio_extractor(load_audio(item.source, self.audio_extractor.sampling_rate))
+        except ValueError as e:
+            raise ValueError(f"{item.where}: {e}") from None
+        return Prepared(AUDIO, features, features.num_soft_tokens, digest(features.features, features.mask))
+
+    def features(self, span: Span) -> mx.array:
+        """The span's soft tokens in the text model's embedding space, (length, hidden), lazily."""
+        towers, x = self.towers, span.inputs
+        if span.kind == IMAGE:
+            return towers.image_features(mx.array(x.pixel_values)[None], mx.array(x.position_ids)[None])
+        return towers.audio_features(mx.array(x.features)[None], mx.array(x.mask)[None], span.length)
+
+
+class PromptMedia:
+    """The media of one encoded prompt, as prefill consumes it: chunk ends that split no item, and each chunk's
+    soft tokens (computed by the towers when the chunk is fed)."""
+
+    def __init__(self, prompt: EncodedPrompt, encoder: MediaEncoder):
+        self.spans, self.encoder = prompt.spans, encoder
+
+    def cut(self, start: int, end: int) -> int:
+        """The end to use for a chunk [start, end): an item's soft tokens go in one forward (an image's see each
+        other there), so an end inside one moves before it, or past it when the item starts the chunk."""
+        for span in self.spans:
+            if span.start < end < span.end:
+                return span.start if span.start > start else span.end
+        return end
+
+    def rows(self, start: int, end: int) -> MediaRows | None:
+        inside = [s for s in self.spans if start <= s.start and s.end <= end]
+        if not inside:
+            return None
+        rows = tuple((s.start - start, self.encoder.features(s)) for s in inside)
+        bidirectional = self.encoder.bidirectional_images
+        return MediaRows(rows, tuple((s.start, s.end) for s in inside if s.kind == IMAGE and bidirectional))
