@@ -7,17 +7,21 @@ windows and alerts; everything else (worker thread, settings file, model listing
 from __future__ import annotations
 
 import importlib
+import io
 import json
 import socket
 import sys
 import time
 import types
 from collections import OrderedDict
+from pathlib import Path
 
 import pytest
+from test_multimodal import image_bytes, wav_bytes, write_media_pair
 
 from apps.menubar import models
 from apps.menubar.settings import Settings, load_settings, save_settings
+from apps.menubar.worker import AUDIO, IMAGE, Ask, Attachment
 
 TIMEOUT = 60
 
@@ -197,7 +201,7 @@ def test_menu_is_built_with_models_and_modes(make_app, rumps):
     app = make_app()
     assert app.title == "◆" and app.timer.running and app.worker.is_alive()
     top = list(app.menu)
-    for title in ("Ask…", "Stop", "New Chat", "Model", "Speculative", "Stats", "Unload", "Quit"):
+    for title in ("Ask…", "Attachments", "Stop", "New Chat", "Model", "Speculative", "Stats", "Unload", "Quit"):
         assert title in top
     assert top.index("Ask…") < top.index("Model") < top.index("Quit")
     model_menu = list(app.menu["Model"])
@@ -369,3 +373,154 @@ def test_server_menu_starts_and_stops_the_local_server(make_app, rumps, models_f
     app.set_port()
     assert load_settings(tmp_path / "settings.json")[0].server_port == 8123
     assert app.server_item.title == "Start Server (127.0.0.1:8123)"
+
+
+# --- attachments ---
+
+
+@pytest.fixture(scope="module")
+def media_model(tmp_path_factory):
+    """A tiny multimodal bundle (vision + audio towers)."""
+    path = tmp_path_factory.mktemp("media-e2b")
+    write_media_pair(path, "e2b")
+    return path
+
+
+class FakePasteboard:
+    """NSPasteboard's `types()` and `dataForType_` over a dict."""
+
+    def __init__(self, **data):
+        self.data = {key.replace("_", "-").replace("public-", "public."): value for key, value in data.items()}
+
+    def types(self):
+        return list(self.data)
+
+    def dataForType_(self, kind):
+        return self.data.get(kind)
+
+
+def test_pasteboard_image_as_png():
+    from PIL import Image
+
+    app_module = importlib.import_module("apps.menubar.app")
+    png = image_bytes(20, 12, 4)
+    assert app_module.pasteboard_png(FakePasteboard(public_png=png, public_tiff=b"ignored")) == png
+    tiff = io.BytesIO()
+    Image.open(io.BytesIO(png)).save(tiff, format="TIFF")  # what most apps copy
+    converted = app_module.pasteboard_png(FakePasteboard(public_tiff=tiff.getvalue()))
+    assert converted.startswith(b"\x89PNG")
+    assert Image.open(io.BytesIO(converted)).tobytes() == Image.open(io.BytesIO(png)).tobytes()
+    with pytest.raises(ValueError, match="holds no image"):
+        app_module.pasteboard_png(FakePasteboard(public_utf8_plain_text=b"hello"))
+    with pytest.raises(ValueError, match="holds no image"):
+        app_module.pasteboard_png(FakePasteboard(public_png=b""))
+    with pytest.raises(ValueError, match="Attach Image"):  # a file copied in Finder: its TIFF is the icon
+        app_module.pasteboard_png(FakePasteboard(public_file_url=b"file:///a.png", public_tiff=tiff.getvalue()))
+    cmyk = io.BytesIO()
+    Image.new("CMYK", (6, 4), (0, 255, 0, 0)).save(cmyk, format="TIFF")  # PNG has no CMYK: converted
+    assert Image.open(io.BytesIO(app_module.pasteboard_png(FakePasteboard(public_tiff=cmyk.getvalue())))).mode == "RGBA"
+    with pytest.raises(ValueError, match="could not be read"):
+        app_module.pasteboard_png(FakePasteboard(public_tiff=b"not a tiff"))
+
+
+def test_screenshot_runs_screencapture_and_a_cancel_attaches_nothing():
+    app_module = importlib.import_module("apps.menubar.app")
+    calls = []
+
+    def fake_run(writes):
+        def run(command, check):
+            calls.append(command)
+            if writes is not None:
+                Path(command[-1]).write_bytes(writes)
+
+        return run
+
+    assert app_module.take_screenshot(fake_run(b"\x89PNG data")) == b"\x89PNG data"
+    assert calls[-1][:3] == ["screencapture", "-i", "-x"] and calls[-1][-1].endswith(".png")
+    assert not Path(calls[-1][-1]).exists()  # the temporary file is gone once read
+    assert app_module.take_screenshot(fake_run(None)) is None  # Esc: no file
+    assert app_module.take_screenshot(fake_run(b"")) is None  # or an empty one
+
+
+def test_labels_and_ask_building():
+    app_module = importlib.import_module("apps.menubar.app")
+    cat, clip = Attachment(IMAGE, "/x/cat.png", "cat.png"), Attachment(AUDIO, b"RIFF", "clip.wav")
+    assert app_module.attachments_title([]) == "Attachments"
+    assert app_module.attachments_title([cat, clip]) == "Attachments (2)"
+    assert app_module.attachment_label(2, clip) == "2. clip.wav (audio)"
+    settings = Settings(max_tokens=7, temperature=0.5, speculative_mode="on", num_draft_tokens=4)
+    assert app_module.build_ask("q", settings, [cat, clip]) == Ask("q", 7, 0.5, 4, (cat, clip))
+    assert app_module.build_ask("q", settings) == Ask("q", 7, 0.5, 4)
+    assert app_module.picker_extensions((IMAGE,)) == list(app_module.IMAGE_EXTENSIONS)
+    assert "wav" in app_module.picker_extensions((IMAGE, AUDIO)) and app_module.picker_extensions(()) == []
+    files = app_module.file_attachments(["/x/cat.png", "/x/clip.WAV", "/x/notes.txt"])
+    assert files == [cat, Attachment(AUDIO, "/x/clip.WAV", "clip.WAV")]
+
+
+def test_attachments_menu_goes_with_the_next_question(make_app, rumps, media_model, tmp_path, monkeypatch):
+    app = make_app(last_model=str(media_model), max_tokens=6, speculative_mode="off")
+    app_module = sys.modules["apps.menubar.app"]
+    png, wav = image_bytes(24, 16, 0), wav_bytes(0.4, 0)
+    (tmp_path / "cat.png").write_bytes(png)
+    (tmp_path / "clip.wav").write_bytes(wav)
+    offered = []
+    monkeypatch.setattr(app_module, "choose_files", lambda ext: offered.append(ext) or [
+        str(tmp_path / "cat.png"), str(tmp_path / "clip.wav")])
+    menu = app.attach_menu
+    assert menu.title == "Attachments" and menu["Clear Attachments"].callback is None
+    menu["Attach Image…"].callback(None)
+    assert "png" in offered[-1] and "wav" in offered[-1]  # this model takes audio too
+    # the clipboard: no image is a notification, an image is attached as PNG bytes
+    monkeypatch.setattr(app_module, "clipboard_png", lambda: app_module.pasteboard_png(FakePasteboard()))
+    menu["Paste Image"].callback(None)
+    assert "holds no image" in rumps.notifications[-1][2] and len(app.attachments) == 2
+    monkeypatch.setattr(app_module, "clipboard_png", lambda: png)
+    menu["Paste Image"].callback(None)
+    monkeypatch.setattr(app_module, "take_screenshot", lambda: None)  # cancelled
+    menu["Attach Screenshot…"].callback(None)
+    assert len(app.attachments) == 3
+    monkeypatch.setattr(app_module, "take_screenshot", lambda: png)
+    menu["Attach Screenshot…"].callback(None)
+    assert app.attach_menu.title == "Attachments (4)"
+    assert [a.name for a in app.attachments] == ["cat.png", "clip.wav", "Pasted image 1", "Screenshot 1"]
+    for line in ("1. cat.png (image)", "2. clip.wav (audio)", "3. Pasted image 1 (image)", "4. Screenshot 1 (image)"):
+        assert line in menu and menu[line].callback is None  # listed, greyed
+    menu["Clear Attachments"].callback(None)
+    assert app.attachments == [] and menu.title == "Attachments" and "1. cat.png (image)" not in menu
+    # two attached, then asked: they go with that question (in order) and the menu is empty again
+    menu["Attach Image…"].callback(None)
+    rumps.window_answers += [(1, "what is this?"), (0, "")]  # the question, then Close on the answer
+    app.ask()
+    assert "With cat.png, clip.wav" in rumps.windows[-1].message
+    assert app.attachments == [] and menu.title == "Attachments"
+    pump(app, lambda: not app.generating)
+    assert rumps.windows[-1].title == "Answer" and app.sent == ()
+    parts = app.worker.history[0]["content"]
+    assert parts == [{"type": "image", "image": png}, {"type": "audio", "audio": wav},
+                     {"type": "text", "text": "what is this?"}]
+    # a question whose attachment fails is not added to the chat, and its attachments are pending again
+    (tmp_path / "notes.png").write_text("not an image")
+    monkeypatch.setattr(app_module, "choose_files", lambda ext: [str(tmp_path / "notes.png")])
+    menu["Attach Image…"].callback(None)
+    rumps.window_answers.append((1, "and this?"))
+    app.ask()
+    pump(app, lambda: not app.generating)
+    assert "notes.png" in rumps.alerts[-1][1] and len(app.worker.history) == 2
+    assert [a.name for a in app.attachments] == ["notes.png"] and menu.title == "Attachments (1)"
+
+
+def test_a_text_only_model_takes_no_attachments(make_app, rumps, models_folder, monkeypatch):
+    app = make_app(last_model=str(models_folder / "tiny-e2b"))
+    app_module = sys.modules["apps.menubar.app"]
+    monkeypatch.setattr(app_module, "choose_files", lambda ext: pytest.fail("no panel for a text-only model"))
+    monkeypatch.setattr(app_module, "take_screenshot", lambda: pytest.fail("no screenshot either"))
+    app.attach_menu["Attach Image…"].callback(None)
+    app.attach_menu["Attach Screenshot…"].callback(None)
+    assert all("tiny-e2b takes no images" in n[2] for n in rumps.notifications[-2:]) and app.attachments == []
+
+    def no_notification_center(*args, **kwargs):
+        raise RuntimeError("Failed to setup the notification center")  # rumps, run outside an .app bundle
+
+    monkeypatch.setattr(rumps, "notification", no_notification_center)
+    app.attach_menu["Paste Image"].callback(None)
+    assert "tiny-e2b takes no images" in rumps.alerts[-1][1]  # an alert instead

@@ -8,10 +8,14 @@ import shutil
 import urllib.request
 
 import pytest
+from test_multimodal import image_bytes, wav_bytes, write_media_pair
 
 import mlx_gemma_mtp
 from apps.menubar.worker import (
+    AUDIO,
+    IMAGE,
     Ask,
+    Attachment,
     Chunk,
     Convert,
     Converted,
@@ -28,8 +32,11 @@ from apps.menubar.worker import (
     Unload,
     Unloaded,
     Worker,
+    attachment_kind,
+    media_kinds,
     parse_convert_request,
 )
+from mlx_gemma_mtp.decode import encode_prompt
 
 TIMEOUT = 60
 
@@ -242,3 +249,127 @@ def test_the_local_server_shares_the_model_and_stops_with_it(worker, bundle_dir)
     assert isinstance(collect(worker, until=(ServerStarted, Error))[-1], ServerStarted)
     worker.submit(StopServer())
     assert isinstance(collect(worker, until=(ServerStopped, Error))[-1], ServerStopped)
+
+
+# --- attachments: images and audio with a question, on a tiny multimodal checkpoint (vision + audio towers) ---
+
+
+@pytest.fixture(scope="module")
+def media_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("media-e2b")
+    write_media_pair(path, "e2b")
+    return path
+
+
+@pytest.fixture
+def files(tmp_path):
+    """A PNG and a WAV written to disk, with their bytes."""
+    png, wav = image_bytes(24, 16, 0), wav_bytes(0.4, 0)
+    (tmp_path / "cat.png").write_bytes(png)
+    (tmp_path / "clip.wav").write_bytes(wav)
+    return {"png": png, "wav": wav, "png_path": str(tmp_path / "cat.png"), "wav_path": str(tmp_path / "clip.wav")}
+
+
+def user(text, *parts):
+    return {"role": "user", "content": [*parts, {"type": "text", "text": text}]}
+
+
+def test_an_image_goes_with_the_question_and_stays_in_the_chat(worker, media_dir, files):
+    worker.submit(Select(str(media_dir)))
+    cat = Attachment(IMAGE, files["png_path"], "cat.png")
+    worker.submit(Ask("what is this?", max_tokens=8, num_draft_tokens=2, attachments=(cat,)))
+    first = collect(worker)[-1]
+    assert isinstance(first, Done) and not first.cancelled
+    bundle = mlx_gemma_mtp.load(media_dir)
+    image_part = {"type": "image", "image": files["png"]}  # the worker read the file: the chat holds its bytes
+    assert worker.history[0] == user("what is this?", image_part)
+    assert first.text == mlx_gemma_mtp.generate(bundle, [user("what is this?", image_part)], max_tokens=8,
+                                                num_draft_tokens=2)
+    # the image matters (else the checks below could pass with it dropped)
+    other = user("what is this?", {"type": "image", "image": image_bytes(24, 16, 1)})
+    assert mlx_gemma_mtp.generate(bundle, [other], max_tokens=8, num_draft_tokens=2) != first.text
+    # a reply: the image is still in the history, and its soft tokens come from the chat's prompt cache
+    worker.submit(Ask("and the colours?", max_tokens=8, num_draft_tokens=2))
+    second = collect(worker)[-1]
+    assert isinstance(second, Done) and [m["role"] for m in worker.history] == ["user", "assistant"] * 2
+    image_end = encode_prompt(bundle, worker.history[:1]).spans[0].end
+    assert second.stats.cached_tokens == worker.prompt_cache.reused > image_end
+    assert "reused from the chat's cache" in second.stats.summary()
+    assert second.text == mlx_gemma_mtp.generate(bundle, worker.history[:3], max_tokens=8, num_draft_tokens=2)
+    # the same image pasted (its bytes) in a new chat answers as the file did
+    worker.submit(NewChat())
+    pasted = Attachment(IMAGE, files["png"], "Pasted image 1")
+    worker.submit(Ask("what is this?", max_tokens=8, num_draft_tokens=2, attachments=(pasted,)))
+    again = collect(worker)[-1]
+    assert isinstance(again, Done) and again.text == first.text and again.stats.cached_tokens == 0
+
+
+def test_audio_and_images_keep_their_order(worker, media_dir, files):
+    worker.submit(Select(str(media_dir)))
+    attachments = (Attachment(AUDIO, files["wav_path"], "clip.wav"), Attachment(IMAGE, files["png"], "cat.png"))
+    worker.submit(Ask("describe both", max_tokens=6, num_draft_tokens=0, attachments=attachments))
+    done = collect(worker)[-1]
+    parts = [{"type": "audio", "audio": files["wav"]}, {"type": "image", "image": files["png"]}]
+    assert isinstance(done, Done) and worker.history[0] == user("describe both", *parts)
+    expected = mlx_gemma_mtp.generate(mlx_gemma_mtp.load(media_dir), [user("describe both", *parts)],
+                                      max_tokens=6, num_draft_tokens=0)
+    assert done.text == expected
+
+
+def test_a_failed_attachment_leaves_the_chat_as_it_was(worker, media_dir, files, tmp_path):
+    worker.submit(Select(str(media_dir)))
+    worker.submit(Ask("Hello", max_tokens=4, num_draft_tokens=0))
+    assert isinstance(collect(worker)[-1], Done)
+    history = list(worker.history)
+    (tmp_path / "notes.png").write_text("not an image")
+    failures = {  # attachment -> what the error says
+        Attachment(IMAGE, str(tmp_path / "missing.png"), "missing.png"): "missing.png: could not read",
+        Attachment(IMAGE, str(tmp_path / "notes.png"), "notes.png"): "notes.png: ",
+        Attachment(AUDIO, b"not audio", "Recording 1"): "Recording 1: ",
+    }
+    for attachment, message in failures.items():
+        good = Attachment(IMAGE, files["png"], "cat.png")
+        worker.submit(Ask("what is this?", max_tokens=4, attachments=(good, attachment)))
+        error = collect(worker)[-1]
+        assert isinstance(error, Error) and error.job == "Ask" and message in error.message
+        assert "messages[" not in error.message  # the library's part index is replaced by the menu's name
+        assert worker.history == history and worker.is_alive()
+    worker.submit(Ask("And then?", max_tokens=4, num_draft_tokens=0))  # the next question works, same chat
+    done = collect(worker)[-1]
+    assert isinstance(done, Done) and worker.history[:2] == history and len(worker.history) == 4
+    expected = mlx_gemma_mtp.generate(mlx_gemma_mtp.load(media_dir), worker.history[:3], max_tokens=4,
+                                      num_draft_tokens=0)
+    assert done.text == expected
+
+
+def test_media_on_a_model_without_its_tower_is_an_error(worker, bundle_dir, media_dir, files, tmp_path):
+    worker.submit(Select(str(bundle_dir)))  # the text-only pair: no vision tower
+    worker.submit(Ask("what is this?", max_tokens=4, attachments=(Attachment(IMAGE, files["png"], "cat.png"),)))
+    error = collect(worker)[-1]
+    assert isinstance(error, Error) and "takes no images" in error.message and "vision tower" in error.message
+    assert worker.history == []
+    worker.submit(Ask("Hello", max_tokens=2))
+    assert isinstance(collect(worker)[-1], Done)
+    # a vision-only checkpoint (as 26B / 31B): images work, audio is refused by name
+    vision_only = tmp_path / "vision-only"
+    shutil.copytree(media_dir, vision_only)
+    config = json.loads((vision_only / "config.json").read_text())
+    del config["audio_config"]
+    (vision_only / "config.json").write_text(json.dumps(config))
+    assert media_kinds(vision_only) == (IMAGE,)
+    worker.submit(Select(str(vision_only)))
+    clip = Attachment(AUDIO, files["wav_path"], "clip.wav")
+    worker.submit(Ask("what is this?", max_tokens=4, attachments=(clip,)))
+    error = collect(worker)[-1]
+    assert isinstance(error, Error) and "takes no audio" in error.message and "clip.wav" in error.message
+    worker.submit(Ask("what is this?", max_tokens=4, attachments=(Attachment(IMAGE, files["png"], "cat.png"),)))
+    assert isinstance(collect(worker)[-1], Done)
+
+
+def test_attachment_kinds_and_model_media(media_dir, bundle_dir, tmp_path):
+    assert [attachment_kind(n) for n in ("a.PNG", "b.jpeg", "c.wav", "d.mp3", "e.txt", "f")] == [
+        IMAGE, IMAGE, AUDIO, AUDIO, None, None]
+    assert media_kinds(media_dir) == (IMAGE, AUDIO) and media_kinds(bundle_dir) == ()
+    assert media_kinds(None) == media_kinds(tmp_path / "missing") == (IMAGE, AUDIO)  # unknown: the Ask tells
+    with pytest.raises(ValueError, match="'video'"):
+        Attachment("video", b"", "film.mp4")

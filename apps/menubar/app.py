@@ -2,15 +2,19 @@
 
 Model work happens on worker.Worker's thread. This class touches the UI only from the main thread: menu
 callbacks submit jobs, and a rumps.Timer drains the worker's result queue ten times a second (changing titles
-from another thread crashes rumps apps).
+from another thread crashes rumps apps). Images and audio clips attached from the Attachments menu (a file, the
+clipboard's image, a screenshot) go with the next question.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import queue
 import subprocess
 import sys
+import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import rumps
@@ -18,7 +22,12 @@ import rumps
 from apps.menubar import models
 from apps.menubar.settings import MAX_DRAFT_TOKENS, load_settings, save_settings
 from apps.menubar.worker import (
+    AUDIO,
+    AUDIO_EXTENSIONS,
+    IMAGE,
+    IMAGE_EXTENSIONS,
     Ask,
+    Attachment,
     Chunk,
     Converted,
     Done,
@@ -34,12 +43,16 @@ from apps.menubar.worker import (
     Unload,
     Unloaded,
     Worker,
+    attachment_kind,
+    media_kinds,
     parse_convert_request,
 )
 
 GLYPH, BUSY = "◆", "◇"
 PREVIEW_CHARS = 48
 NO_ANSWER = "Answer: (none yet)"
+# the general pasteboard's types (NSPasteboardTypePNG / TIFF / FileURL)
+PASTEBOARD_PNG, PASTEBOARD_TIFF, PASTEBOARD_FILE_URL = "public.png", "public.tiff", "public.file-url"
 
 
 def copy_to_clipboard(text: str) -> None:
@@ -52,6 +65,98 @@ def copy_to_clipboard(text: str) -> None:
     board = NSPasteboard.generalPasteboard()
     board.clearContents()
     board.setString_forType_(text, NSPasteboardTypeString)
+
+
+# --- attachments: plain functions (tested on Linux); the AppKit calls are in the three at the end ---
+
+
+def build_ask(prompt: str, settings, attachments: Sequence[Attachment] = ()) -> Ask:
+    """The Ask job for `prompt` with the settings' budget, temperature and draft mode, and the attachments."""
+    return Ask(prompt, settings.max_tokens, settings.temperature, settings.draft_request, tuple(attachments))
+
+
+def attachments_title(attachments: Sequence[Attachment]) -> str:
+    return f"Attachments ({len(attachments)})" if attachments else "Attachments"
+
+
+def attachment_label(index: int, attachment: Attachment) -> str:
+    """A pending attachment's menu line; numbered, so that two of one name stay two items."""
+    return f"{index}. {attachment.name} ({attachment.kind})"
+
+
+def picker_extensions(kinds: Sequence[str]) -> list[str]:
+    """The file types the Attach panel offers for a model taking `kinds`."""
+    return [*(IMAGE_EXTENSIONS if IMAGE in kinds else ()), *(AUDIO_EXTENSIONS if AUDIO in kinds else ())]
+
+
+def file_attachments(paths: Sequence[str]) -> list[Attachment]:
+    """The chosen files as attachments, image or audio by extension (others skipped)."""
+    return [Attachment(kind, str(path), Path(path).name) for path in paths if (kind := attachment_kind(path))]
+
+
+def pasteboard_png(board) -> bytes:
+    """The image on `board` (an NSPasteboard: `types()`, `dataForType_`) as PNG bytes; TIFF (what most apps
+    copy) is converted with Pillow.
+
+    Raises:
+        ValueError: no image on the board, or a copied file (Finder puts its icon there as a TIFF), with what to
+            do instead.
+    """
+    types = {str(t) for t in (board.types() or ())}
+    if PASTEBOARD_FILE_URL in types:
+        raise ValueError("The clipboard holds a file, not an image: use Attach Image… to attach a file.")
+    for kind in (PASTEBOARD_PNG, PASTEBOARD_TIFF):
+        data = board.dataForType_(kind) if kind in types else None
+        data = b"" if data is None else bytes(data)  # NSData -> bytes
+        if data:
+            return data if kind == PASTEBOARD_PNG else tiff_to_png(data)
+    raise ValueError("The clipboard holds no image: copy one first (⌃⇧⌘4 copies a screenshot), or use Attach "
+                     "Screenshot….")
+
+
+def tiff_to_png(data: bytes) -> bytes:
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            out = io.BytesIO()
+            png_mode = image.mode in ("1", "L", "LA", "P", "RGB", "RGBA")
+            (image if png_mode else image.convert("RGBA")).save(out, format="PNG")  # e.g. a CMYK TIFF
+    except (OSError, ValueError) as e:
+        raise ValueError(f"The clipboard's image could not be read: {e}") from None
+    return out.getvalue()
+
+
+def take_screenshot(run=subprocess.run) -> bytes | None:
+    """macOS's interactive screenshot (drag a region, Space picks a window, Esc cancels) as PNG bytes; None when
+    cancelled (no file, or an empty one). Blocks until the user is done."""
+    with tempfile.TemporaryDirectory(prefix="mlx-gemma-mtp-") as folder:
+        path = Path(folder) / "screenshot.png"
+        run(["screencapture", "-i", "-x", str(path)], check=False)
+        return path.read_bytes() if path.is_file() and path.stat().st_size else None
+
+
+def clipboard_png() -> bytes:
+    """The general pasteboard's image as PNG bytes (see `pasteboard_png`)."""
+    from AppKit import NSPasteboard
+
+    return pasteboard_png(NSPasteboard.generalPasteboard())
+
+
+def choose_files(extensions: Sequence[str]) -> list[str]:
+    """Paths picked in an open panel showing files of these extensions; [] when cancelled."""
+    from AppKit import NSApplication, NSOpenPanel
+
+    panel = NSOpenPanel.openPanel()
+    panel.setTitle_("Attach to the next question")
+    panel.setCanChooseFiles_(True)
+    panel.setCanChooseDirectories_(False)
+    panel.setAllowsMultipleSelection_(True)
+    panel.setAllowedFileTypes_(list(extensions))
+    NSApplication.sharedApplication().activateIgnoringOtherApps_(True)  # a menu-bar app's panel comes to the front
+    if panel.runModal() != 1:  # NSModalResponseOK
+        return []
+    return [str(url.path()) for url in panel.URLs()]
 
 
 class MenuBarApp(rumps.App):
@@ -70,11 +175,16 @@ class MenuBarApp(rumps.App):
         self.server_url: str | None = None  # set while the local OpenAI-compatible server runs
         self.server_item = rumps.MenuItem(self.server_label(), callback=self.toggle_server)
         server = [self.server_item, rumps.MenuItem("Set Port…", callback=self.set_port)]
-        self.menu = [self.status_item, self.preview_item, None, "Ask…", "Stop", "New Chat", None,
+        self.attachments: list[Attachment] = []  # pending: they go with the next Ask
+        self.sent: tuple[Attachment, ...] = ()  # those of the Ask being answered (pending again if it fails)
+        self.numbered: dict[str, int] = {}  # "Screenshot" -> how many were named so far
+        self.attach_menu = rumps.MenuItem("Attachments")
+        self.menu = [self.status_item, self.preview_item, None, "Ask…", self.attach_menu, "Stop", "New Chat", None,
                      self.model_menu, [rumps.MenuItem("Speculative"), speculative],
                      [rumps.MenuItem("Server"), server], "Stats", "Unload", None, "Quit"]
         self.refresh_models()
         self.refresh_speculative()
+        self.refresh_attachments()
         if self.settings.last_model:
             self.worker.submit(Select(self.settings.last_model))  # loads lazily, on the first Ask
             self.status_item.title = f"Model: {Path(self.settings.last_model).name} (not loaded)"
@@ -119,6 +229,43 @@ class MenuBarApp(rumps.App):
             item.title = labels[mode]
             item.state = int(mode == self.settings.speculative_mode)
 
+    def refresh_attachments(self) -> None:
+        menu = self.attach_menu
+        menu.title = attachments_title(self.attachments)
+        if len(menu):
+            menu.clear()
+        menu.add(rumps.MenuItem("Attach Image…", callback=self.attach_files))
+        menu.add(rumps.MenuItem("Paste Image", callback=self.paste_image))
+        menu.add(rumps.MenuItem("Attach Screenshot…", callback=self.attach_screenshot))
+        if self.attachments:
+            menu.add(rumps.separator)
+            for i, attachment in enumerate(self.attachments, 1):
+                menu.add(rumps.MenuItem(attachment_label(i, attachment)))  # no callback: a greyed line
+        menu.add(rumps.separator)
+        menu.add(rumps.MenuItem("Clear Attachments", callback=self.clear_attachments if self.attachments else None))
+
+    def add_attachments(self, attachments: Sequence[Attachment]) -> None:
+        self.attachments += attachments
+        self.refresh_attachments()
+
+    def takes_images(self) -> bool:
+        """Whether the selected model takes images (from its config.json); says so when it does not."""
+        if IMAGE in media_kinds(self.settings.last_model):
+            return True
+        self.notify(f"{Path(self.settings.last_model).name} takes no images or audio (a text-only conversion: no "
+                    "vision tower).")
+        return False
+
+    def numbered_name(self, stem: str) -> str:
+        self.numbered[stem] = self.numbered.get(stem, 0) + 1
+        return f"{stem} {self.numbered[stem]}"
+
+    def notify(self, message: str) -> None:
+        try:
+            rumps.notification("mlx-gemma-mtp", "", message)
+        except RuntimeError:  # no notification center (run from a terminal, not the .app): an alert instead
+            rumps.alert("mlx-gemma-mtp", message)
+
     def select_model(self, path: str) -> None:
         self.settings.last_model = path
         self.save()
@@ -137,12 +284,38 @@ class MenuBarApp(rumps.App):
             rumps.alert("mlx-gemma-mtp", "Still answering: Stop it first." if self.generating
                         else "Pick a model first (Model ▸).")
             return
-        prompt = self.ask_text("Ask", "Continue the chat (New Chat starts over):", ok="Ask")
+        names = ", ".join(a.name for a in self.attachments)
+        message = "Continue the chat (New Chat starts over):" + (f"\nWith {names}" if names else "")
+        prompt = self.ask_text("Ask", message, ok="Ask")
         if prompt:
-            s = self.settings
-            self.worker.submit(Ask(prompt, s.max_tokens, s.temperature, s.draft_request))
-            self.generating, self.question, self.answer = True, prompt, ""
+            self.worker.submit(build_ask(prompt, self.settings, self.attachments))
+            self.sent, self.attachments = tuple(self.attachments), []
+            self.refresh_attachments()
+            self.generating, self.question, self.answer = True, prompt + (f"\n[{names}]" if names else ""), ""
             self.title, self.preview_item.title = BUSY, "Answer: …"
+
+    def attach_files(self, _sender=None) -> None:
+        """Images, and audio too when the model takes it, picked in an open panel."""
+        if self.takes_images():
+            kinds = media_kinds(self.settings.last_model)
+            self.add_attachments(file_attachments(choose_files(picker_extensions(kinds))))
+
+    def paste_image(self, _sender=None) -> None:
+        if not self.takes_images():
+            return
+        try:
+            png = clipboard_png()
+        except ValueError as e:
+            return self.notify(str(e))
+        self.add_attachments([Attachment(IMAGE, png, self.numbered_name("Pasted image"))])
+
+    def attach_screenshot(self, _sender=None) -> None:
+        if self.takes_images() and (png := take_screenshot()) is not None:  # None: the user pressed Esc
+            self.add_attachments([Attachment(IMAGE, png, self.numbered_name("Screenshot"))])
+
+    def clear_attachments(self, _sender=None) -> None:
+        self.attachments = []
+        self.refresh_attachments()
 
     @rumps.clicked("Stop")
     def stop(self, _sender=None) -> None:
@@ -265,7 +438,7 @@ class MenuBarApp(rumps.App):
                 self.title = f"{GLYPH} {msg.generation_tps:.1f} tok/s"
             self.preview_item.title = "Answer: …" + " ".join(self.answer.split())[-PREVIEW_CHARS:]
         elif isinstance(msg, Done):
-            self.generating, self.last_stats, self.title = False, msg.stats, GLYPH
+            self.generating, self.last_stats, self.title, self.sent = False, msg.stats, GLYPH, ()
             self.status_item.title = msg.stats.headline()
             if not msg.cancelled:
                 self.show_answer()
@@ -287,6 +460,9 @@ class MenuBarApp(rumps.App):
             self.refresh_models()
         elif isinstance(msg, Error):
             self.generating = self.generating and msg.job != "Ask"
+            if msg.job == "Ask" and self.sent:  # the question was not added to the chat: attach them again
+                self.attachments, self.sent = [*self.sent, *self.attachments], ()
+                self.refresh_attachments()
             self.title = BUSY if self.generating else GLYPH
             self.status_item.title = "Error (see the alert)"
             self.show_error(msg.message, msg.details)

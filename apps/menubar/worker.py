@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import json
 import queue
 import re
 import threading
@@ -34,14 +35,66 @@ class Select:
     preload: bool = False
 
 
+IMAGE, AUDIO = "image", "audio"
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "gif", "webp", "bmp", "tif", "tiff")  # what Pillow reads
+AUDIO_EXTENSIONS = ("wav", "flac", "ogg", "opus", "mp3", "aif", "aiff")  # what libsndfile decodes
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """An image or audio clip that goes with a question: `source` is a file's path or the bytes of a file (e.g.
+    a pasted PNG); `name` is how the menu and error messages call it."""
+
+    kind: str  # IMAGE or AUDIO
+    source: str | bytes
+    name: str
+
+    def __post_init__(self):
+        if self.kind not in (IMAGE, AUDIO):
+            raise ValueError(f"an attachment is an {IMAGE!r} or an {AUDIO!r}, not {self.kind!r}")
+
+    def part(self) -> dict:
+        """The chat content part, holding the file's bytes: the chat keeps what was sent even if the file changes
+        or goes away later (and the prompt cache, keyed on the content, is reused on later turns)."""
+        data = self.source
+        if isinstance(data, str):
+            try:
+                data = Path(data).expanduser().read_bytes()
+            except OSError as e:
+                raise ValueError(f"{self.name}: could not read {data}: {e.strerror or e}") from None
+        return {"type": self.kind, self.kind: data}
+
+
+def attachment_kind(path: str | Path) -> str | None:
+    """IMAGE or AUDIO by the file's extension; None for anything else."""
+    ext = Path(path).suffix.lower().lstrip(".")
+    return IMAGE if ext in IMAGE_EXTENSIONS else AUDIO if ext in AUDIO_EXTENSIONS else None
+
+
+def media_kinds(model_path: str | Path | None) -> tuple[str, ...]:
+    """What the model in `model_path` takes besides text, from its config.json (as the loader decides): (), (IMAGE,)
+    or (IMAGE, AUDIO). Without a model or a readable config: both (the Ask's error will tell)."""
+    if model_path is None:
+        return IMAGE, AUDIO
+    try:
+        config = json.loads((Path(model_path).expanduser() / "config.json").read_text())
+    except (OSError, ValueError):
+        return IMAGE, AUDIO
+    if not isinstance(config, dict) or not isinstance(config.get("vision_config"), dict):
+        return ()
+    return (IMAGE, AUDIO) if isinstance(config.get("audio_config"), dict) else (IMAGE,)
+
+
 @dataclass(frozen=True)
 class Ask:
-    """One chat turn: the whole conversation so far plus `prompt` goes to the model."""
+    """One chat turn: the whole conversation so far plus `prompt` goes to the model, with `attachments` (images,
+    audio) before the text, in their order."""
 
     prompt: str
     max_tokens: int = 512
     temperature: float = 0.0
     num_draft_tokens: int | str | None = "auto"  # as stream_generate takes it
+    attachments: tuple[Attachment, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -127,13 +180,15 @@ class RunStats:
     generation_tps: float = 0.0
     peak_memory: float = 0.0  # GB
     draft: mtp.DraftStats | None = None  # a snapshot; None when decoding was plain
+    cached_tokens: int = 0  # prompt tokens taken from the chat's prompt cache (not prefilled again)
 
     def headline(self) -> str:
         return f"{self.finish_reason}: {self.generation_tokens} tokens, {self.generation_tps:.1f} tok/s"
 
     def summary(self) -> str:
         lines = [self.headline(),
-                 f"Prompt: {self.prompt_tokens} tokens at {self.prompt_tps:.1f} tok/s",
+                 f"Prompt: {self.prompt_tokens} tokens at {self.prompt_tps:.1f} tok/s"
+                 + (f" ({self.cached_tokens} reused from the chat's cache)" if self.cached_tokens else ""),
                  f"Peak memory: {self.peak_memory:.2f} GB"]
         if self.draft is None:
             return "\n".join(lines + ["Speculative decoding: off"])
@@ -167,11 +222,21 @@ class Error:
     job: str = ""  # the failed job's class name ("Ask", "Select", ...)
 
 
-def _stats(r: mtp.GenerationResponse | None, finish_reason: str) -> RunStats:
+def _stats(r: mtp.GenerationResponse | None, finish_reason: str, cached_tokens: int = 0) -> RunStats:
     if r is None:
         return RunStats(finish_reason)
     return RunStats(finish_reason, r.prompt_tokens, r.prompt_tps, r.generation_tokens, r.generation_tps,
-                    r.peak_memory, copy.deepcopy(r.draft))
+                    r.peak_memory, copy.deepcopy(r.draft), cached_tokens)
+
+
+def _name_parts(message: str, turn: int, attachments: tuple[Attachment, ...]) -> str:
+    """The library names a bad part "messages[3].content[1]"; this turn's parts are called by their names."""
+
+    def name(m: re.Match) -> str:
+        j = int(m.group(1))
+        return attachments[j].name if j < len(attachments) else "your question"
+
+    return re.sub(rf"messages\[{turn}\]\.content\[(\d+)\]", name, message)
 
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -230,7 +295,7 @@ class Worker:
         while not isinstance(job := self.jobs.get(), Shutdown):
             try:
                 handlers[type(job)](job)
-            except Exception as e:  # reported to the user; the thread lives on for the next job
+            except Exception as e:  # noqa: BLE001 -- reported to the user; the thread lives on
                 message = str(e) or type(e).__name__
                 self.results.put(Error(message, traceback.format_exc(), type(job).__name__))
         self._stop_server()
@@ -285,8 +350,9 @@ class Worker:
         k = job.num_draft_tokens
         if isinstance(k, int) and k > 0 and bundle.drafter is None:
             raise ValueError(f"{self.path} has no drafter/ folder: choose Speculative ▸ Auto or Off.")
-        messages = self.history + [{"role": "user", "content": job.prompt}]
-        pieces, last = [], None
+        # a failed attachment raises here or on the stream's first response: the chat is left as it was
+        messages = self.history + [{"role": "user", "content": self._content(bundle, job)}]
+        pieces, last, cached = [], None, 0
         cancelled = self.cancel.is_set()  # Stop may have been pressed while the model loaded
         if not cancelled:
             stream = mtp.stream_generate(bundle, messages, max_tokens=job.max_tokens,
@@ -296,16 +362,33 @@ class Worker:
                 for r in stream:
                     if cancelled := self.cancel.is_set():
                         break
-                    last = r
+                    last, cached = r, self.prompt_cache.reused
                     pieces.append(r.text)
                     self.results.put(Chunk(r.text, r.generation_tokens, r.generation_tps))
+            except ValueError as e:  # an image or clip that cannot be decoded, named as the menu names it
+                if not job.attachments:
+                    raise
+                raise ValueError(_name_parts(str(e), len(messages) - 1, job.attachments)) from e
             finally:
                 stream.close()  # no further draft/verify round runs
         finish = "cancelled" if cancelled or last is None else last.finish_reason
         answer = "".join(pieces)
         if finish != "cancelled" or answer:  # a stopped answer stays in the chat as far as it was shown
             self.history = messages + [{"role": "assistant", "content": answer}]
-        self.results.put(Done(answer, _stats(last, finish)))
+        self.results.put(Done(answer, _stats(last, finish, cached)))
+
+    def _content(self, bundle: mtp.Bundle, job: Ask) -> str | list[dict]:
+        """The user message's content: the prompt, or the attachments' parts (files read now) then the text."""
+        if not job.attachments:
+            return job.prompt
+        name = Path(self.path).name
+        if bundle.media is None:
+            raise ValueError(f"{name} takes no images or audio (a text-only conversion: no vision tower). Clear "
+                             "Attachments, or pick a model converted with its vision tower.")
+        if not bundle.media.takes_audio and (clips := [a.name for a in job.attachments if a.kind == AUDIO]):
+            raise ValueError(f"{name} takes no audio (only Gemma 4 E2B and E4B have an audio tower): "
+                             f"{', '.join(clips)}. Clear Attachments, or attach images only.")
+        return [*(a.part() for a in job.attachments), {"type": "text", "text": job.prompt}]
 
     def _start_server(self, job: StartServer) -> None:
         """The server shares the loaded bundle: its requests and the app's questions take turns (one generation
