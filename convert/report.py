@@ -1,5 +1,7 @@
 """Quality report of a converted (quantized) bundle against its float32 source.
 
+Also, for a bundle with vision/audio towers: how far its towers' soft tokens are from the source's in float32.
+
 Measures what quantization costs where MTP feels it (spec §6.3: acceptance collapses on badly quantized
 targets): the mean KL(p_ref || p_quant) and top-1 agreement of the next-token distributions over every
 position of a few built-in prompts, and the drafter's greedy acceptance rate with the converted target (and,
@@ -21,20 +23,25 @@ from collections import deque
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 
 from ..decode import stream_generate
 from ..load import (
     Bundle,
     load,
     load_tokenizer,
+    load_towers,
     read_config,
     read_generation_defaults,
     resolve,
     safetensors_files,
     safetensors_header,
 )
+from ..media.content import MediaItem
+from ..media.encoder import MediaEncoder, read_processor_config
 from ..models.config import ModelArgs
 from ..models.gemma4_text import canonical_key
+from ..prompt import Span
 from .reference import reference_logits
 
 PROMPTS = (
@@ -172,9 +179,57 @@ def quality_report(
     del bundle, log_ps  # the converted model goes before a float32 reference may be loaded
     mx.clear_cache()
     report["reference_acceptance"] = _reference_acceptance(ref_path, prompts, max_tokens, num_draft_tokens)
+    report["towers"] = tower_accuracy(path, ref_path)
     if Path(model).expanduser().is_dir():
         (Path(model).expanduser() / REPORT_FILE).write_text(json.dumps(report, indent=2))
     return report
+
+
+def _test_media() -> list[MediaItem]:
+    """A deterministic image (a gradient with texture, 320x240) and a 2 s clip (two tones and noise)."""
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:240, 0:320]
+    image = np.stack([x / 320, y / 240, (x + y) / 560], axis=-1) * 200 + rng.integers(0, 55, (240, 320, 3))
+    t = np.arange(32000) / 16000
+    clip = 0.3 * np.sin(2 * np.pi * 440 * t) + 0.2 * np.sin(2 * np.pi * 1250 * t) + 0.02 * rng.standard_normal(t.size)
+    return [MediaItem("image", image.astype(np.uint8), "test image"),
+            MediaItem("audio", (clip.astype(np.float32), 16000), "test clip")]
+
+
+def _tower_features(encoder: MediaEncoder) -> dict[str, mx.array]:
+    """Each test item's soft tokens through `encoder`'s towers, in float32."""
+    out = {}
+    for item in _test_media():
+        if item.kind == "audio" and not encoder.takes_audio:
+            continue
+        p = encoder.prepare(item)
+        out[item.kind] = encoder.features(Span(p.kind, 0, p.length, p.digest, p.inputs)).astype(mx.float32)
+    mx.eval(out)
+    return out
+
+
+def tower_accuracy(path: Path, ref_path: Path) -> dict | None:
+    """How far the bundle's towers (in its dtype) are from the source's computed in float32, on a test image and
+    clip: the relative L2 error and the cosine similarity of the soft tokens the text model reads. None when the
+    bundle has no towers. One set of towers is in memory at a time."""
+    config = read_config(path)
+    if not isinstance(config.get("vision_config"), dict):
+        return None
+    hidden = ModelArgs.from_dict(config).hidden_size
+    ours = _tower_features(MediaEncoder(config, read_processor_config(path),
+                                        lambda: load_towers(path, config, hidden), False))
+    ref_config = read_config(ref_path)
+    reference = _tower_features(MediaEncoder(ref_config, read_processor_config(ref_path),
+                                             lambda: load_towers(ref_path, ref_config, hidden, mx.float32), False))
+    result = {}
+    for kind, f in ours.items():
+        r = reference[kind]
+        result[kind] = {
+            "soft_tokens": f.shape[0],
+            "relative_error": (mx.linalg.norm(f - r) / mx.linalg.norm(r)).item(),
+            "cosine": (mx.sum(f * r) / (mx.linalg.norm(f) * mx.linalg.norm(r))).item(),
+        }
+    return result
 
 
 def _describe_quantization(q: dict | None) -> str:
@@ -208,6 +263,9 @@ def format_report(report: dict) -> str:
                 f"MTP greedy acceptance (K={k}), {name} target: {a['accepted']}/{a['drafted']} "
                 f"= {a['acceptance_rate']:.1%}"
             )
+    for kind, t in (report.get("towers") or {}).items():
+        lines.append(f"{kind} tower vs float32: relative error {t['relative_error']:.2e}, cosine "
+                     f"{t['cosine']:.6f} ({t['soft_tokens']} soft tokens)")
     return "\n".join(lines)
 
 

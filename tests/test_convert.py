@@ -172,6 +172,11 @@ def test_quantized_quality_bounds(converted, sources):
     assert kl["q4"] < 1.5 and reports["q4"]["top1_agreement"] >= 0.25
     table = format_report(reports["q4"])
     assert "mean KL" in table and "4-bit, group 32" in table and "acceptance" in table
+    # the towers stay in bfloat16 whatever the text model's quantization: close to float32, the same everywhere
+    towers = {name: r["towers"] for name, r in reports.items()}
+    assert set(towers["q4"]) == {"image", "audio"} and towers["q4"] == towers["bf16"], towers
+    assert all(t["relative_error"] < 0.02 and t["cosine"] > 0.999 for t in towers["bf16"].values()), towers
+    assert "image tower vs float32" in table
 
 
 @pytest.mark.parametrize("bits", [8, 4])

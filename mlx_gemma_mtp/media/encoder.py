@@ -46,6 +46,22 @@ def digest(*arrays: np.ndarray) -> int:
     return int.from_bytes(h.digest(), "little") >> 4
 
 
+def _tower_geometry(processor_config: dict, vision_config: dict) -> dict:
+    """The processor settings with the tower's patch and pooling sizes where the processor's file leaves them out
+    (or the checkpoint has none): pixels cut any other way would not fit the tower. A file that disagrees with
+    the tower is refused."""
+    nested = "image_processor" in processor_config
+    section = dict(processor_config.get("image_processor") or {}) if nested else dict(processor_config)
+    for key, default in (("patch_size", 16), ("pooling_kernel_size", 3)):
+        tower = vision_config.get(key, default)
+        if section.get(key) is None:
+            section[key] = tower
+        elif section[key] != tower:
+            raise ValueError(f"the processor config says {key}={section[key]} but config.json's vision_config "
+                             f"says {tower}: the files belong to different checkpoints")
+    return {**processor_config, "image_processor": section} if nested else section
+
+
 class MediaEncoder:
     """Processors, placeholder ids and (lazily) towers of one multimodal checkpoint.
 
@@ -56,7 +72,7 @@ class MediaEncoder:
         from .image import ImageProcessor
 
         self.tokens = MediaTokens.from_config(config)
-        self.image_processor = ImageProcessor.from_config(processor_config)
+        self.image_processor = ImageProcessor.from_config(_tower_geometry(processor_config, config["vision_config"]))
         self.audio_extractor = None
         if isinstance(config.get("audio_config"), dict):
             from .audio import AudioFeatureExtractor
