@@ -229,3 +229,22 @@ def test_content_parts_in_every_spelling_give_the_same_prompt(pairs, tmp_path):
     # the order the client sent is kept: audio first is another prompt
     swapped = encode_prompt(bundle, chat(spellings[0][1], spellings[0][0]))
     assert [s.kind for s in swapped.spans] == ["audio", "image"]
+
+
+def test_towers_load_on_the_first_media_prompt_only(tmp_path):
+    write_media_pair(tmp_path, "31b")
+    bundle = mlx_gemma_mtp.load(tmp_path)
+    mlx_gemma_mtp.generate(bundle, [{"role": "user", "content": "text only"}], max_tokens=2)
+    assert bundle.media._towers is None  # text-only use pays no tower memory
+    mlx_gemma_mtp.generate(bundle, chat(image()), max_tokens=2)
+    assert bundle.media._towers is not None
+
+
+def test_processor_geometry_comes_from_the_tower(tmp_path):
+    write_media_pair(tmp_path, "31b")
+    (tmp_path / "processor_config.json").unlink()  # no processor file: the tower's patch 4 / pooling 2, not 16 / 3
+    bundle = mlx_gemma_mtp.load(tmp_path)
+    assert (bundle.media.image_processor.patch_size, bundle.media.image_processor.pooling_kernel_size) == (4, 2)
+    (tmp_path / "processor_config.json").write_text(json.dumps({"image_processor": {"patch_size": 16}}))
+    with pytest.raises(ValueError, match="patch_size=16 but config.json's vision_config says 4"):
+        mlx_gemma_mtp.load(tmp_path)
