@@ -52,15 +52,16 @@ def run_generate(args) -> None:
     if args.model is None:
         args.prompt = DEMO_PROMPT if args.prompt is None else args.prompt
         print(DEMO_BANNER, file=sys.stderr if out is sys.stdout else out)
+    media = media_parts(args.image, args.audio)  # a missing file or a bad flag fails before the (slow) load
+    if media and args.no_chat_template:
+        raise SystemExit("error: --image/--audio need the chat template (leave out --no-chat-template)")
     bundle = load_model(args, group)
     sampler = sampler_from(args, bundle)
     if args.prompt is None:
         args.prompt = "Write a haiku about speculative decoding."
     use_chat = not args.no_chat_template and bundle.tokenizer is not None and bundle.tokenizer.has_chat_template
-    media = media_parts(args.image, args.audio)
     if media and not use_chat:
-        raise SystemExit("error: --image/--audio need the chat template (leave out --no-chat-template; the "
-                         "checkpoint must have one)")
+        raise SystemExit(f"error: --image/--audio need a chat template, and {bundle.path.name} has none")
     content = [*media, {"type": "text", "text": args.prompt}] if media else args.prompt
     prompt = [{"role": "user", "content": content}] if use_chat else args.prompt
     template_kwargs = dict(args.chat_template_kwargs or {})
