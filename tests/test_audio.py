@@ -39,14 +39,14 @@ N_MELS = 8  # the tiny towers' mel bins: HF sizes input_proj for n_mels == subsa
 
 TOWERS = {
     # the released pattern (no right context) at toy size: 4-frame chunks, 5 frames of left context
-    "released_like": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                          subsampling_conv_channels=[8, 4], conv_kernel_size=5, attention_chunk_size=4,
-                          attention_context_left=6, attention_context_right=0, output_proj_dims=24),
+    "released_like": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+                      "subsampling_conv_channels": [8, 4], "conv_kernel_size": 5, "attention_chunk_size": 4,
+                      "attention_context_left": 6, "attention_context_right": 0, "output_proj_dims": 24},
     # right context, an rms_norm_eps that matters, an active gradient clamp, another activation
-    "lookahead": dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                      subsampling_conv_channels=[8, 2], conv_kernel_size=3, attention_chunk_size=3,
-                      attention_context_left=5, attention_context_right=3, output_proj_dims=16,
-                      rms_norm_eps=1e-3, gradient_clipping=2.0, hidden_act="gelu_pytorch_tanh"),
+    "lookahead": {"hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+                  "subsampling_conv_channels": [8, 2], "conv_kernel_size": 3, "attention_chunk_size": 3,
+                  "attention_context_left": 5, "attention_context_right": 3, "output_proj_dims": 16,
+                  "rms_norm_eps": 1e-3, "gradient_clipping": 2.0, "hidden_act": "gelu_pytorch_tanh"},
 }
 
 
@@ -174,10 +174,7 @@ def test_tower_negative_checks(tower, monkeypatch):
     assert max_diff(tower.model, tower.ref, cases) <= TOL
 
     # no relative position bias
-    no_bias = dict(tower.weights)
-    for k in no_bias:
-        if k.endswith("relative_k_proj.weight"):
-            no_bias[k] = mx.zeros_like(no_bias[k])
+    no_bias = {k: mx.zeros_like(v) if k.endswith("relative_k_proj.weight") else v for k, v in tower.weights.items()}
     assert max_diff(mlx_tower(tower.config, no_bias), tower.ref, cases) > WRONG
 
     # clip bounds dropped (what a loader that skips the buffers would do)
@@ -424,12 +421,16 @@ def test_extractor_from_saved_hf_config(tmp_path, hf_extractor):
     assert AudioFeatureExtractor.from_config({}) == AudioFeatureExtractor()
 
 
-def test_pad_features_matches_hf_batch_layout():
-    extractor = AudioFeatureExtractor()
-    a, b = extractor(chirp(4000)), extractor(chirp(9000, seed=1))
-    features, mask = pad_features([a, b])
-    assert features.shape == (2, len(b.features), 128) and mask.sum(1).tolist() == [len(a.features), len(b.features)]
-    assert not features[0, len(a.features):].any()
+def test_pad_features_and_token_counts_meet_the_tower(tower):
+    """A padded batch of extracted clips: the tower's valid outputs per clip are the placeholder counts."""
+    extractor = AudioFeatureExtractor(feature_size=N_MELS)  # the tiny tower's mel bins
+    clips = [extractor(chirp(n, seed=n)) for n in (4000, 9000, 1000, 6401)]
+    features, mask = pad_features(clips)
+    assert features.shape == (4, max(len(c.features) for c in clips), N_MELS)
+    assert mask.sum(1).tolist() == [len(c.features) for c in clips]
+    assert not features[0, len(clips[0].features):].any()
+    _, valid = tower.model(mx.array(features), mx.array(mask))
+    assert np.array(valid).sum(1).tolist() == [c.num_soft_tokens for c in clips]
 
 
 def test_audio_errors(tmp_path):

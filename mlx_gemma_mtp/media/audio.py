@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..models.config import BOOL, NON_NEGATIVE, POSITIVE, POSITIVE_INT, Rule, check_fields
+
 DEFAULT_SAMPLING_RATE = 16_000
 PAD_TO_MULTIPLE_OF = 128  # HF's `__call__` default; only rounds `max_length` up here (no frame is padded)
 FEATURE_EXTRACTOR_TYPE = "Gemma4AudioFeatureExtractor"
@@ -67,8 +69,9 @@ def load_audio(source, sampling_rate: int = DEFAULT_SAMPLING_RATE) -> np.ndarray
     elif isinstance(source, np.ndarray):
         data, rate = _as_samples(source), sampling_rate
     else:
-        raise ValueError(f"cannot read audio from a {type(source).__name__}: pass a path, bytes, a numpy array or "
-                         "an (array, sampling_rate) tuple")
+        raise ValueError(  # noqa: TRY004 (callers catch ValueError for any bad input)
+            f"cannot read audio from a {type(source).__name__}: pass a path, bytes, a numpy array or an "
+            "(array, sampling_rate) tuple")
     if isinstance(rate, bool) or not isinstance(rate, (int, np.integer, float)) or not rate > 0:
         raise ValueError(f"the audio's sampling rate must be a positive number, got {rate!r}")
     mono = data.mean(axis=1, dtype=np.float32) if data.ndim == 2 else data  # (samples,)
@@ -162,29 +165,14 @@ def _mel_filter_bank(num_bins: int, num_mels: int, f_min: float, f_max: float, s
     return np.maximum(np.zeros(1), np.minimum(down, up))
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-_RULES = {
-    "feature_size": (lambda v: _is_int(v) and v > 0, "a positive integer"),
-    "sampling_rate": (lambda v: _is_int(v) and v > 0, "a positive integer"),
-    "max_length": (lambda v: _is_int(v) and v > 0, "a positive integer"),
-    "audio_seq_length": (lambda v: _is_int(v) and v > 0, "a positive integer"),
-    "frame_length_ms": (lambda v: _is_number(v) and v > 0, "a positive number"),
-    "hop_length_ms": (lambda v: _is_number(v) and v > 0, "a positive number"),
-    "min_frequency": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
-    "max_frequency": (lambda v: _is_number(v) and v > 0, "a positive number"),
-    "preemphasis": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "dither": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
-    "input_scale_factor": (lambda v: _is_number(v) and v != 0, "a non-zero number"),
-    "mel_floor": (lambda v: _is_number(v) and v > 0, "a positive number"),
-    "preemphasis_htk_flavor": (lambda v: isinstance(v, bool), "true or false"),
-    "fft_overdrive": (lambda v: isinstance(v, bool), "true or false"),
+_RULES: dict[str, Rule] = {
+    **dict.fromkeys(("feature_size", "sampling_rate", "max_length", "audio_seq_length"), POSITIVE_INT),
+    **dict.fromkeys(("frame_length_ms", "hop_length_ms", "max_frequency", "mel_floor"), POSITIVE),
+    **dict.fromkeys(("min_frequency", "dither"), NON_NEGATIVE),
+    "preemphasis": (lambda v: NON_NEGATIVE[0](v) and v <= 1, "a number in [0, 1]"),
+    "input_scale_factor": (lambda v: POSITIVE[0](v) or POSITIVE[0](-v), "a non-zero number"),
+    "preemphasis_htk_flavor": BOOL,
+    "fft_overdrive": BOOL,
     "padding_side": (lambda v: v == "right", '"right" (clips are padded at their end)'),
 }
 
@@ -226,10 +214,10 @@ class AudioFeatureExtractor:
         constructor re-derives them from `frame_length_ms` / `hop_length_ms`, which `save_pretrained` does not
         write, so a reloaded HF extractor always uses 20 ms / 10 ms unless those keys were added by hand."""
         if not isinstance(d, dict):
-            raise ValueError(f"an audio processor config must be a JSON object, got {type(d).__name__}")
+            raise ValueError(f"an audio processor config must be a JSON object, got {type(d).__name__}")  # noqa: TRY004
         settings = d.get("feature_extractor", d)
         if not isinstance(settings, dict):
-            raise ValueError(f"feature_extractor must be a JSON object, got {type(settings).__name__}")
+            raise ValueError(f"feature_extractor must be a JSON object, got {type(settings).__name__}")  # noqa: TRY004
         kind = settings.get("feature_extractor_type", FEATURE_EXTRACTOR_TYPE)
         if kind != FEATURE_EXTRACTOR_TYPE:
             raise ValueError(f"feature_extractor_type={kind!r}: only {FEATURE_EXTRACTOR_TYPE} is supported")
@@ -240,14 +228,12 @@ class AudioFeatureExtractor:
         return cls(**values)
 
     def __post_init__(self):
-        for name, (test, want) in _RULES.items():
-            if not test(getattr(self, name)):
-                raise ValueError(f"audio feature extractor: {name}={getattr(self, name)!r} must be {want}")
+        check_fields(vars(self), _RULES, "audio feature extractor: ")
         if self.min_frequency > self.max_frequency:
             raise ValueError(f"audio feature extractor: min_frequency={self.min_frequency} exceeds "
                              f"max_frequency={self.max_frequency}")
-        self.frame_length = int(round(self.sampling_rate * self.frame_length_ms / 1000.0))
-        self.hop_length = int(round(self.sampling_rate * self.hop_length_ms / 1000.0))
+        self.frame_length = round(self.sampling_rate * self.frame_length_ms / 1000.0)
+        self.hop_length = round(self.sampling_rate * self.hop_length_ms / 1000.0)
         if self.frame_length < 2 or self.hop_length < 1:
             raise ValueError(f"audio feature extractor: frames of {self.frame_length} samples every "
                              f"{self.hop_length} are too short")

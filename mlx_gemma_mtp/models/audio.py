@@ -8,9 +8,10 @@ projection to `output_proj_dims`. `model.embed_audio` (not here) maps those to t
 Module attribute names equal checkpoint tensor names relative to `model.audio_tower.` (HF) / `audio_tower.`
 (mlx-vlm conversions), so weights load with `load_weights(strict=True)` after `sanitize`.
 
-Quirks of the reference kept on purpose (the checkpoints were trained with them):
-* the local window is `context_left - 1` keys back *including* the query's own frame, so the oldest key of each
-  block's context (distance `context_left - 1`) is never attended, and `context_right - 1` keys forward;
+Quirks of the reference, kept so the outputs match it:
+* the local window: HF passes `(context_left - 1, context_right)` as window sizes that include the query, so
+  a query sees itself, the `context_left - 2` frames before it and the `context_right - 1` after it (released:
+  itself + 11 back, none ahead); slot 0 of each block's context (distance `context_left - 1`) is never attended;
 * masked logits are set to `attention_invalid_logits_value` (-1e9) after the tanh soft cap, not -inf: a query
   with no visible key averages its whole context window (zero-padded keys included);
 * the relative position table has `context_size // 2 + 1` rows (distances context_size//2 .. 0);
@@ -24,14 +25,15 @@ import math
 from dataclasses import dataclass, fields
 
 import mlx.core as mx
-import mlx.nn as nn
+from mlx import nn
 
-from .config import BOOL, COUNT, POSITIVE, POSITIVE_INT, STRING, Rule, _is_number, check_fields
+from .config import BOOL, COUNT, NON_NEGATIVE, POSITIVE, POSITIVE_INT, STRING, Rule, check_fields
 from .gemma4_text import RMSNorm
 
 ACTIVATIONS = {"silu": nn.silu, "swish": nn.silu, "gelu": nn.gelu, "gelu_pytorch_tanh": nn.gelu_approx,
                "relu": nn.relu}
-NUMBER: Rule = (_is_number, "a finite number")
+NUMBER: Rule = (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+                "a finite number")
 CHANNELS: Rule = (
     lambda v: isinstance(v, (list, tuple)) and len(v) == 2 and all(POSITIVE_INT[0](c) for c in v),
     "a list of two positive integers",
@@ -46,7 +48,7 @@ AUDIO_FIELDS: dict[str, Rule] = {
     "attention_logit_cap": POSITIVE,  # divides the logits
     "attention_invalid_logits_value": NUMBER,
     "use_clipped_linears": BOOL,
-    "rms_norm_eps": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+    "rms_norm_eps": NON_NEGATIVE,
     "gradient_clipping": POSITIVE,
 }
 SSCP_KERNEL = 3  # the subsampling convs: 3x3, stride 2, padding 1 (architectural constants, not in the config)
@@ -79,7 +81,7 @@ class AudioConfig:
         """Read an `audio_config` dict; keys this model does not use (model_type, initializer_range...) are
         ignored."""
         if not isinstance(d, dict):
-            raise ValueError(f"audio_config must be a JSON object, got {type(d).__name__}")
+            raise ValueError(f"audio_config must be a JSON object, got {type(d).__name__}")  # noqa: TRY004
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
@@ -113,13 +115,14 @@ class AudioConfig:
 
 
 def clip_bound(limit: float, dtype: mx.Dtype) -> float:
-    """HF clamps at min(gradient_clipping, dtype max) so float16 never sees an infinite bound."""
+    """HF clamps the residual stream at min(gradient_clipping, the dtype's max) (1e10 released: inactive), the
+    min keeping the bound finite in float16."""
     return min(limit, mx.finfo(dtype).max)
 
 
 class ClippableLinear(nn.Module):
     """A bias-free linear with the checkpoint's clamp bounds on its input and output (scalar tensors; +-inf
-    until loaded). They are part of the trained model: quantization-aware ranges, not a training aid."""
+    until loaded). They come from the checkpoint, and a loader that skipped finite ones would change the outputs."""
 
     def __init__(self, in_features: int, out_features: int, clipped: bool):
         super().__init__()
@@ -217,7 +220,7 @@ def to_blocks(x: mx.array, chunk: int) -> mx.array:
 def block_context(x: mx.array, chunk: int, past: int, future: int) -> mx.array:
     """(N, T, ...) -> (N, nb, W, ...), W = past + chunk + future: the frames block u's queries may see, i.e.
     positions u*chunk - past .. u*chunk + chunk + future - 1, zero (False) outside [0, T)."""
-    N, T = x.shape[:2]
+    T = x.shape[1]
     nb = -(-T // chunk)
     W = chunk + past + future
     # right pad so the last block's window exists (HF pads future + chunk - 1, of which it reads future + pad)
@@ -401,8 +404,7 @@ def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
     out = {}
     for key, w in weights.items():
         for prefix in ("model.audio_tower.", "audio_tower."):
-            if key.startswith(prefix):
-                key = key[len(prefix):]
+            key = key.removeprefix(prefix)
         if key.startswith("rel_pos_enc.") or key.endswith(".softcap"):
             continue
         if key.endswith(".conv.weight") and w.ndim == 4:
