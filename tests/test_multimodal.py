@@ -248,3 +248,10 @@ def test_processor_geometry_comes_from_the_tower(tmp_path):
     (tmp_path / "processor_config.json").write_text(json.dumps({"image_processor": {"patch_size": 16}}))
     with pytest.raises(ValueError, match="patch_size=16 but config.json's vision_config says 4"):
         mlx_gemma_mtp.load(tmp_path)
+
+
+def test_a_clip_past_30_s_is_cut_with_a_warning(pairs):
+    _, bundle = pairs("e2b")
+    with pytest.warns(UserWarning, match="longer than 30 s"):
+        encoded = encode_prompt(bundle, chat(audio(31.0)))
+    assert encoded.spans[0].length == 750  # HF's cap: 30 s of 40 ms soft tokens

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -116,6 +117,10 @@ class MediaEncoder:
             features = self.audio_extractor(load_audio(item.source, self.audio_extractor.sampling_rate))
         except ValueError as e:
             raise ValueError(f"{item.where}: {e}") from None
+        if features.truncated:  # as HF's feature extractor does, silently there
+            seconds = self.audio_extractor.max_samples / self.audio_extractor.sampling_rate
+            warnings.warn(f"{item.where}: the clip is longer than {seconds:g} s, the most the model hears; only "
+                          "its start is used (split longer audio into several clips)", stacklevel=2)
         return Prepared(AUDIO, features, features.num_soft_tokens, digest(features.features, features.mask))
 
     def features(self, span: Span) -> mx.array:
