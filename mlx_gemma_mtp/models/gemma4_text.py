@@ -344,6 +344,7 @@ class Model(nn.Module):
         return_shared_kv: bool = False,
         return_logits: bool = True,
         media: MediaRows | None = None,
+        masks_by_type: dict[str, mx.array] | None = None,
     ) -> TargetOutput:
         """Run token ids `inputs` (B, T) through the model, appending to `cache`.
 
@@ -351,6 +352,8 @@ class Model(nn.Module):
             rows: how many trailing rows need logits/hidden (0: none, e.g. a non-final prefill chunk). Layers
                 after the last KV producer only run those rows, as HF's `logits_to_keep` does.
             media: image/audio soft tokens replacing placeholder rows (a prompt's prefill; batch size 1).
+            masks_by_type: {layer type: (B, 1, T, S) bool} masks replacing the causal/window ones (a batch whose
+                rows sit at different positions, `batch_cache.BatchCache`; the cache's `offset` is then (B,)).
         """
         m, a = self.model, self.args
         T = inputs.shape[1]
@@ -368,13 +371,16 @@ class Model(nn.Module):
                     break
                 h, offset = h[:, T - rows :], offset + T - rows
                 ple = None if ple is None else ple[:, T - rows :]
+                if masks_by_type is not None:
+                    masks_by_type = {t: m[:, :, T - rows :] for t, m in masks_by_type.items()}
             layer_type = a.layer_types[i]
             if i < a.first_kv_shared_layer:
                 layer_cache, shared = (cache[i] if cache else None), None
             else:
                 layer_cache, shared = None, shared_by_type[layer_type]
-            h, kv = layer(h, None if ple is None else ple[:, :, i], offset, layer_cache, shared, masks=masks,
-                          blocks=blocks)
+            explicit = None if masks_by_type is None else masks_by_type[layer_type]
+            h, kv = layer(h, None if ple is None else ple[:, :, i], offset, layer_cache, shared, explicit, masks,
+                          blocks)
             shared_by_type[layer_type] = kv
             if i == self.producers[layer_type]:
                 producer_kv[layer_type] = kv[:2]

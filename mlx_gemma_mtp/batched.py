@@ -1,0 +1,164 @@
+"""Many sequences decoding together, plain and MTP, each exactly as it would alone.
+
+A `Batch` holds up to B rows. A sequence joins with its prompt already prefilled in a batch-1 cache (`prefill`,
+as a lone generation does) and its first token chosen; its K/V move into its row of the batch's caches
+(`batch_cache.BatchCache`: slots tagged with positions, so rows at different positions never skew each other's
+RoPE). Each `step(k)` then runs one round for every row: k = 0 a plain step, k >= 1 the drafter proposes k tokens
+per row (one batched drafter pass per draft, each row seeing only its own K/V up to its own hidden state) and one
+batched target forward verifies them. Row b accepts its own n_b; its rejected drafts become holes in its slots
+and its next position follows its own length. One host sync per round for the whole batch: the accepted counts
+and tokens of every row at once.
+
+Randomness is per row: each row carries its own RNG key, swapped in while its sampling ops are built, so a seeded
+row draws from its own stream whatever else is in the batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+
+from .batch_cache import BatchCache
+from .cache import KVCache
+from .drafting import _sampled_token
+from .models.gemma4_assistant import Drafter
+from .models.gemma4_text import Model
+from .sampling import SamplerConfig, choose, greedy_accept
+from .speculative import DRAFT_POSITION_OFFSET, accept
+
+
+@dataclass
+class RowSampling:
+    """How a row picks tokens: its sampler and, when sampling, its own RNG state (advanced as it draws)."""
+
+    sampler: SamplerConfig
+    key: mx.array | None = None
+
+    @contextlib.contextmanager
+    def rng(self):
+        """MLX's global RNG set to this row's state while its ops are built; the advanced state is kept."""
+        if self.sampler.greedy:
+            yield
+            return
+        saved = mx.random.state[0]
+        mx.random.state[0] = self.key
+        try:
+            yield
+        finally:
+            self.key, mx.random.state[0] = mx.random.state[0], saved
+
+
+def row_sampling(sampler: SamplerConfig, row_seed: int) -> RowSampling:
+    """A row's sampling state: seeded by the sampler's seed when it has one, else by `row_seed`."""
+    if sampler.greedy:
+        return RowSampling(sampler)
+    return RowSampling(sampler, mx.random.key(sampler.seed if sampler.seed is not None else row_seed))
+
+
+class Batch:
+    """The rows decoding together, their frontier (newest token, hidden state before it) and their caches."""
+
+    def __init__(self, target: Model, drafter: Drafter | None, rows: int):
+        self.target, self.drafter = target, drafter
+        self.cache = BatchCache(target, rows)
+        self.last = mx.zeros((rows,), mx.int32)  # each row's newest token (emitted, not yet in the cache)
+        self.hidden = mx.zeros((rows, 1, target.args.hidden_size), target.model.embed_tokens.weight.dtype)
+        self.sampling: list[RowSampling | None] = [None] * rows
+
+    @property
+    def active(self) -> list[int]:
+        return [int(b) for b in np.nonzero(self.cache.active)[0]]
+
+    def free_row(self) -> int | None:
+        idle = np.nonzero(~self.cache.active)[0]
+        return int(idle[0]) if idle.size else None
+
+    def join(self, row: int, cache: list[KVCache], token: mx.array, hidden: mx.array | None,
+             sampling: RowSampling) -> None:
+        """A prefilled sequence takes `row`: its batch-1 `cache` (the whole prompt), its first token (1,) chosen
+        from the prompt, and the hidden state that token was chosen from (1, 1, H); None without a drafter."""
+        self.cache.insert(row, cache, cache[0].offset)
+        self.last[row] = token[0]
+        if hidden is not None:
+            self.hidden[row] = hidden[0].astype(self.hidden.dtype)
+        self.sampling[row] = sampling
+
+    def leave(self, row: int) -> None:
+        self.cache.remove(row)
+        self.sampling[row] = None
+
+    def step(self, k: int) -> dict[int, list[int]]:
+        """One round for every active row: k = 0 a plain step, else k drafts verified. Returns each row's new
+        tokens (1 for a plain step, n_b + 1 for a drafting round), read with one host sync."""
+        rows = self.active
+        if not rows:
+            return {}
+        if k == 0:
+            tokens, n = self._plain_step(rows)
+        else:
+            tokens, n = self._drafting_round(rows, k)
+        mx.eval(tokens, n, self.last, self.hidden)  # the round's one host sync
+        tokens, n = np.array(tokens), np.array(n)
+        self.cache.accept(k + 1, n + 1)
+        return {b: tokens[b, : n[b] + 1].tolist() for b in rows}
+
+    def _plain_step(self, rows: list[int]) -> tuple[mx.array, mx.array]:
+        _, masks = self.cache.append(1)
+        out = self.target.forward(self.last[:, None], self.cache.caches, rows=1, return_hidden=True,
+                                  masks_by_type=masks)
+        token = self._choose(out.logits[:, 0], rows)  # (B,)
+        self.last, self.hidden = token, out.hidden
+        return token[:, None], mx.zeros((self.cache.rows,), mx.int32)
+
+    def _choose(self, logits: mx.array, rows: list[int]) -> mx.array:
+        """Each row's token from its logits (B, V): greedy rows at once, sampling rows with their own RNG."""
+        token = mx.argmax(logits, axis=-1).astype(mx.int32)
+        for b in rows:
+            s = self.sampling[b]
+            if not s.sampler.greedy:
+                with s.rng():
+                    token[b] = choose(logits[b], s.sampler)
+        return token
+
+    def _drafting_round(self, rows: list[int], k: int) -> tuple[mx.array, mx.array]:
+        drafts, q = self._drafts(rows, k)  # (B, k), {row: (k, V)} for sampling rows
+        _, masks = self.cache.append(k + 1)
+        inputs = mx.concatenate([self.last[:, None], drafts], axis=1)  # (B, k + 1)
+        out = self.target.forward(inputs, self.cache.caches, rows=k + 1, return_hidden=True, masks_by_type=masks)
+        n, tokens = greedy_accept(out.logits, drafts)  # (B,), (B, k + 1); sampling rows are redone below
+        for b in rows:
+            s = self.sampling[b]
+            if not s.sampler.greedy:
+                with s.rng():
+                    n_b, tokens_b = accept(out.logits[b], drafts[b], q[b], s.sampler)
+                n[b], tokens[b] = n_b, tokens_b
+        self.last = mx.take_along_axis(tokens, n[:, None], axis=1)[:, 0]
+        self.hidden = mx.take_along_axis(out.hidden, n[:, None, None], axis=1)
+        return tokens, n
+
+    def _drafts(self, rows: list[int], k: int) -> tuple[mx.array, dict[int, mx.array]]:
+        """k draft tokens per row (B, k), each row's drafter seeing its own K/V up to its hidden state's position
+        and querying at the position the lone loop uses; the q rows of sampling rows."""
+        if self.drafter is None:
+            raise ValueError("drafting needs a drafter: load(model, draft=...)")
+        target, cache = self.target, self.cache
+        masks = cache.visible(target.args.sliding_window)
+        kv = {t: (cache.caches[p].keys[..., : cache.types[t].end, :], cache.caches[p].values[..., : cache.types[t].end, :])
+              for t, p in target.producers.items()}
+        position = mx.array((cache.lengths - 1 + DRAFT_POSITION_OFFSET).astype(np.int32))
+        token, hidden, tokens, q = self.last, self.hidden, [], {b: [] for b in rows}
+        for _ in range(k):
+            hidden, y = self.drafter(target.model.embed(token[:, None]), hidden, kv, position, masks)
+            token = self.drafter.top_token(y)[:, 0].astype(mx.int32)  # (B,)
+            for b in rows:
+                s = self.sampling[b]
+                if not s.sampler.greedy:
+                    with s.rng():
+                        token_b, q_b = _sampled_token(self.drafter, y[b : b + 1], s.sampler)
+                    token[b] = token_b[0]
+                    q[b].append(q_b)
+            tokens.append(token)
+        return mx.stack(tokens, axis=1), {b: mx.stack(v) for b, v in q.items() if v}
