@@ -161,6 +161,17 @@ class BatchCache:
                     batch.values[row, :, start : start + n, :] = values[0]
         self.lengths[row], self.active[row] = length, True
 
+    def extract(self, row: int, solo: list[KVCache]) -> None:
+        """Row `row`'s entries back into a batch-1 cache, in position order (a prompt cache keeps the
+        conversation). A row's live positions are contiguous: holes are rejected drafts, compaction drops only
+        what a window passed."""
+        for batch, c in zip(self.caches, solo):
+            pos = batch.layout.host[row, : batch.layout.end]
+            slots = np.nonzero(pos != EMPTY)[0]
+            slots = mx.array(slots[np.argsort(pos[slots], kind="stable")])
+            c.keys, c.values = batch.keys[row : row + 1, :, slots, :], batch.values[row : row + 1, :, slots, :]
+            c.offset, c.length = int(self.lengths[row]), int(slots.size)
+
     def remove(self, row: int) -> None:
         """The row's sequence left: its slots are free (their contents are never seen again)."""
         for layout in self.types.values():

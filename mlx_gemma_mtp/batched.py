@@ -9,13 +9,13 @@ batched target forward verifies them. Row b accepts its own n_b; its rejected dr
 and its next position follows its own length. One host sync per round for the whole batch: the accepted counts
 and tokens of every row at once.
 
-Randomness is per row: each row carries its own RNG key, swapped in while its sampling ops are built, so a seeded
-row draws from its own stream whatever else is in the batch.
+Randomness is per row: each row carries its own RNG key, split at every draw, so a seeded row draws from its own
+stream whatever else is in the batch.
 """
 
 from __future__ import annotations
 
-import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -32,23 +32,17 @@ from .speculative import DRAFT_POSITION_OFFSET, accept
 
 @dataclass
 class RowSampling:
-    """How a row picks tokens: its sampler and, when sampling, its own RNG state (advanced as it draws)."""
+    """How a row picks tokens: its sampler and, when sampling, its own RNG key (split at every draw)."""
 
     sampler: SamplerConfig
     key: mx.array | None = None
 
-    @contextlib.contextmanager
-    def rng(self):
-        """MLX's global RNG set to this row's state while its ops are built; the advanced state is kept."""
-        if self.sampler.greedy:
-            yield
-            return
-        saved = mx.random.state[0]
-        mx.random.state[0] = self.key
-        try:
-            yield
-        finally:
-            self.key, mx.random.state[0] = mx.random.state[0], saved
+    def next_key(self) -> mx.array | None:
+        """A fresh key for one draw from this row's stream (None when greedy)."""
+        if self.key is None:
+            return None
+        self.key, key = mx.random.split(self.key)
+        return key
 
 
 def row_sampling(sampler: SamplerConfig, row_seed: int) -> RowSampling:
@@ -58,15 +52,22 @@ def row_sampling(sampler: SamplerConfig, row_seed: int) -> RowSampling:
     return RowSampling(sampler, mx.random.key(sampler.seed if sampler.seed is not None else row_seed))
 
 
-class Batch:
-    """The rows decoding together, their frontier (newest token, hidden state before it) and their caches."""
+# (batch, active rows, K) -> (drafts (B, K), {row: q (K, V)} for sampling rows): the drafter, or a test's oracle
+BatchProposer = Callable[["Batch", list[int], int], tuple[mx.array, dict[int, mx.array]]]
 
-    def __init__(self, target: Model, drafter: Drafter | None, rows: int):
+
+class Batch:
+    """The rows decoding together, their frontier (newest token, hidden state before it) and their caches.
+    `propose` replaces the drafter as the source of drafts (tests, benchmarks)."""
+
+    def __init__(self, target: Model, drafter: Drafter | None, rows: int, propose: BatchProposer | None = None):
         self.target, self.drafter = target, drafter
+        self.propose = propose
         self.cache = BatchCache(target, rows)
         self.last = mx.zeros((rows,), mx.int32)  # each row's newest token (emitted, not yet in the cache)
         self.hidden = mx.zeros((rows, 1, target.args.hidden_size), target.model.embed_tokens.weight.dtype)
         self.sampling: list[RowSampling | None] = [None] * rows
+        mx.eval(self.last, self.hidden)  # a server's scheduler thread uses them: no lazy op of this thread's stream
 
     @property
     def active(self) -> list[int]:
@@ -119,12 +120,11 @@ class Batch:
         for b in rows:
             s = self.sampling[b]
             if not s.sampler.greedy:
-                with s.rng():
-                    token[b] = choose(logits[b], s.sampler)
+                token[b] = choose(logits[b], s.sampler, s.next_key())
         return token
 
     def _drafting_round(self, rows: list[int], k: int) -> tuple[mx.array, mx.array]:
-        drafts, q = self._drafts(rows, k)  # (B, k), {row: (k, V)} for sampling rows
+        drafts, q = (self.propose or Batch._drafts)(self, rows, k)  # (B, k), {row: (k, V)} for sampling rows
         _, masks = self.cache.append(k + 1)
         inputs = mx.concatenate([self.last[:, None], drafts], axis=1)  # (B, k + 1)
         out = self.target.forward(inputs, self.cache.caches, rows=k + 1, return_hidden=True, masks_by_type=masks)
@@ -132,9 +132,7 @@ class Batch:
         for b in rows:
             s = self.sampling[b]
             if not s.sampler.greedy:
-                with s.rng():
-                    n_b, tokens_b = accept(out.logits[b], drafts[b], q[b], s.sampler)
-                n[b], tokens[b] = n_b, tokens_b
+                n[b], tokens[b] = accept(out.logits[b], drafts[b], q[b], s.sampler, s.next_key())
         self.last = mx.take_along_axis(tokens, n[:, None], axis=1)[:, 0]
         self.hidden = mx.take_along_axis(out.hidden, n[:, None, None], axis=1)
         return tokens, n
@@ -146,8 +144,10 @@ class Batch:
             raise ValueError("drafting needs a drafter: load(model, draft=...)")
         target, cache = self.target, self.cache
         masks = cache.visible(target.args.sliding_window)
-        kv = {t: (cache.caches[p].keys[..., : cache.types[t].end, :], cache.caches[p].values[..., : cache.types[t].end, :])
-              for t, p in target.producers.items()}
+        kv = {}
+        for layer_type, producer in target.producers.items():
+            end, c = cache.types[layer_type].end, cache.caches[producer]
+            kv[layer_type] = (c.keys[..., :end, :], c.values[..., :end, :])
         position = mx.array((cache.lengths - 1 + DRAFT_POSITION_OFFSET).astype(np.int32))
         token, hidden, tokens, q = self.last, self.hidden, [], {b: [] for b in rows}
         for _ in range(k):
@@ -156,8 +156,7 @@ class Batch:
             for b in rows:
                 s = self.sampling[b]
                 if not s.sampler.greedy:
-                    with s.rng():
-                        token_b, q_b = _sampled_token(self.drafter, y[b : b + 1], s.sampler)
+                    token_b, q_b = _sampled_token(self.drafter, y[b : b + 1], s.sampler, key=s.next_key())
                     token[b] = token_b[0]
                     q[b].append(q_b)
             tokens.append(token)

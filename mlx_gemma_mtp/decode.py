@@ -18,11 +18,11 @@ import mlx.core as mx
 
 from .load import Bundle
 from .logprobs import MAX_TOP_LOGPROBS, TokenLogprobs
-from .memory import generation_stream, on_stream, release_streams_at_thread_exit, wired_limit
-from .plain import Chooser, first_token, generate_step, prefill
 from .media.content import has_media, split_media
 from .media.encoder import PromptMedia
 from .media.placeholders import expand
+from .memory import generation_stream, on_stream, release_streams_at_thread_exit, wired_limit
+from .plain import Chooser, first_token, generate_step, prefill
 from .prompt import EncodedPrompt, Prompt, prompt_ids
 from .prompt_cache import PromptCache
 from .sampling import SamplerConfig

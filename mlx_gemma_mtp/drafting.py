@@ -185,8 +185,8 @@ def _masked_top(drafter: Drafter, y: mx.array, mask: mx.array) -> mx.array:
     return (best if ids is None else ids[best]).reshape(1).astype(mx.int32)
 
 
-def _sampled_token(drafter: Drafter, y: mx.array, sampler: SamplerConfig, mask: mx.array | None = None
-                   ) -> tuple[mx.array, mx.array]:
+def _sampled_token(drafter: Drafter, y: mx.array, sampler: SamplerConfig, mask: mx.array | None = None,
+                   key: mx.array | None = None) -> tuple[mx.array, mx.array]:
     """A draft token (1,) sampled from q, and q (V,) itself (log-probabilities; -inf outside the candidates).
 
     q is processed and sampled on the clustered head's candidates (of those `mask` allows, when given), and of
@@ -199,7 +199,7 @@ def _sampled_token(drafter: Drafter, y: mx.array, sampler: SamplerConfig, mask: 
     ids = None if candidates is None else candidates[0, 0]
     if kept is not None:  # positions along `logits`: map them to token ids
         ids = kept if ids is None else ids[kept]
-    choice = sample(q)
+    choice = sample(q, key)
     if ids is None:
         return choice[None], q
     return ids[choice][None], scatter_log_probs(ids, q, drafter.args.text.vocab_size)

@@ -23,9 +23,9 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .distributed.lockstep import Lockstep
+from .media.encoder import MediaEncoder, read_processor_config
 from .models.config import ModelArgs
 from .models.gemma4_assistant import Drafter, DrafterArgs
-from .media.encoder import MediaEncoder, read_processor_config
 from .models.gemma4_text import Model, canonical_key
 from .models.towers import Towers, tower_key
 from .pair_state import PairState

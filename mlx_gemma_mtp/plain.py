@@ -81,6 +81,19 @@ def prefill(model: Model, prompt: mx.array, cache: list, step: int, want_hidden:
     """Feed `prompt` (T,) into `cache`: all but the last token in chunks without logits, then the last one.
     `before_last` runs when everything but the last token is in the cache (the prompt cache snapshots there).
     With `media`, chunks end where no image or audio item is split (a chunk may then exceed `step`)."""
+    chunks = prefill_chunks(model, prompt, cache, step, want_hidden, before_last, media)
+    while True:
+        try:
+            next(chunks)
+        except StopIteration as done:
+            return done.value
+
+
+def prefill_chunks(model: Model, prompt: mx.array, cache: list, step: int, want_hidden: bool,
+                   before_last: Callable[[], None] | None = None, media: ChunkMedia | None = None
+                   ) -> Generator[None, None, TargetOutput]:
+    """`prefill`, pausing after each chunk (a batch interleaves a joining prompt with its decoding rounds);
+    returns the last token's output."""
     offset = cache[0].offset if cache else 0  # the absolute position of prompt[0]
     start, end = 0, prompt.size - 1
     while start < end:
@@ -93,6 +106,7 @@ def prefill(model: Model, prompt: mx.array, cache: list, step: int, want_hidden:
         mx.eval([(c.keys, c.values) for c in cache])
         mx.clear_cache()
         start = stop
+        yield
     if before_last is not None:
         before_last()
     return model.forward(prompt[None, -1:], cache, return_hidden=want_hidden)

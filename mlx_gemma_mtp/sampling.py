@@ -173,12 +173,13 @@ def _to_ids(index: mx.array, ids: mx.array | None) -> mx.array:
     return index if ids is None else mx.take_along_axis(ids, index[..., None], axis=-1)[..., 0]
 
 
-def choose(logits: mx.array, cfg: SamplerConfig) -> mx.array:
-    """The target's own next token: ``(..., V)`` logits -> ``(...,)`` int32, argmax or a sample of ``log_probs``."""
+def choose(logits: mx.array, cfg: SamplerConfig, key: mx.array | None = None) -> mx.array:
+    """The target's own next token: ``(..., V)`` logits -> ``(...,)`` int32, argmax or a sample of ``log_probs``
+    (from ``key``; None: MLX's global RNG)."""
     if cfg.greedy:
         return mx.argmax(logits, axis=-1).astype(mx.int32)
     ids, x = candidate_log_probs(logits, cfg)
-    return _to_ids(sample(x), ids)
+    return _to_ids(sample(x, key), ids)
 
 
 def sample(logprobs: mx.array, key: mx.array | None = None) -> mx.array:

@@ -52,17 +52,18 @@ class Drafts:
     q: mx.array | None  # (K, V) draft log-probabilities when sampling, None when greedy
 
 
-def accept(logits: mx.array, drafts: mx.array, q: mx.array | None, sampler: SamplerConfig):
+def accept(logits: mx.array, drafts: mx.array, q: mx.array | None, sampler: SamplerConfig,
+           key: mx.array | None = None):
     """(n accepted, tokens (K+1,)) from the verify rows' logits (K+1, V): drafts[:n] then the target's token;
-    greedy or exact speculative sampling."""
+    greedy or exact speculative sampling (randomness from `key`; None: MLX's global RNG)."""
     if sampler.greedy:
         return greedy_accept(logits, drafts)
     if drafts.size == 0:
-        return mx.array(0), choose(logits, sampler)
+        return mx.array(0), choose(logits, sampler, key)
     ids, target = candidate_log_probs(logits, sampler)  # (K+1, top_k) with top-k on: no vocabulary-wide work
     if sampler.speculative_rule == "match":
-        return match_accept(target, drafts, target_ids=ids)
-    return speculative_accept(target, q, drafts, target_ids=ids)
+        return match_accept(target, drafts, key, target_ids=ids)
+    return speculative_accept(target, q, drafts, key, target_ids=ids)
 
 
 # (last token, hidden, {layer type: KVWindow}, position of the last token, K) -> (drafts (K,), q (K, V) or None)

@@ -114,7 +114,7 @@ def _local(path: str, where: str, local_files: bool) -> str:
 
 def _base64(data, where: str) -> bytes:
     if not isinstance(data, str):
-        raise ValueError(f"{where}: expected a base64 string, got {type(data).__name__}")
+        raise ValueError(f"{where}: expected a base64 string, got {type(data).__name__}")  # noqa: TRY004  (a request error: the server answers 400)
     try:
         return base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError) as e:

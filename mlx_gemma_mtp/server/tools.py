@@ -24,8 +24,8 @@ import uuid
 from dataclasses import dataclass
 
 from ..decode import GenerationResponse, encode_prompt
-from ..prompt import EncodedPrompt
 from ..load import Bundle
+from ..prompt import EncodedPrompt
 
 DECLARATION, CALL_START, CALL_END, STRING = "<|tool>", "<|tool_call>", "<tool_call|>", '<|"|>'
 _TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names

@@ -10,7 +10,10 @@ stream, scaled after tests/hf_oracle.py's recipe so logits are finite and vary, 
 by module with the converter's recipes: a quantized pair never passes through a float copy of the whole model.
 `write_hf_checkpoint` writes the same values in the released multimodal layout (`model.language_model.*`,
 dummy vision/audio tensors, unused K/V of KV-shared layers), one chunk of one tensor in memory at a time:
-`python -m mlx_gemma_mtp.testing.presets write --shape e2b --out DIR --layers 4 --vocab 4096`.
+`python -m mlx_gemma_mtp.testing.presets write --shape e2b --out DIR --layers 4 --vocab 4096`. With `towers=True`
+(`--towers`) the vision (and audio) towers are written at their released shapes with random weights, with a
+`processor_config.json` and a Gemma-4-like tokenizer (testing/tokenizer.py) whose small chat template writes the
+image and audio placeholders as the released one does: the checkpoint then takes images and audio end to end.
 """
 
 from __future__ import annotations
@@ -73,6 +76,32 @@ COMMON_TEXT = {
 MULTIMODAL_TOKENS = {"boi_token_id": 255999, "eoi_token_id": 258882, "image_token_id": 258880,
                      "video_token_id": 258884, "boa_token_id": 256000, "eoa_token_index": 258883,
                      "audio_token_id": 258881}
+# The released vision towers by (hidden size, layers): HF's Gemma4VisionConfig fields (its defaults are E2B/E4B's;
+# 26B/31B standardize their output and have no clipped linears). The audio tower (E2B/E4B) is HF's
+# Gemma4AudioConfig defaults. The processor: 16-pixel patches pooled 3 x 3, at most 280 soft tokens per image.
+_VISION_COMMON = {"model_type": "gemma4_vision", "patch_size": 16, "pooling_kernel_size": 3,
+                  "position_embedding_size": 10240, "default_output_length": 280, "hidden_activation":
+                  "gelu_pytorch_tanh", "rms_norm_eps": 1e-6, "rope_parameters": {"rope_type": "axial",
+                                                                                  "rope_theta": 100.0}}
+VISION_CONFIGS = {
+    (768, 16): {**_VISION_COMMON, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 16,
+                "num_attention_heads": 12, "num_key_value_heads": 12, "head_dim": 64, "use_clipped_linears": True,
+                "standardize": False},
+    (1152, 27): {**_VISION_COMMON, "hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27,
+                 "num_attention_heads": 16, "num_key_value_heads": 16, "head_dim": 72, "use_clipped_linears": False,
+                 "standardize": True},
+}
+PROCESSOR_CONFIG = {"image_processor": {"patch_size": 16, "pooling_kernel_size": 3, "max_soft_tokens": 280}}
+# The released chat template's layout of a user turn (`<|image|>` / `<|audio|>` per media part), without its
+# system-prompt, tool and thinking handling: enough to prompt a random checkpoint with chat messages.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<|turn>{{ 'model' if message['role'] == 'assistant' else "
+    "message['role'] }}\n{% if message['content'] is string %}{{ message['content'] | trim }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] in ['image', 'image_url'] %}<|image|>"
+    "{% elif part['type'] in ['audio', 'input_audio'] %}<|audio|>{% elif part['type'] == 'text' %}"
+    "{{ part['text'] | trim }}{% endif %}{% endfor %}{% endif %}<turn|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|turn>model\n{% endif %}"
+)
 
 
 @dataclass(frozen=True)
@@ -185,7 +214,7 @@ def preset_config(shape: str, layers: int | None = None, vocab: int | None = Non
     p = _preset(shape)
     text = copy.deepcopy({**COMMON_TEXT, **p.text})
     _cut(text, p.period, layers, vocab, experts)
-    vision = {"model_type": "gemma4_vision", "hidden_size": p.vision[0], "num_hidden_layers": p.vision[1]}
+    vision = copy.deepcopy(VISION_CONFIGS[p.vision])
     target = {"architectures": ["Gemma4ForConditionalGeneration"], "model_type": "gemma4",
               "text_config": text, "vision_config": vision,
               "audio_config": {"model_type": "gemma4_audio"} if p.audio else None,
@@ -220,9 +249,10 @@ class Spec:
     kind: str = "weight"  # "weight"; "ordering" (int64 token_ordering); "unused" (shared-layer K/V); "tower"
 
 
-def target_tensors(config: dict) -> dict[str, Spec]:
+def target_tensors(config: dict, towers: bool = False) -> dict[str, Spec]:
     """Every tensor of the released multimodal target file for `config`, by name; shapes come from a lazily
-    initialised MLX model (nothing is allocated). MoE experts are HF's fused `gate_up_proj` / `down_proj`."""
+    initialised MLX model (nothing is allocated). MoE experts are HF's fused `gate_up_proj` / `down_proj`.
+    The towers are a few dummy tensors, or with `towers` every tensor of the released towers."""
     args = ModelArgs.from_dict(config)
     out = {}
     for key, p in tree_flatten(Model(args).parameters()):
@@ -241,7 +271,7 @@ def target_tensors(config: dict) -> dict[str, Spec]:
         if not (args.attention_k_eq_v and args.layer_types[i] == FULL):
             out[attn + "v_proj.weight"] = Spec(kv_out, "unused")
         out[attn + "k_norm.weight"] = Spec((d,), "unused")
-    return out | _towers(config, args.hidden_size)
+    return out | (tower_tensors(config, args.hidden_size) if towers else _towers(config, args.hidden_size))
 
 
 def _towers(config: dict, hidden: int) -> dict[str, Spec]:
@@ -254,6 +284,31 @@ def _towers(config: dict, hidden: int) -> dict[str, Spec]:
                 "model.audio_tower.layers.0.self_attn.q_proj.input_max": Spec((), "tower"),
                 "model.embed_audio.embedding_projection.weight": Spec((hidden, 16), "tower")}
     return out
+
+
+def tower_tensors(config: dict, hidden: int) -> dict[str, Spec]:
+    """Every tensor of the vision and audio towers and their embedders that `config` declares, by released name
+    and in HF's layout (torch conv kernels), from lazily initialised `Towers` (nothing is allocated)."""
+    from ..models.towers import Towers
+
+    out = {}
+    for key, p in tree_flatten(Towers(config, hidden).parameters()):
+        shape = tuple(p.shape)
+        if key.startswith("audio_tower.") and key.endswith(".conv.weight") and len(shape) == 4:
+            shape = (shape[0], shape[3], shape[1], shape[2])  # MLX (O, kH, kW, I) -> torch (O, I, kH, kW)
+        elif key.endswith("depthwise_conv1d.weight") and len(shape) == 3:
+            shape = (shape[0], shape[2], shape[1])  # MLX (C, k, 1) -> torch (C, 1, k)
+        out["model." + key] = Spec(shape, "tower")
+    return out
+
+
+def tower_parameters(config: dict, hidden: int) -> dict[str, int]:
+    """Parameters of each tower root (vision_tower, embed_vision, audio_tower, embed_audio) `config` declares."""
+    counts: dict[str, int] = {}
+    for name, spec in tower_tensors(config, hidden).items():
+        root = name.split(".")[1]
+        counts[root] = counts.get(root, 0) + math.prod(spec.shape)
+    return counts
 
 
 def drafter_tensors(config: dict) -> dict[str, Spec]:
@@ -278,6 +333,10 @@ def _bounds(name: str, shape: tuple[int, ...]):
     """(low, high) of a tensor's uniform values (per column for pre_projection), after hf_oracle's recipe:
     norms ~U(0.5, 1.5), projections variance-preserving, embeddings and the final norm as EMBED_SCALE says."""
     key = canonical_key(name) or name
+    if key.endswith(("input_min", "output_min")):  # a tower's clip bounds: wide, so that they rarely clip
+        return -12.0, -8.0
+    if key.endswith(("input_max", "output_max")):
+        return 8.0, 12.0
     if key.endswith("model.norm.weight"):
         return 0.5 * _final_gain(shape[0]), 1.5 * _final_gain(shape[0])
     if key.endswith(("q_norm.weight", "k_norm.weight")):  # no 1/sqrt(d) in Gemma 4 attention
@@ -424,16 +483,38 @@ def _write_json(file: Path, value: dict) -> None:
     file.write_text(json.dumps(value, indent=2) + "\n")
 
 
+def media_token_ids(vocab: int) -> dict[str, int]:
+    """config.json's placeholder ids for a vocabulary of `vocab`: the released ones, or with a cut vocabulary
+    too small for them, the last 7 ids in the released order."""
+    if vocab > max(MULTIMODAL_TOKENS.values()):
+        return dict(MULTIMODAL_TOKENS)
+    released = sorted(MULTIMODAL_TOKENS, key=MULTIMODAL_TOKENS.get)
+    return {key: vocab - len(released) + i for i, key in enumerate(released)}
+
+
+def _write_media_files(folder: Path, config: dict) -> None:
+    """processor_config.json and a Gemma-4-like tokenizer whose placeholders have `config`'s ids."""
+    from .tokenizer import MEDIA_SPECIAL, write_gemma4_tokenizer
+
+    media = {config[key]: MEDIA_SPECIAL[released] for key, released in MULTIMODAL_TOKENS.items()}
+    write_gemma4_tokenizer(folder, config["text_config"]["vocab_size"], CHAT_TEMPLATE, media=media)
+    _write_json(folder / "processor_config.json", PROCESSOR_CONFIG)
+
+
 def write_hf_checkpoint(shape: str, out: str | Path, layers: int | None = None, vocab: int | None = None,
                         experts: int | None = None, seed: int = 0,
                         max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                        force: bool = False) -> tuple[Path, Path]:
+                        force: bool = False, towers: bool = False) -> tuple[Path, Path]:
     """Write a preset as released: `OUT/<hub name>` (bf16 shards + index, config.json, generation_config.json)
     and `OUT/<hub name>-assistant` (one model.safetensors, config.json). No tokenizer: prompt with token ids.
 
     Args:
         shape, layers, vocab, experts: as `preset_config`; seed: as `random_pair` (same values).
         max_shard_bytes: shard size of the target. force: replace existing output folders.
+        towers: write the vision (and audio) towers at their released shapes instead of dummy tensors, with
+            `processor_config.json` and a Gemma-4-like tokenizer (`CHAT_TEMPLATE`): the target takes images
+            (and audio) in chat messages. A cut vocabulary puts the placeholder ids at its end
+            (`media_token_ids`).
 
     Returns:
         (target folder, assistant folder).
@@ -451,7 +532,10 @@ def write_hf_checkpoint(shape: str, out: str | Path, layers: int | None = None, 
         target, drafter = tmp / "target", tmp / "assistant"
         target.mkdir(parents=True)
         drafter.mkdir()
-        _write_shards(target, target_tensors(target_config), seed, max_shard_bytes)
+        if towers:
+            target_config.update(media_token_ids(target_config["text_config"]["vocab_size"]))
+            _write_media_files(target, target_config)
+        _write_shards(target, target_tensors(target_config, towers), seed, max_shard_bytes)
         _write_json(target / "config.json", target_config)
         _write_json(target / "generation_config.json", GENERATION_CONFIG)
         _write_safetensors(drafter / "model.safetensors", drafter_tensors(drafter_config), seed)
@@ -480,6 +564,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-shard-bytes", type=int, default=DEFAULT_MAX_SHARD_BYTES)
     p.add_argument("--force", action="store_true", help="replace existing output folders")
+    p.add_argument("--towers", action="store_true",
+                   help="the vision/audio towers at released shapes, a processor config and a tokenizer")
     args = vars(parser.parse_args(argv))
     args.pop("command")
     try:
@@ -487,8 +573,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    how = "chat messages with images" if args["towers"] else "token ids"
     print(f"wrote {target}\n  and {drafter}\nload: mlx_gemma_mtp.load({str(target)!r}, "
-          f"draft={str(drafter)!r}) (no tokenizer: prompt with token ids)")
+          f"draft={str(drafter)!r}) (prompt with {how})")
     return 0
 
 
