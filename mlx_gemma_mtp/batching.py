@@ -129,8 +129,11 @@ class BatchGenerator:
         text = TextStream(self.bundle.tokenizer, list(stops), self.bundle.special.channels)
         text.resume(encoded.ids)
         with self._wake:
-            if prompt_cache is not None and any(r.prompt_cache is prompt_cache for r in self._requests()):
+            if prompt_cache is not None and (prompt_cache.busy or any(r.prompt_cache is prompt_cache
+                                                                      for r in self._requests())):
                 prompt_cache = None
+            if prompt_cache is not None:
+                prompt_cache.busy = True
             self._seeds += 1
             request = Request(encoded, max_tokens, sampler, stops, prompt_cache, text, self._seeds)
             self.waiting.append(request)
@@ -160,6 +163,8 @@ class BatchGenerator:
     def _drop_cancelled(self) -> None:
         for request in [r for r in self.waiting if r.cancelled.is_set()]:
             self.waiting.remove(request)
+            if request.prompt_cache is not None:
+                request.prompt_cache.busy = False
             request.responses.put(_DONE)
         for row, request in list(self.running.items()):
             if request.cancelled.is_set():
@@ -253,11 +258,13 @@ class BatchGenerator:
     def _finish(self, request: Request) -> None:
         if request.prompt_cache is not None:
             request.prompt_cache.record(request.received)
+            request.prompt_cache.busy = False
         request.responses.put(_DONE)
 
     def _fail(self, request: Request, error: Exception) -> None:
         if request.prompt_cache is not None:
             request.prompt_cache.reset()
+            request.prompt_cache.busy = False
         request.responses.put(error)
 
     # --- a thread of its own (a server) -----------------------------------------------------------------------

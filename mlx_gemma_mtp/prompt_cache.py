@@ -45,6 +45,7 @@ class PromptCache:
     prompt_length: int = 0  # tokens of the last request's prompt
     _snapshots: list[_Snapshot] = field(default_factory=list)
     _owner: object = None  # the target the cache belongs to
+    busy: bool = False  # a generation in a batch holds it (`batching.BatchGenerator`): not to be handed out
 
     def reset(self) -> None:
         self.tokens, self.cache, self._snapshots, self.reused, self.prompt_length = [], None, [], 0, 0
@@ -150,24 +151,31 @@ class PromptCaches:
         """The cache to generate `ids` with, marked most recently used. A conversation's next turn starts with its
         previous prompt (up to the last token, which the template may render differently once answered); any
         other request gets a fresh entry, or the least recently used one's place when full."""
-        shared = {id(e): e.common_prefix(ids) for e in self.entries}
-        same = [e for e in self.entries if e.prompt_length and shared[id(e)] >= e.prompt_length - 1]
+        free = [e for e in self.entries if not e.busy]  # an entry a running generation holds is not shared
+        shared = {id(e): e.common_prefix(ids) for e in free}
+        same = [e for e in free if e.prompt_length and shared[id(e)] >= e.prompt_length - 1]
         if same:
             entry = max(same, key=lambda e: shared[id(e)])
         elif len(self.entries) < self.max_entries:
             entry = PromptCache()
-        else:
-            entry = self.entries[0]
+        elif free:
+            entry = free[0]
             entry.reset()
+        else:  # every entry is in use: this request goes without one kept
+            return PromptCache()
         if entry in self.entries:
             self.entries.remove(entry)
         self.entries.append(entry)
         return entry
 
     def trim(self) -> None:
-        """Drop least recently used entries (never the newest) until the bytes fit."""
+        """Drop least recently used entries (never the newest, nor one in use) until the bytes fit."""
         while self.max_bytes is not None and len(self.entries) > 1 and self.nbytes > self.max_bytes:
-            self.entries.pop(0).reset()
+            victim = next((e for e in self.entries[:-1] if not e.busy), None)
+            if victim is None:
+                return
+            self.entries.remove(victim)
+            victim.reset()
 
     @property
     def nbytes(self) -> int:

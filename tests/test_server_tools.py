@@ -179,7 +179,7 @@ def prompts(monkeypatch):
     seen, real = [], server_module.stream_generate
 
     def spy(bundle, prompt, **kwargs):
-        seen.append(list(prompt))
+        seen.append(list(prompt.ids))  # the server passes the encoded prompt
         return real(bundle, prompt, **kwargs)
 
     monkeypatch.setattr(server_module, "stream_generate", spy)
@@ -194,7 +194,7 @@ def script(monkeypatch):
 
     def install(answer: str):
         def generate(bundle, prompt, max_tokens, **_):
-            seen.append(list(prompt))
+            seen.append(list(prompt.ids))
             ids = [*bundle.tokenizer.encode(answer, add_special_tokens=False), TOOL_RESPONSE]
             text = TextStream(bundle.tokenizer, [], bundle.special.channels)
             for n, token in enumerate(ids[:max_tokens], start=1):
@@ -267,7 +267,7 @@ def test_round_trip_call_result_answer(served, client, script, monkeypatch):
     monkeypatch.undo()  # the real model answers the result
     seen, real = [], server_module.stream_generate
     monkeypatch.setattr(server_module, "stream_generate",
-                        lambda b, prompt, **kw: seen.append(list(prompt)) or real(b, prompt, **kw))
+                        lambda b, prompt, **kw: seen.append(list(prompt.ids)) or real(b, prompt, **kw))
     result = {"role": "tool", "tool_call_id": call.id, "content": "Sunny, 21 C"}
     answer = client.chat.completions.create(model="tiny", messages=[*MESSAGES, choice.message, result],
                                             tools=[WEATHER], max_tokens=4, temperature=0)

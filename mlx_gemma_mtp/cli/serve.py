@@ -33,6 +33,9 @@ def add_serve_parser(sub) -> None:
                    help="conversations whose K/V are kept between requests (least recently used dropped first)")
     p.add_argument("--prompt-cache-bytes", type=int, default=None,
                    help="the most bytes those caches may hold together (default: no limit but their number)")
+    p.add_argument("--max-concurrency", type=int, default=4,
+                   help="requests decoded together, each exactly as alone (continuous batching with MTP per "
+                        "request); 1: one at a time (default 4; a sharded server always takes one at a time)")
     p.add_argument("--allow-local-media", action="store_true",
                    help="let image/audio parts name files on this machine (default: data: URLs only; nothing is "
                         "ever fetched from the network)")
@@ -44,14 +47,16 @@ def run_serve(args) -> None:
     group = distributed_group()  # under mlx.launch: rank 0 serves, the others follow its generations
     bundle = load_model(args, group)
     name = model_name(args)
+    concurrency = 1 if group is not None else args.max_concurrency
     if group is not None and group.rank() != 0:
         follow(ServerState(bundle, name, args.num_draft_tokens, args.max_tokens, group=group, prompt_caches=caches))
     aliases = tuple(a for a in {args.model, str(bundle.path)} if a and a != name)
     server = make_server(bundle, args.host, args.port, name, args.num_draft_tokens, args.max_tokens, aliases,
-                         tuple(args.allowed_origins), caches, args.allow_local_media)
+                         tuple(args.allowed_origins), caches, args.allow_local_media, concurrency)
     server.RequestHandlerClass.state.group = group
     host, port = server.server_address[:2]
-    print(f"serving {name} on http://{host}:{port}/v1 (Ctrl-C stops)", file=sys.stderr)
+    together = f", {concurrency} requests at once" if concurrency > 1 else ""
+    print(f"serving {name} on http://{host}:{port}/v1{together} (Ctrl-C stops)", file=sys.stderr)
     main_thread = threading.current_thread() is threading.main_thread()  # only it may set signal handlers
     previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None  # a service's stop: as Ctrl-C
     try:

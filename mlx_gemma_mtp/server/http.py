@@ -26,6 +26,7 @@ from dataclasses import asdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from ..batching import BatchGenerator
 from ..decode import GenerationResponse, stream_generate
 from ..distributed.group import broadcast_json
 from ..load import Bundle
@@ -182,16 +183,23 @@ class Handler(BaseHTTPRequestHandler):
         del request["max_tokens_given"]
         self._streaming = False  # True once SSE headers are out: an error can then only end the stream
         completion = Completion(self.state, chat, request.pop("tools"))
-        with self.state.lock:  # batch 1: one generation at a time, the prompt cache is used by one request
+        # a batch takes plain requests; a JSON schema or log-probabilities need the model to themselves
+        batched = self.state.generator is not None and request["json_schema"] is None and request["logprobs"] is None
+        with contextlib.nullcontext() if batched else self.state.lock:  # alone: one generation at a time
             if self.state.stopping.is_set():  # queued behind a generation while the server was stopping
                 self.send_json(503, error_body("the server is shutting down", kind="server_error"))
                 return
             if self.state.group is not None:  # the other ranks run the same generation (`follow`)
                 broadcast_json(self.state.group, {**request, "prompt": request["prompt"].ids,
                                                   "sampler": asdict(request["sampler"])})
-            cache = self.state.prompt_caches.for_prompt(request["prompt"].keys())
-            responses = stream_generate(self.state.bundle, num_draft_tokens=self.state.num_draft_tokens,
-                                        prompt_cache=cache, **request)
+            with self.state.cache_lock:
+                cache = self.state.prompt_caches.for_prompt(request["prompt"].keys())
+            if batched:
+                responses = self.state.generator.submit(request["prompt"], request["max_tokens"], request["sampler"],
+                                                        request["stop"], prompt_cache=cache)
+            else:
+                responses = stream_generate(self.state.bundle, num_draft_tokens=self.state.num_draft_tokens,
+                                            prompt_cache=cache, **request)
             try:
                 first = next(responses)  # errors in the prompt (template, ids) surface here, before headers
                 completion.cached = cache.reused
@@ -212,7 +220,8 @@ class Handler(BaseHTTPRequestHandler):
                 if self.state.group is not None:  # the other ranks generate to the end: so must this one
                     _drain(responses)
                 responses.close()
-                self.state.prompt_caches.trim()
+                with self.state.cache_lock:
+                    self.state.prompt_caches.trim()
 
     def answer_whole(self, completion: Completion, first: GenerationResponse,
                      responses: Iterator[GenerationResponse]) -> None:
@@ -334,7 +343,10 @@ class Server(ThreadingHTTPServer):
         super().shutdown_request(request)
 
     def server_close(self):
-        self.RequestHandlerClass.state.stopping.set()  # running generations end within a round
+        state = self.RequestHandlerClass.state
+        state.stopping.set()  # running generations end within a round
+        if state.generator is not None:
+            state.generator.stop()
         with self._open_lock:
             open_now = list(self._open)
         for sock in open_now:  # idle keep-alive readers wake up with EOF; a stream's next write fails
@@ -346,7 +358,7 @@ class Server(ThreadingHTTPServer):
 def make_server(bundle: Bundle, host: str = "127.0.0.1", port: int = 8080, model_name: str | None = None,
                 num_draft_tokens: int | str | None = None, max_tokens: int = 512, aliases: tuple[str, ...] = (),
                 allowed_origins: tuple[str, ...] = (), prompt_caches: PromptCaches | None = None,
-                allow_local_media: bool = False) -> Server:
+                allow_local_media: bool = False, max_concurrency: int = 1) -> Server:
     """A server over `bundle` (not started: call `serve_forever()`, and `shutdown()` from another thread).
 
     Args:
@@ -359,9 +371,15 @@ def make_server(bundle: Bundle, host: str = "127.0.0.1", port: int = 8080, model
             pages from this machine always may.
         prompt_caches: the conversations' K/V kept between requests (default: `PromptCaches()`, 4 entries).
         allow_local_media: let image/audio parts name files on this machine (default: data: URLs only).
+        max_concurrency: requests decoded together (continuous batching, exact MTP per request); 1: one at a
+            time. Requests with a JSON schema or log-probabilities always run alone, between batches.
     """
+    if not isinstance(max_concurrency, int) or max_concurrency < 1:
+        raise ValueError(f"max_concurrency={max_concurrency!r}: must be a positive integer")
     state = ServerState(bundle, model_name or bundle.path.name, num_draft_tokens, max_tokens, aliases=aliases,
                         allowed_origins=allowed_origins, prompt_caches=prompt_caches or PromptCaches(),
                         allow_local_media=allow_local_media)
+    if max_concurrency > 1:
+        state.generator = BatchGenerator(bundle, max_concurrency, num_draft_tokens).start()
     handler = type("BoundHandler", (Handler,), {"state": state})
     return Server((host, port), handler)

@@ -60,6 +60,9 @@ class ServerState:
     allowed_origins: tuple[str, ...] = ()  # browser origins allowed by CORS ("*": any); localhost pages always
     stopping: threading.Event = field(default_factory=threading.Event)  # set at shutdown: generations end
     allow_local_media: bool = False  # image/audio parts may name files on this machine (serve --allow-local-media)
+    # several requests at once (serve --max-concurrency > 1): their generations decode together; None: one at a time
+    generator: Any = None
+    cache_lock: threading.Lock = field(default_factory=threading.Lock)  # the prompt caches, across handler threads
 
     @property
     def max_tokens_cap(self) -> int | None:
