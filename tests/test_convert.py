@@ -342,6 +342,20 @@ def test_towers_round_trip_and_text_only_drops_them(sources, tmp_path, monkeypat
                                             media=rows).logits)
     assert mx.array_equal(*logits).item()
 
+    # mlx-vlm / mlx-community multimodal layout: `language_model.model.*`, towers at the root, one file
+    community = tmp_path / "mlx-community-gemma-4-e2b"
+    shutil.copytree(out, community)
+    for f in [*community.glob("*.safetensors"), community / "model.safetensors.index.json"]:
+        f.unlink()
+    weights = {(k if tower_key(k) is not None else f"language_model.{k}"): v for k, v in _written(out).items()}
+    mx.save_safetensors(str(community / "model.safetensors"), weights, metadata={"format": "mlx"})
+    bundle = load(community)
+    encoded = encode_prompt(bundle, prompt, None)
+    rows = PromptMedia(encoded, bundle.media).rows(0, len(encoded))
+    theirs = bundle.target.forward(mx.array(encoded.ids)[None], bundle.target.make_cache(), rows=len(encoded),
+                                   media=rows).logits
+    assert mx.array_equal(theirs, logits[1]).item()
+
     read = []
     real = convert_module.load_safetensors
     monkeypatch.setattr(
