@@ -52,8 +52,9 @@ def row_sampling(sampler: SamplerConfig, row_seed: int) -> RowSampling:
     return RowSampling(sampler, mx.random.key(sampler.seed if sampler.seed is not None else row_seed))
 
 
-# (batch, active rows, K) -> (drafts (B, K), {row: q (K, V)} for sampling rows): the drafter, or a test's oracle
-BatchProposer = Callable[["Batch", list[int], int], tuple[mx.array, dict[int, mx.array]]]
+# (batch, active rows, K, {row: its K}) -> (drafts (B, K), {row: q (its K, V)} for sampling rows): the drafter, or a
+# test's oracle
+BatchProposer = Callable[["Batch", list[int], int, dict[int, int]], tuple[mx.array, dict[int, mx.array]]]
 
 
 class Batch:
@@ -91,16 +92,19 @@ class Batch:
         self.cache.remove(row)
         self.sampling[row] = None
 
-    def step(self, k: int) -> dict[int, list[int]]:
-        """One round for every active row: k = 0 a plain step, else k drafts verified. Returns each row's new
-        tokens (1 for a plain step, n_b + 1 for a drafting round), read with one host sync."""
+    def step(self, k: int, limits: dict[int, int] | None = None) -> dict[int, list[int]]:
+        """One round for every active row: k = 0 a plain step, else k drafts verified; row b drafts at most
+        `limits[b]` of them (what it still needs: its random draws then follow its own budget, not the batch's).
+        Returns each row's new tokens (1 for a plain step, n_b + 1 for a drafting round), read with one host
+        sync."""
         rows = self.active
         if not rows:
             return {}
         if k == 0:
             tokens, n = self._plain_step(rows)
         else:
-            tokens, n = self._drafting_round(rows, k)
+            ks = {b: max(0, min(k, (limits or {}).get(b, k))) for b in rows}
+            tokens, n = self._drafting_round(rows, k, ks)
         mx.eval(tokens, n, self.last, self.hidden)  # the round's one host sync
         tokens, n = np.array(tokens), np.array(n)
         self.cache.accept(k + 1, n + 1)
@@ -123,23 +127,26 @@ class Batch:
                 token[b] = choose(logits[b], s.sampler, s.next_key())
         return token
 
-    def _drafting_round(self, rows: list[int], k: int) -> tuple[mx.array, mx.array]:
-        drafts, q = (self.propose or Batch._drafts)(self, rows, k)  # (B, k), {row: (k, V)} for sampling rows
+    def _drafting_round(self, rows: list[int], k: int, ks: dict[int, int]) -> tuple[mx.array, mx.array]:
+        drafts, q = (self.propose or Batch._drafts)(self, rows, k, ks)  # (B, k), {row: (ks[row], V)} if sampling
         _, masks = self.cache.append(k + 1)
         inputs = mx.concatenate([self.last[:, None], drafts], axis=1)  # (B, k + 1)
         out = self.target.forward(inputs, self.cache.caches, rows=k + 1, return_hidden=True, masks_by_type=masks)
         n, tokens = greedy_accept(out.logits, drafts)  # (B,), (B, k + 1); sampling rows are redone below
+        n = mx.minimum(n, mx.array([ks.get(b, 0) for b in range(self.cache.rows)], mx.int32))
         for b in rows:
-            s = self.sampling[b]
+            s, kb = self.sampling[b], ks[b]
             if not s.sampler.greedy:
-                n[b], tokens[b] = accept(out.logits[b], drafts[b], q[b], s.sampler, s.next_key())
+                n[b], tokens[b, : kb + 1] = accept(out.logits[b, : kb + 1], drafts[b, :kb], q[b][:kb], s.sampler,
+                                                   s.next_key())
         self.last = mx.take_along_axis(tokens, n[:, None], axis=1)[:, 0]
         self.hidden = mx.take_along_axis(out.hidden, n[:, None, None], axis=1)
         return tokens, n
 
-    def _drafts(self, rows: list[int], k: int) -> tuple[mx.array, dict[int, mx.array]]:
+    def _drafts(self, rows: list[int], k: int, ks: dict[int, int]) -> tuple[mx.array, dict[int, mx.array]]:
         """k draft tokens per row (B, k), each row's drafter seeing its own K/V up to its hidden state's position
-        and querying at the position the lone loop uses; the q rows of sampling rows."""
+        and querying at the position the lone loop uses; sampling rows sample their first `ks[row]` (their q
+        rows returned), past that the greedy token fills in unused."""
         if self.drafter is None:
             raise ValueError("drafting needs a drafter: load(model, draft=...)")
         target, cache = self.target, self.cache
@@ -150,14 +157,15 @@ class Batch:
             kv[layer_type] = (c.keys[..., :end, :], c.values[..., :end, :])
         position = mx.array((cache.lengths - 1 + DRAFT_POSITION_OFFSET).astype(np.int32))
         token, hidden, tokens, q = self.last, self.hidden, [], {b: [] for b in rows}
-        for _ in range(k):
+        for i in range(k):
             hidden, y = self.drafter(target.model.embed(token[:, None]), hidden, kv, position, masks)
             token = self.drafter.top_token(y)[:, 0].astype(mx.int32)  # (B,)
             for b in rows:
                 s = self.sampling[b]
-                if not s.sampler.greedy:
+                if not s.sampler.greedy and i < ks[b]:
                     token_b, q_b = _sampled_token(self.drafter, y[b : b + 1], s.sampler, key=s.next_key())
                     token[b] = token_b[0]
                     q[b].append(q_b)
             tokens.append(token)
-        return mx.stack(tokens, axis=1), {b: mx.stack(v) for b, v in q.items() if v}
+        V = self.drafter.args.text.vocab_size
+        return mx.stack(tokens, axis=1), {b: mx.stack(v) if v else mx.zeros((0, V)) for b, v in q.items()}

@@ -13,6 +13,7 @@ it stops (EOS, stop string, max_tokens) or is cancelled, its prompt cache then h
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -112,6 +113,7 @@ class BatchGenerator:
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._held = 0
         self._seeds = 0
 
     # --- requests ---------------------------------------------------------------------------------------------
@@ -145,7 +147,21 @@ class BatchGenerator:
 
     @property
     def busy(self) -> bool:
-        return bool(self.waiting or self.joining or self.running)
+        """Work to do now: rows running or joining, or requests waiting while no lone generation waits."""
+        return bool(self.joining or self.running or (self.waiting and not self._held))
+
+    @contextlib.contextmanager
+    def hold(self):
+        """While held, no request joins: the running ones finish and the bundle is free for a lone generation
+        (one with a JSON schema or log-probabilities), which would otherwise wait behind a never-empty batch."""
+        with self._wake:
+            self._held += 1
+        try:
+            yield
+        finally:
+            with self._wake:
+                self._held -= 1
+                self._wake.notify()
 
     # --- the scheduler ----------------------------------------------------------------------------------------
 
@@ -153,7 +169,7 @@ class BatchGenerator:
         """One prefill chunk of the joining request (if any), then one decoding round for the running rows."""
         with mx.stream(generation_stream):
             self._drop_cancelled()
-            if self.joining is None and self.waiting and self.batch.free_row() is not None:
+            if self.joining is None and self.waiting and not self._held and self.batch.free_row() is not None:
                 self._start_joining(self.waiting.popleft())
             if self.joining is not None:
                 self._advance_joining()
@@ -214,10 +230,12 @@ class BatchGenerator:
         self.running[row] = request
 
     def _round(self) -> None:
-        remaining = min(r.max_tokens - r.generated for r in self.running.values())
+        # a row near its budget does not hold the others back: it keeps what it needs of a round, the rest of its
+        # round is dropped with its row; but no round drafts past what any row still needs
+        remaining = max(r.max_tokens - r.generated for r in self.running.values())
         k = min(self.draft_length.choose(len(self.running)), max(remaining - 1, 0))
         tic = time.perf_counter()
-        emitted = self.batch.step(k)
+        emitted = self.batch.step(k, {r.row: r.max_tokens - r.generated - 1 for r in self.running.values()})
         self.draft_length.timed(k, len(self.running), time.perf_counter() - tic, emitted)
         for row, tokens in emitted.items():
             request = self.running[row]
@@ -306,9 +324,9 @@ class BatchGenerator:
     def _fail_all(self, error: Exception) -> None:
         for request in self._requests():
             self._fail(request, error)
-            if request.row is not None:
-                self.batch.leave(request.row)
         self.running, self.waiting, self.joining = {}, deque(), None
+        # a round that failed half-way may have left lazy arrays of a broken graph in the batch: start afresh
+        self.batch = Batch(self.bundle.target, self.bundle.drafter, self.batch.cache.rows, self.batch.propose)
 
 
 @dataclass

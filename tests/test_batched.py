@@ -50,7 +50,7 @@ def oracle(references: dict[int, list[int]], wrong_every: int = 3):
     """Drafts from each row's reference continuation (prompt + its solo tokens, by position), every
     `wrong_every`-th position corrupted: rows accept different counts, leaving holes of different sizes."""
 
-    def propose(batch: Batch, rows: list[int], k: int):
+    def propose(batch: Batch, rows: list[int], k: int, ks: dict[int, int]):
         drafts = np.zeros((batch.cache.rows, k), np.int32)
         for b in rows:
             ref, L = references[b], int(batch.cache.lengths[b])  # `last` sits at position L
@@ -122,12 +122,12 @@ def test_rows_join_and_leave_mid_generation(bundles):
 
     by_row: dict[int, list[int]] = {}
 
-    def propose_by_prompt(batch, rows, k):
+    def propose_by_prompt(batch, rows, k, ks):
         for b in rows:
             request = generator.running[b]
             i = next(j for j, p in enumerate(ps) if p == request.prompt.ids)
             by_row[b] = ps[i] + references[i]
-        return oracle(by_row)(batch, rows, k)
+        return oracle(by_row)(batch, rows, k, ks)
 
     del propose
     generator = BatchGenerator(bundle, 2, 3, propose=propose_by_prompt)  # 6 requests through 2 rows
@@ -251,9 +251,9 @@ def test_sampled_mtp_rows_follow_the_targets_distribution():
     target = make_target(seed=0)
     b = bundle(target, make_drafter(target, seed=1))
 
-    def uniform(batch, rows, k):
+    def uniform(batch, rows, k, ks):
         drafts = mx.random.randint(0, VOCAB, (batch.cache.rows, k)).astype(mx.int32)
-        return drafts, {r: mx.full((k, VOCAB), -math.log(VOCAB)) for r in rows}
+        return drafts, {r: mx.full((ks[r], VOCAB), -math.log(VOCAB)) for r in rows}
 
     prompt = mx.array(PROMPT)
     p1 = mx.softmax(target(prompt[None])[0, -1])

@@ -185,7 +185,9 @@ class Handler(BaseHTTPRequestHandler):
         completion = Completion(self.state, chat, request.pop("tools"))
         # a batch takes plain requests; a JSON schema or log-probabilities need the model to themselves
         batched = self.state.generator is not None and request["json_schema"] is None and request["logprobs"] is None
-        with contextlib.nullcontext() if batched else self.state.lock:  # alone: one generation at a time
+        generator = self.state.generator
+        alone = generator.hold() if generator is not None and not batched else contextlib.nullcontext()
+        with alone, contextlib.nullcontext() if batched else self.state.lock:  # alone: one generation at a time
             if self.state.stopping.is_set():  # queued behind a generation while the server was stopping
                 self.send_json(503, error_body("the server is shutting down", kind="server_error"))
                 return
