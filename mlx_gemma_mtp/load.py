@@ -135,13 +135,18 @@ def read_config(path: Path) -> dict:
     file = path / "config.json"
     if not file.is_file():
         raise FileNotFoundError(f"{file} is missing: {path} is not a model checkpoint folder")
+    return read_json_object(file)
+
+
+def read_json_object(file: Path) -> dict:
+    """A JSON file holding an object, or a ValueError naming the file."""
     try:
-        config = json.loads(file.read_text())
+        value = json.loads(file.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{file} is not valid JSON: {e}") from e
-    if not isinstance(config, dict):
-        raise ValueError(f"{file} must hold a JSON object ({{...}}), not {type(config).__name__}")
-    return config
+    if not isinstance(value, dict):
+        raise ValueError(f"{file} must hold a JSON object ({{...}}), not {type(value).__name__}")
+    return value
 
 
 def safetensors_files(path: Path) -> list[Path]:

@@ -4,7 +4,6 @@ loaded on first use so text-only work never pays their memory (E2B's vision + au
 from __future__ import annotations
 
 import hashlib
-import json
 import threading
 import warnings
 from collections.abc import Callable
@@ -25,16 +24,11 @@ PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 def read_processor_config(path: Path) -> dict:
     """The first of `processor_config.json` (transformers 5: sections per processor) and
     `preprocessor_config.json` (flat) that the folder has; {} (the reference defaults) when neither."""
+    from ..load import read_json_object  # load imports this module
+
     for name in PROCESSOR_FILES:
-        file = path / name
-        if file.is_file():
-            try:
-                value = json.loads(file.read_text())
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{file} is not valid JSON: {e}") from e
-            if not isinstance(value, dict):
-                raise ValueError(f"{file} must hold a JSON object")
-            return value
+        if (path / name).is_file():
+            return read_json_object(path / name)
     return {}
 
 
