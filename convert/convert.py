@@ -110,6 +110,12 @@ def target_source(path: Path, text_only: bool = False) -> Source:
     if isinstance(config.get("vision_config"), dict) and has_towers and not text_only:
         module = TargetWithTowers(model, Towers(config, model.args.hidden_size))
         source = Source(path, config, module, files, tower_keeps)
+        try:
+            check_weights(source)
+        except ValueError as e:
+            raise ValueError(f"{e}; if only the vision/audio towers are off, convert with --text-only (text_only="
+                             "True) to leave them out") from None
+        return source
     else:  # text only: a bundle that says so, never a config promising towers it lacks
         config = {k: v for k, v in config.items() if k not in ("vision_config", "audio_config")}
         source = Source(path, config, model, files, lambda k: canonical_key(k) is not None)
