@@ -24,6 +24,8 @@ import numpy as np
 from .batch_cache import BatchCache
 from .cache import KVCache
 from .drafting import _sampled_token
+from .logprobs import TokenLogprobs, token_scores
+from .logprobs import rows as token_rows
 from .models.gemma4_assistant import Drafter
 from .models.gemma4_text import Model
 from .sampling import SamplerConfig, choose, greedy_accept
@@ -32,10 +34,12 @@ from .speculative import DRAFT_POSITION_OFFSET, accept
 
 @dataclass
 class RowSampling:
-    """How a row picks tokens: its sampler and, when sampling, its own RNG key (split at every draw)."""
+    """How a row picks tokens: its sampler and, when sampling, its own RNG key (split at every draw); and how
+    many alternatives its log-probabilities report (None: none computed)."""
 
     sampler: SamplerConfig
     key: mx.array | None = None
+    top_logprobs: int | None = None
 
     def next_key(self) -> mx.array | None:
         """A fresh key for one draw from this row's stream (None when greedy)."""
@@ -45,11 +49,11 @@ class RowSampling:
         return key
 
 
-def row_sampling(sampler: SamplerConfig, row_seed: int) -> RowSampling:
+def row_sampling(sampler: SamplerConfig, row_seed: int, top_logprobs: int | None = None) -> RowSampling:
     """A row's sampling state: seeded by the sampler's seed when it has one, else by `row_seed`."""
     if sampler.greedy:
-        return RowSampling(sampler)
-    return RowSampling(sampler, mx.random.key(sampler.seed if sampler.seed is not None else row_seed))
+        return RowSampling(sampler, None, top_logprobs)
+    return RowSampling(sampler, mx.random.key(sampler.seed if sampler.seed is not None else row_seed), top_logprobs)
 
 
 # (batch, active rows, K, {row: its K}) -> (drafts (B, K), {row: q (its K, V)} for sampling rows): the drafter, or a
@@ -68,6 +72,7 @@ class Batch:
         self.last = mx.zeros((rows,), mx.int32)  # each row's newest token (emitted, not yet in the cache)
         self.hidden = mx.zeros((rows, 1, target.args.hidden_size), target.model.embed_tokens.weight.dtype)
         self.sampling: list[RowSampling | None] = [None] * rows
+        self.logprobs: dict[int, list[TokenLogprobs]] = {}  # the last step's, for rows that asked for them
         mx.eval(self.last, self.hidden)  # a server's scheduler thread uses them: no lazy op of this thread's stream
 
     @property
@@ -101,13 +106,16 @@ class Batch:
         if not rows:
             return {}
         if k == 0:
-            tokens, n = self._plain_step(rows)
+            tokens, n, logits = self._plain_step(rows)
         else:
             ks = {b: max(0, min(k, (limits or {}).get(b, k))) for b in rows}
-            tokens, n = self._drafting_round(rows, k, ks)
-        mx.eval(tokens, n, self.last, self.hidden)  # the round's one host sync
+            tokens, n, logits = self._drafting_round(rows, k, ks)
+        scores = {b: token_scores(logits[b], tokens[b], self.sampling[b].top_logprobs) for b in rows
+                  if self.sampling[b].top_logprobs is not None}  # every verify row's: those past n are dropped
+        mx.eval(tokens, n, self.last, self.hidden, [s.arrays() for s in scores.values()])  # the round's one sync
         tokens, n = np.array(tokens), np.array(n)
         self.cache.accept(k + 1, n + 1)
+        self.logprobs = {b: token_rows(s, int(n[b]) + 1) for b, s in scores.items()}
         return {b: tokens[b, : n[b] + 1].tolist() for b in rows}
 
     def _plain_step(self, rows: list[int]) -> tuple[mx.array, mx.array]:
@@ -116,7 +124,7 @@ class Batch:
                                   masks_by_type=masks)
         token = self._choose(out.logits[:, 0], rows)  # (B,)
         self.last, self.hidden = token, out.hidden
-        return token[:, None], mx.zeros((self.cache.rows,), mx.int32)
+        return token[:, None], mx.zeros((self.cache.rows,), mx.int32), out.logits
 
     def _choose(self, logits: mx.array, rows: list[int]) -> mx.array:
         """Each row's token from its logits (B, V): greedy rows at once, sampling rows with their own RNG."""
@@ -141,7 +149,7 @@ class Batch:
                                                    s.next_key())
         self.last = mx.take_along_axis(tokens, n[:, None], axis=1)[:, 0]
         self.hidden = mx.take_along_axis(out.hidden, n[:, None, None], axis=1)
-        return tokens, n
+        return tokens, n, out.logits
 
     def _drafts(self, rows: list[int], k: int, ks: dict[int, int]) -> tuple[mx.array, dict[int, mx.array]]:
         """k draft tokens per row (B, k), each row's drafter seeing its own K/V up to its hidden state's position

@@ -28,6 +28,8 @@ from .batch_draft_length import BatchDraftLength
 from .batched import Batch, BatchProposer, row_sampling
 from .decode import MAX_DRAFT_TOKENS, GenerationResponse, _eos_ids, _resolve_draft_request, encode_prompt
 from .load import Bundle
+from .logprobs import MAX_TOP_LOGPROBS, token_scores
+from .logprobs import rows as token_rows
 from .media.encoder import PromptMedia
 from .memory import generation_stream
 from .plain import prefill_chunks
@@ -51,6 +53,7 @@ class Request:
     prompt_cache: PromptCache | None
     text: TextStream
     seed: int  # the row's RNG seed when its sampler has none
+    logprobs: int | None = None  # alternatives reported with each token's log-probability (None: none)
     responses: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     row: int | None = None
@@ -120,12 +123,16 @@ class BatchGenerator:
 
     def submit(self, prompt: Prompt | EncodedPrompt, max_tokens: int = 256, sampler: SamplerConfig | None = None,
                stop: str | list[str] | None = None, chat_template_kwargs: dict | None = None,
-               prompt_cache: PromptCache | None = None) -> BatchStream:
-        """Queue a generation; its responses come from the returned stream (as `stream_generate`'s). A
-        `prompt_cache` another queued or running request holds is not shared: this one then goes without."""
+               prompt_cache: PromptCache | None = None, logprobs: int | None = None) -> BatchStream:
+        """Queue a generation; its responses come from the returned stream (as `stream_generate`'s, `logprobs`
+        alike). A `prompt_cache` another queued or running request holds is not shared: this one then goes
+        without."""
         sampler = sampler or SamplerConfig()
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
             raise ValueError(f"max_tokens={max_tokens!r}: must be a positive integer")
+        if logprobs is not None and (not isinstance(logprobs, int) or isinstance(logprobs, bool)
+                                     or not 0 <= logprobs <= MAX_TOP_LOGPROBS):
+            raise ValueError(f"logprobs={logprobs!r}: None, or 0..{MAX_TOP_LOGPROBS} alternatives")
         encoded = encode_prompt(self.bundle, prompt, chat_template_kwargs)
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
         text = TextStream(self.bundle.tokenizer, list(stops), self.bundle.special.channels)
@@ -137,7 +144,7 @@ class BatchGenerator:
             if prompt_cache is not None:
                 prompt_cache.busy = True
             self._seeds += 1
-            request = Request(encoded, max_tokens, sampler, stops, prompt_cache, text, self._seeds)
+            request = Request(encoded, max_tokens, sampler, stops, prompt_cache, text, self._seeds, logprobs)
             self.waiting.append(request)
             self._wake.notify()
         return BatchStream(request, self)
@@ -153,7 +160,7 @@ class BatchGenerator:
     @contextlib.contextmanager
     def hold(self):
         """While held, no request joins: the running ones finish and the bundle is free for a lone generation
-        (one with a JSON schema or log-probabilities), which would otherwise wait behind a never-empty batch."""
+        (one under a JSON schema), which would otherwise wait behind a never-empty batch."""
         with self._wake:
             self._held += 1
         try:
@@ -215,13 +222,14 @@ class BatchGenerator:
             self._fail(request, e)
             return
         self.joining = None
-        sampling = row_sampling(request.sampler, request.seed)
+        sampling = row_sampling(request.sampler, request.seed, request.logprobs)
         token = choose(out.logits[:, -1], request.sampler, sampling.next_key())
-        mx.eval(token)
+        scores = None if request.logprobs is None else token_scores(out.logits[:, -1], token, request.logprobs)
+        mx.eval(token, [] if scores is None else scores.arrays())
         reused = request.prompt_cache.reused if request.prompt_cache is not None else 0
         request.prompt_tps = (len(request.prompt.ids) - reused) / max(time.perf_counter() - request.started, 1e-9)
         request.first_token_at = time.perf_counter()
-        if self._emit(request, [token.item()], drafted=0):
+        if self._emit(request, [token.item()], 0, token_rows(scores, 1)):
             self._finish(request)
             return
         row = self.batch.free_row()
@@ -241,11 +249,13 @@ class BatchGenerator:
             request = self.running[row]
             if k:
                 request.stats.record(k, len(tokens) - 1)
-            if self._emit(request, tokens, drafted=len(tokens) - 1 if k else 0):
+            logprobs = self.batch.logprobs.get(row) or [None] * len(tokens)
+            if self._emit(request, tokens, len(tokens) - 1 if k else 0, logprobs):
                 self._leave(request)
 
-    def _emit(self, request: Request, tokens: list[int], drafted: int) -> bool:
-        """Hand out a row's new tokens (the first `drafted` came from drafts); True when the request is done."""
+    def _emit(self, request: Request, tokens: list[int], drafted: int, logprobs: list) -> bool:
+        """Hand out a row's new tokens (the first `drafted` came from drafts) with their log-probabilities (None
+        entries when not asked for); True when the request is done."""
         for i, token in enumerate(tokens):
             request.generated += 1
             request.received.append(token)
@@ -258,7 +268,7 @@ class BatchGenerator:
             request.responses.put(GenerationResponse(
                 delta, token, i < drafted, finish, len(request.prompt.ids), request.prompt_tps, request.generated,
                 request.generated / elapsed, mx.get_peak_memory() / 1e9,
-                request.stats if self.draft_length.drafts else None, channel))
+                request.stats if self.draft_length.drafts else None, channel, logprobs[i]))
             if finish:
                 return True
             if request.cancelled.is_set():

@@ -276,3 +276,19 @@ def test_sampled_mtp_rows_follow_the_targets_distribution():
     critical = dof * (1 - 2 / (9 * dof) + 3.09 * math.sqrt(2 / (9 * dof))) ** 3  # p = 0.001 (Wilson-Hilferty)
     assert chi2 < critical, (chi2, critical, dof)
     assert accepted > 0, "drafts must sometimes be accepted for this test to mean anything"
+
+
+def test_logprobs_in_a_batch_equal_a_lone_generations(bundles):
+    bundle = bundles("31b")
+    ps = prompts(8, (7, 19))
+    lone = [list(mlx_gemma_mtp.stream_generate(bundle, p, max_tokens=10, num_draft_tokens=2, logprobs=3))
+            for p in ps]
+    references = [p + [r.token for r in rs] for p, rs in zip(ps, lone)]
+    generator = BatchGenerator(bundle, 2, 2, propose=oracle(dict(enumerate(references))))
+    batched = [list(s) for s in [generator.submit(p, 10, logprobs=3) for p in ps]]
+    for got, want in zip(batched, lone):
+        assert [r.token for r in got] == [r.token for r in want]
+        for g, w in zip(got, want):
+            assert g.logprobs.top[0][0] == w.logprobs.top[0][0] and len(g.logprobs.top) == 3
+            assert abs(g.logprobs.logprob - w.logprobs.logprob) < 1e-4
+    assert any(r.from_draft for rs in batched for r in rs)  # drafted tokens' come from the verify rows

@@ -136,3 +136,19 @@ def test_max_concurrency_is_checked(pair_dir):
     bundle = mlx_gemma_mtp.load(pair_dir("e2b")[0])
     with pytest.raises(ValueError, match="max_concurrency"):
         make_server(bundle, port=0, max_concurrency=0)
+
+
+def test_logprobs_come_from_the_batch_too(served, client):
+    _, bundle = served
+
+    def ask(i):
+        r = client.chat.completions.create(model="tiny", messages=messages(QUESTIONS[i]), max_tokens=6,
+                                           temperature=0, logprobs=True, top_logprobs=2)
+        return [t.logprob for t in r.choices[0].logprobs.content]
+
+    got = concurrently(ask, 2)
+    for i, logprobs in enumerate(got):
+        want = list(mlx_gemma_mtp.stream_generate(bundle, messages(QUESTIONS[i]), max_tokens=6, num_draft_tokens=2,
+                                                  logprobs=2))
+        assert len(want) == len(logprobs)
+        assert all(abs(w.logprobs.logprob - lp) < 1e-4 for w, lp in zip(want, logprobs))

@@ -183,8 +183,8 @@ class Handler(BaseHTTPRequestHandler):
         del request["max_tokens_given"]
         self._streaming = False  # True once SSE headers are out: an error can then only end the stream
         completion = Completion(self.state, chat, request.pop("tools"))
-        # a batch takes plain requests; a JSON schema or log-probabilities need the model to themselves
-        batched = self.state.generator is not None and request["json_schema"] is None and request["logprobs"] is None
+        # a batch takes every request but one under a JSON schema (its grammar needs the model to itself)
+        batched = self.state.generator is not None and request["json_schema"] is None
         generator = self.state.generator
         alone = generator.hold() if generator is not None and not batched else contextlib.nullcontext()
         with alone, contextlib.nullcontext() if batched else self.state.lock:  # alone: one generation at a time
@@ -198,7 +198,8 @@ class Handler(BaseHTTPRequestHandler):
                 cache = self.state.prompt_caches.for_prompt(request["prompt"].keys())
             if batched:
                 responses = self.state.generator.submit(request["prompt"], request["max_tokens"], request["sampler"],
-                                                        request["stop"], prompt_cache=cache)
+                                                        request["stop"], prompt_cache=cache,
+                                                        logprobs=request["logprobs"])
             else:
                 responses = stream_generate(self.state.bundle, num_draft_tokens=self.state.num_draft_tokens,
                                             prompt_cache=cache, **request)
@@ -374,7 +375,7 @@ def make_server(bundle: Bundle, host: str = "127.0.0.1", port: int = 8080, model
         prompt_caches: the conversations' K/V kept between requests (default: `PromptCaches()`, 4 entries).
         allow_local_media: let image/audio parts name files on this machine (default: data: URLs only).
         max_concurrency: requests decoded together (continuous batching, exact MTP per request); 1: one at a
-            time. Requests with a JSON schema or log-probabilities always run alone, between batches.
+            time. Requests with a JSON schema always run alone, between batches.
     """
     if not isinstance(max_concurrency, int) or max_concurrency < 1:
         raise ValueError(f"max_concurrency={max_concurrency!r}: must be a positive integer")
