@@ -8,6 +8,9 @@
 - `bench.forward`: target forward and drafter step times per row count.
 - `bench.distributed`: one process vs a tensor-parallel group.
 - `bench.scale`: convert / load / eval-quant / train-drafter at the released E2B/E4B shapes, peak memory per step.
+- `bench.multimodal`: an image prompt: time to first token and MTP on the answer, ours vs mlx-vlm; tower memory.
+- `bench.batching`: 1-8 concurrent streams: serial vs batched plain vs batched MTP.
+- `bench.auto_regret`: the draft-length policy on simulated cost landscapes: regret vs the best fixed K.
 Helpers: `shapes` (random released-shape pairs, mlx-lm's plain decoding), `cost_model` (expected speedup per K),
 `mlx_vlm` (mlx-vlm's MTP path on our weights).
 """

@@ -15,10 +15,11 @@ and tokens/s on the answer (tokens after the first over the seconds after the fi
 
 Each row runs once to warm up, then `--repeats` times (the rows take turns in every repetition); TTFT and tokens/s
 are the medians. `--soft-tokens 70 280` measures TTFT at several image budgets (HF's `max_soft_tokens`): the
-first budget gets every row, the others a plain request of one token per implementation. Greedy MTP output must
-equal plain decoding's: the run stops with an error where it does not (`--report-divergence` prints the first
-differing token instead, for GPUs whose multi-row kernels may flip a near-tie). mlx-vlm's outputs are compared,
-not required to match.
+first budget gets every row, the others a plain request of one token per implementation; `--ttft-only` gives
+every budget only those (each warmed up with a request at the smallest budget, 70: at 280 soft tokens a CPU
+request takes about a minute). Greedy MTP output must equal plain decoding's: the run stops with an error where
+it does not (`--report-divergence` prints the first differing token instead, for GPUs whose multi-row kernels
+may flip a near-tie). mlx-vlm's outputs are compared, not required to match.
 
 Without `--model`, a random pair of a released shape (`--shape`, default e2b cut to `--layers 4`) is written with
 its real towers (`presets.write_hf_checkpoint(towers=True)`: E2B's vision tower is 768-d x 16 layers, 16-pixel
@@ -245,6 +246,7 @@ class MlxVlmImagePair:
         with Image.open(io.BytesIO(image)) as im:
             pil = im.convert("RGB")
         data, counts = self.processor(budget).preprocess([pil])
+        self.last_count = counts[0]
         ids = self.last_ids = self.prompt_ids(encoded, counts[0])
         types = (mx.array([ids]) == self.image_token).astype(mx.int32)
         draft = {"draft_model": self.drafter, "draft_kind": "mtp", "draft_block_size": k + 1} if k else {}
@@ -327,42 +329,44 @@ def check_exact(rows: list[Row], reference: list[int], strict: bool) -> dict[str
     return found
 
 
+WARM_BUDGET = SUPPORTED_SOFT_TOKENS[0]  # TTFT-only rows warm up with an image of the smallest budget
+
+
 def benchmark(bundle: Bundle, name: str, args) -> Result:
     image = Path(args.image).read_bytes() if args.image else sample_image(*args.image_size)
     budgets, main = args.soft_tokens, args.soft_tokens[0]
     if not args.model:
         bundle.generation.eos_token_ids = []  # random weights: answers of --max-tokens (the tokenizer's <eos> stops)
     encoded = {}
-    for b in budgets:
+    for b in {*budgets, WARM_BUDGET}:
         with soft_tokens(bundle, b):
             encoded[b] = encode_prompt(bundle, chat(image))
     rate = args.force_acceptance
     forced = " forced" if rate is not None else ""
+    rows, reference, n = [], [], 1
+    if not args.ttft_only:
+        plain = our_run(bundle, image, main, args.max_tokens, 0)  # the reference answer (and plain's warm-up)
+        reference, n = plain.tokens, len(plain.tokens)
+        full = encoded[main].ids + reference
 
-    # the reference answer (and the warm-up of plain decoding)
-    plain = our_run(bundle, image, main, args.max_tokens, 0)
-    reference, n = plain.tokens, len(plain.tokens)
-    full = encoded[main].ids + reference
+        def proposer():
+            return forced_proposer(bundle, full, rate) if rate is not None else None
 
-    def proposer():
-        return forced_proposer(bundle, full, rate) if rate is not None else None
+        rows.append(Row("ours", "ours plain", 0, main, lambda: our_run(bundle, image, main, n, 0), lambda: None))
+        for k in [*args.k, "auto"]:
+            rows.append(Row("ours", f"ours K={k}{forced}", k, main,
+                            lambda k=k: our_run(bundle, image, main, n, k, proposer()),
+                            lambda k=k: our_run(bundle, image, main, min(8, n), k, proposer())))
+    for b in budgets if args.ttft_only else budgets[1:]:
+        rows.append(Row("ours", "ours plain", 0, b, lambda b=b: our_run(bundle, image, b, 1, 0),
+                        lambda: our_run(bundle, image, WARM_BUDGET, 1, 0)))
 
-    rows = [Row("ours", "ours plain", 0, main, lambda: our_run(bundle, image, main, n, 0), lambda: None)]
-    for k in [*args.k, "auto"]:
-        rows.append(Row("ours", f"ours K={k}{forced}", k, main,
-                        lambda k=k: our_run(bundle, image, main, n, k, proposer()),
-                        lambda k=k: our_run(bundle, image, main, min(8, n), k, proposer())))
-    for b in budgets[1:]:
-        rows.append(Row("ours", "ours plain", 0, b, lambda b=b: our_run(bundle, image, b, 1, 0)))
-
-    theirs_line, pair = mlx_vlm_rows(bundle, args, image, encoded, n, rows, rate)
+    theirs_line = mlx_vlm_rows(bundle, args, image, encoded, n, rows, rate)
     for row in rows:  # warm-up: compiles, first allocations, auto's first rounds
         (row.warm or row.measure)()
     for _ in range(args.repeats):
         for row in rows:
             row.runs.append(row.measure())
-    if pair is not None:
-        pair.force(None, None)
     found = check_exact(rows, reference, not args.report_divergence)
     result = Result(rows, {b: len(e.ids) for b, e in encoded.items()},
                     {b: e.spans[0].length for b, e in encoded.items()}, reference, theirs_line)
@@ -372,41 +376,47 @@ def benchmark(bundle: Bundle, name: str, args) -> Result:
 
 def mlx_vlm_rows(bundle: Bundle, args, image: bytes, encoded: dict, n: int, rows: list[Row], rate):
     """Append mlx-vlm's rows (its plain decoding is run once here: the reference its forced drafts follow);
-    returns the line saying what ran, or why not, and the pair (None when it does not run)."""
+    returns the line saying what ran, or why it did not."""
     if not args.mlx_vlm:
-        return "mlx-vlm: not compared (pass --mlx-vlm)", None
+        return "mlx-vlm: not compared (pass --mlx-vlm)"
     from . import mlx_vlm
 
     if why := mlx_vlm_blocker(bundle):
         print(f"{why}: its rows are skipped, ours run alone", file=sys.stderr)
-        return why + "; ours ran alone", None
+        return why + "; ours ran alone"
     version, main = mlx_vlm.version(), args.soft_tokens[0]
     try:
         pair = MlxVlmImagePair(bundle, max(args.k))
-        plain = pair.run(image, encoded[main], main, n, 0)
+        first = WARM_BUDGET if args.ttft_only else main  # the first request: also a check that it runs
+        plain = pair.run(image, encoded[first], first, n, 0)
     except ImportError as e:  # a dependency of its image path that only shows when it runs
         why = f"mlx-vlm {version}: its image path failed: {e!r} (missing module {getattr(e, 'name', None)!r})"
         print(f"{why}: its rows are skipped, ours run alone", file=sys.stderr)
-        return why + "; ours ran alone", None
-    forced = " forced" if rate is not None else ""
-    reference = pair.last_ids + plain.tokens  # its own greedy continuation, as ours follows our plain output
+        return why + "; ours ran alone"
+    line = (f"mlx-vlm {version}: its gemma4 model (text model + vision tower) and MTP drafter on the same weights,"
+            " the same prompt ids and image bytes, its Gemma4ImageProcessor and generate_step")
+    if pair.last_count != encoded[first].spans[0].length:
+        line += f" (NOTE: its processor made {pair.last_count} soft tokens, ours {encoded[first].spans[0].length})"
+    if not args.ttft_only:
+        forced = " forced" if rate is not None else ""
+        reference = pair.last_ids + plain.tokens  # its own greedy continuation, as ours follows our plain output
 
-    def mtp(k, tokens):
-        pair.force(reference, rate)
-        try:
-            return pair.run(image, encoded[main], main, tokens, k)
-        finally:
-            pair.force(None, None)
+        def mtp(k, tokens):
+            pair.force(reference, rate)
+            try:
+                return pair.run(image, encoded[main], main, tokens, k)
+            finally:
+                pair.force(None, None)
 
-    rows.append(Row("mlx-vlm", "mlx-vlm plain", 0, main, lambda: pair.run(image, encoded[main], main, n, 0),
-                    lambda: None))  # warmed up above
-    for k in args.k:
-        rows.append(Row("mlx-vlm", f"mlx-vlm K={k}{forced}", k, main, lambda k=k: mtp(k, n),
-                        lambda k=k: mtp(k, min(8, n))))
-    for b in args.soft_tokens[1:]:
-        rows.append(Row("mlx-vlm", "mlx-vlm plain", 0, b, lambda b=b: pair.run(image, encoded[b], b, 1, 0)))
-    return (f"mlx-vlm {version}: its gemma4 model (text model + vision tower) and MTP drafter on the same weights,"
-            " the same prompt ids and image bytes, its Gemma4ImageProcessor and generate_step"), pair
+        rows.append(Row("mlx-vlm", "mlx-vlm plain", 0, main, lambda: pair.run(image, encoded[main], main, n, 0),
+                        lambda: None))  # warmed up above
+        for k in args.k:
+            rows.append(Row("mlx-vlm", f"mlx-vlm K={k}{forced}", k, main, lambda k=k: mtp(k, n),
+                            lambda k=k: mtp(k, min(8, n))))
+    for b in args.soft_tokens if args.ttft_only else args.soft_tokens[1:]:
+        rows.append(Row("mlx-vlm", "mlx-vlm plain", 0, b, lambda b=b: pair.run(image, encoded[b], b, 1, 0),
+                        lambda: pair.run(image, encoded[WARM_BUDGET], WARM_BUDGET, 1, 0)))
+    return line
 
 
 # --- output -------------------------------------------------------------------------------------------------
@@ -438,6 +448,7 @@ def table_rows(result: Result, found: dict) -> list[dict]:
             "max_soft_tokens": row.budget, "prompt_tokens": result.prompt_tokens[row.budget],
             "ttft_s": row.ttft, "ttft_s_runs": [r.ttft for r in row.runs],
             "tokens_per_s": row.tps if row.timed_answer else None,
+            "tokens_per_s_runs": [r.tps for r in row.runs] if row.timed_answer else None,
             "vs_plain": row.tps / plain.tps if row.timed_answer else None,
             "mean_accepted": stats.mean_accepted_length if stats and stats.rounds else None,
             "answer_tokens": len(row.runs[0].tokens),
@@ -466,10 +477,12 @@ def print_table(result: Result, name: str, args, found: dict) -> None:
     main = args.soft_tokens[0]
     forced = f"forced acceptance {args.force_acceptance}" if args.force_acceptance is not None else "unforced"
     image = args.image or "generated {}x{} PNG".format(*args.image_size)
+    answer = ("TTFT only (plain requests of one token)" if args.ttft_only else
+              f"{len(result.reference)} new tokens, greedy, {forced}")
     print(f"model: {name}")
     print(f"image: {image}; prompt: the image + "
           f"{PROMPT!r}; {result.prompt_tokens[main]} prompt tokens ({result.soft_tokens[main]} soft tokens at "
-          f"max_soft_tokens {main}) | {len(result.reference)} new tokens, greedy, {forced} | device "
+          f"max_soft_tokens {main}) | {answer} | device "
           f"{mx.default_device()} | median of {args.repeats} runs after a warm-up")
     print(f"\n{'mode':<{LABEL}}{'soft':>6}{'TTFT s':>9}{'tok/s':>9}{'vs plain':>10}{'mean acc':>10}  output")
     for r in table_rows(result, found):
@@ -503,13 +516,17 @@ def tower_memory() -> list[dict]:
 
 
 def print_tower_memory(rows: list[dict]) -> None:
+    print("parameters from the released module shapes (lazily built Towers: nothing allocated); bf16 bytes = 2 x "
+          "parameters; GB = 10^9 bytes")
     print(f"{'shape':<9}{'vision':>10}{'vision_tower':>14}{'embed_vision':>14}{'audio_tower':>13}"
-          f"{'embed_audio':>13}{'bf16 total':>12}")
+          f"{'embed_audio':>13}{'vision GB':>11}{'audio GB':>10}{'total GB':>10}")
     for r in rows:
-        cells = [f"{r.get(k, 0) / 1e6:.1f}M" if r.get(k) else "-" for k in
+        cells = [f"{r[k] / 1e6:.1f}M" if r.get(k) else "-" for k in
                  ("vision_tower", "embed_vision", "audio_tower", "embed_audio")]
-        print(f"{r['shape']:<9}{r['vision']:>10}{cells[0]:>14}{cells[1]:>14}{cells[2]:>13}{cells[3]:>13}"
-              f"{r['bf16_bytes'] / 2**30:>9.2f} GiB")
+        vision = 2 * (r["vision_tower"] + r["embed_vision"]) / 1e9
+        audio = 2 * (r.get("audio_tower", 0) + r.get("embed_audio", 0)) / 1e9
+        print(f"{r['shape']:<9}{r['vision']:>10}" + "".join(f"{c:>{w}}" for c, w in zip(cells, (14, 14, 13, 13)))
+              + f"{vision:>11.3f}{f'{audio:.3f}' if audio else '-':>10}{r['bf16_bytes'] / 1e9:>10.3f}")
 
 
 def versions() -> dict:
@@ -559,6 +576,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--k", type=int, nargs="+", default=[3], help="fixed draft lengths (default 3)")
     p.add_argument("--force-acceptance", type=float, default=None, metavar="R")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per row after the warm-up (median)")
+    p.add_argument("--ttft-only", action="store_true",
+                   help="only time to first token at each --soft-tokens budget (plain requests of one token)")
     p.add_argument("--mlx-vlm", action="store_true", help="also run mlx-vlm's image + MTP path on the same weights")
     p.add_argument("--report-divergence", action="store_true",
                    help="print where greedy MTP differs from plain decoding instead of stopping (GPUs)")
@@ -592,7 +611,7 @@ def main(argv: list[str] | None = None) -> Result | None:
         write_json(args.json, {"command": "python -m mlx_gemma_mtp.bench.multimodal " + " ".join(
             argv if argv is not None else sys.argv[1:]), "model": name, "versions": versions(),
             "repeats": args.repeats, "force_acceptance": args.force_acceptance, "mlx_vlm": result.mlx_vlm,
-            "rows": table_rows(result, found), "ratios": dict(ratios(result))})
+            "rows": table_rows(result, found), "ratios": dict(ratios(result)), "answer": result.reference})
     return result
 
 
