@@ -13,6 +13,14 @@ does) and flip a near-tie, so each MTP column has a "div" twin: the index of the
 output differs from plain decoding, or "=" when identical (`bench` run directly stays strict: it stops on
 float32). On a CPU it refuses full shapes (hours); `--layers 2 --vocab 2048 --bits 32` is the dry run the tests
 use (32 = float32, for CPUs).
+
+Each combination then runs the batching benchmark (`bench.batching`, printed as it goes) on the same pair: for
+`--streams` concurrent streams (default 1, 4, 8; different prompts of different lengths around
+`--prompt-tokens`), serial batch-1 plain decoding against the `BatchGenerator`'s plain steps and MTP rounds
+(`--batch-k` and auto, acceptance forced to `--force-acceptance` by the same oracle). A second table has one row
+per shape, weight format and stream count: serial tokens/s, each batched mode's aggregate and per-stream tokens/s
+over serial's, the worst time to first token, and the first divergence of any batched row from serial greedy
+decoding ("=" when none; like the first table, it never stops on one). `--no-batching` skips it.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ import time
 import mlx.core as mx
 
 from ..testing.presets import PRESETS, random_pair
-from . import cost_model, decoding, shapes
+from . import batching, cost_model, decoding, shapes
 
 SHAPES = tuple(PRESETS)
 FORMATS = (4, 16)  # bits; 16 = bfloat16, 4 = the mixed 4-bit recipe
@@ -74,12 +82,74 @@ def print_table(rows: list[list[str]], ks: list[int], rate: float) -> None:
         print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |")
 
 
-def run_shape(shape: str, args: argparse.Namespace) -> list[list[str]]:
-    """Both formats of one shape: the bfloat16 pair, then its quantized copies."""
+def batch_argv(shape: str, bits: int, args: argparse.Namespace) -> list[str]:
+    """`bench.batching`'s options for one combination (the pair itself is passed in, already built)."""
+    argv = ["--shape", shape, "--bits", str(bits), "--streams", ",".join(map(str, args.streams)),
+            "--prompt-tokens", str(args.prompt_tokens), "--max-tokens", str(args.max_tokens),
+            "--k", *map(str, args.batch_k), "--forced-acceptance", str(args.force_acceptance), "--repeats", "1",
+            "--no-serial-mtp"]
+    for name in ("layers", "vocab", "experts"):
+        if getattr(args, name) is not None:
+            argv += [f"--{name}", str(getattr(args, name))]
+    return argv
+
+
+def batch_head(ks: list[int]) -> list[str]:
+    modes = ["plain", *(f"K={k}" for k in ks), "auto"]
+    return ["shape", "weights", "S", "serial tok/s", *(f"{m} agg" for m in modes), *(f"{m} stream" for m in modes),
+            "TTFT max serial s", "TTFT max plain s", "div"]
+
+
+def batch_rows(shape: str, bits: int, summary: batching.Summary, ks: list[int]) -> list[list[str]]:
+    """The batching table's cells for one finished combination, one row per stream count."""
+    out = []
+    for s, runs in summary.runs.items():
+        serial = runs["serial plain"]
+        labels = ["batched plain", *(label for label in summary.labels if label.startswith("batched K="))]
+        diffs = [f"{label.removeprefix('batched ').split(' forced')[0]} {summary.divergence[s][label]}"
+                 for label in labels if summary.divergence[s][label] != "="]
+        out.append([shape, shapes.dtype_name(bits).split(" ")[0], str(s), f"{serial.aggregate:.1f}",
+                    *(f"{runs[label].aggregate / serial.aggregate:.2f}x" for label in labels),
+                    *(f"{runs[label].per_stream / serial.per_stream:.2f}x" for label in labels),
+                    f"{serial.ttft[1]:.2f}", f"{runs['batched plain'].ttft[1]:.2f}", ", ".join(diffs) or "="])
+    return out
+
+
+def print_batch_table(rows: list[list[str]], ks: list[int], rate: float) -> None:
+    """The batching summary as a Markdown table (a failed combination's row: shape, weights, its error)."""
+    head = batch_head(ks)
+    done = [r for r in rows if len(r) == len(head)]
+    widths = [max([len(h)] + [len(r[i]) for r in done]) for i, h in enumerate(head)]
+    print(f"\nbatching (device {mx.default_device()}, MLX {mx.__version__}; S streams arriving at once; serial: "
+          "batch-1 plain decoding one stream after another; agg: all streams' tokens/s over the wall time, prefill "
+          "included, vs serial's; stream: the median stream's tokens/s after its first token vs serial's; K and "
+          f"auto: batched MTP rounds at forced acceptance {rate}; div: batched rows whose greedy output differs "
+          "from serial plain decoding, at stream:token, = when none):")
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(head, widths)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in rows:
+        print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |")
+
+
+def run_batching(shape: str, bits: int, bundle, name: str, args: argparse.Namespace) -> list[list[str]]:
+    """The batching benchmark on a built pair: its table rows, or one row with its error."""
+    print(f"\n=== {shape}, {shapes.dtype_name(bits)}: batching ===", flush=True)
+    try:
+        # strict=False: divergences go in the table (module docstring)
+        summary = batching.benchmark(bundle, name, batching.parse_args(batch_argv(shape, bits, args)), strict=False)
+    except (ValueError, RuntimeError, SystemExit, MemoryError) as e:  # reported in its row; the next runs
+        print(f"error: {e}", flush=True)
+        return [[shape, shapes.dtype_name(bits).split(" ")[0], f"error: {e}"]]
+    return batch_rows(shape, bits, summary, args.batch_k)
+
+
+def run_shape(shape: str, args: argparse.Namespace) -> tuple[list[list[str]], list[list[str]]]:
+    """Both formats of one shape: the bfloat16 pair, then its quantized copies. Returns the rows of the summary
+    table and of the batching table."""
     tic = time.perf_counter()
     base = random_pair(shape, bits=16, layers=args.layers, vocab=args.vocab,
                        experts=args.experts if PRESETS[shape].text.get("enable_moe_block") else None)
-    built, rows = time.perf_counter() - tic, []
+    built, rows, batched = time.perf_counter() - tic, [], []
     for bits in args.bits:
         print(f"\n=== {shape}, {shapes.dtype_name(bits)} ===", flush=True)
         try:
@@ -95,10 +165,17 @@ def run_shape(shape: str, args: argparse.Namespace) -> list[list[str]]:
         except (ValueError, RuntimeError, SystemExit, MemoryError) as e:  # reported in its row; the next runs
             print(f"error: {e}", flush=True)
             rows.append([shape, shapes.dtype_name(bits).split(" ")[0], f"error: {e}"])
-        bundle = summary = None
+            batched.append(rows[-1])
+            bundle = None
+        summary = None
         gc.collect()
         mx.clear_cache()
-    return rows
+        if bundle is not None and not args.no_batching:
+            batched += run_batching(shape, bits, bundle, name, args)
+        bundle = None
+        gc.collect()
+        mx.clear_cache()
+    return rows, batched
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -116,19 +193,29 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--layers", type=int, default=None, help="cut every shape (a dry run; default: full)")
     p.add_argument("--vocab", type=int, default=None, help="a smaller vocabulary (a dry run)")
     p.add_argument("--experts", type=int, default=None, help="26b-a4b: keep this many experts (a dry run)")
+    p.add_argument("--streams", type=batching.streams_arg, default=[1, 4, 8], metavar="1,4,8",
+                   help="the batching table's stream counts")
+    p.add_argument("--batch-k", type=int, nargs="+", default=[2, 4], help="the batching table's fixed K (and auto)")
+    p.add_argument("--no-batching", action="store_true", help="skip the batching benchmark and its table")
     args = p.parse_args(argv)
     if not set(args.k) <= set(range(1, 9)):
         p.error("--k values must be in 1..8 (the costs are measured up to K = 8)")
+    if not set(args.batch_k) <= set(range(1, 9)):
+        p.error("--batch-k values must be in 1..8")
     if 4 not in args.k:
         p.error("--k must include 4 (the table's T_draft(4) and the 31B profile are at K = 4)")
     if mx.default_device() == mx.cpu and args.layers is None:
         p.error("the device is the CPU: full shapes would take hours; install MLX's CUDA build (README, 'Real "
                 "shapes'), or pass --layers 2 --vocab 2048 --experts 4 for a dry run")
-    tic, rows = time.perf_counter(), []
+    tic, rows, batched = time.perf_counter(), [], []
     for shape in args.shapes:
-        rows += run_shape(shape, args)
+        shape_rows, shape_batched = run_shape(shape, args)
+        rows += shape_rows
+        batched += shape_batched
         mx.clear_cache()
     print_table(rows, args.k, args.force_acceptance)
+    if not args.no_batching:
+        print_batch_table(batched, args.batch_k, args.force_acceptance)
     print(f"total {time.perf_counter() - tic:.0f} s; peak memory {mx.get_peak_memory() / 1e9:.1f} GB")
 
 
