@@ -10,7 +10,7 @@ arrive at once (t = 0) and are served by each mode in turn:
   stream served one after another does not depend on the ones after it);
 - `batched plain`: `BatchGenerator(bundle, S, num_draft_tokens=0)`, every stream decoding together;
 - `batched K=k` and `batched auto`: the same with MTP rounds (K = k drafts per row, or "auto" for the batch);
-- `mlx-lm batched` (`--mlx-lm`): mlx-lm's own `BatchGenerator` with its `gemma4_text` model on the same arrays
+- `mlx-lm batched plain` (`--mlx-lm`): mlx-lm's own `BatchGenerator` with its `gemma4_text` model on the same arrays
   (`shapes.mlx_lm_model`), plain greedy decoding.
 
 Per mode: aggregate tokens/s (every stream's tokens over the wall time from t = 0 to the last token, prefill
@@ -456,10 +456,10 @@ def benchmark(bundle: Bundle, name: str, args: argparse.Namespace, strict: bool 
                                  f"plain decoding at token {i} (an exactness bug)")
 
     lengths = [len(p) for p in prompts]
-    load = "/".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
+    loadavg = "/".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
     print(f"model: {name} | streams {','.join(map(str, streams))} | prompts of {lengths} tokens (stream j has "
           f"prompt j) | {args.max_tokens} new tokens per stream | greedy | device {mx.default_device()} | MLX "
-          f"{mx.__version__} | each mode the fastest of {args.repeats} run(s) | load average {load} at the end "
+          f"{mx.__version__} | each mode the fastest of {args.repeats} run(s) | load average {loadavg} at the end "
           f"({os.cpu_count()} CPUs); this process's CPU time over the runs' wall time: {cpu / wall:.2f} (other "
           "processes competing for the cores push it down)")
     if forced:
