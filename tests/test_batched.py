@@ -118,9 +118,7 @@ def test_rows_join_and_leave_mid_generation(bundles):
     ps = prompts(4, (5, 33, 9, 21, 14, 6))
     budgets = [10, 25, 4, 18, 12, 20]
     references = [solo(bundle, p, n) for p, n in zip(ps, budgets)]
-    propose = oracle({})  # filled below: rows are reused, so the oracle maps by prompt
-
-    by_row: dict[int, list[int]] = {}
+    by_row: dict[int, list[int]] = {}  # rows are reused: the oracle finds each row's reference by its prompt
 
     def propose_by_prompt(batch, rows, k, ks):
         for b in rows:
@@ -129,7 +127,6 @@ def test_rows_join_and_leave_mid_generation(bundles):
             by_row[b] = ps[i] + references[i]
         return oracle(by_row)(batch, rows, k, ks)
 
-    del propose
     generator = BatchGenerator(bundle, 2, 3, propose=propose_by_prompt)  # 6 requests through 2 rows
     streams = [generator.submit(p, n) for p, n in zip(ps, budgets)]
     assert [[r.token for r in s] for s in streams] == references
