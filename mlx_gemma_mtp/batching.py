@@ -31,7 +31,7 @@ from .load import Bundle
 from .logprobs import MAX_TOP_LOGPROBS, token_scores
 from .logprobs import rows as token_rows
 from .media.encoder import PromptMedia
-from .memory import generation_stream
+from .memory import generation_stream, release_streams_at_thread_exit
 from .plain import prefill_chunks
 from .prompt import EncodedPrompt, Prompt
 from .prompt_cache import PromptCache
@@ -316,6 +316,7 @@ class BatchGenerator:
             self._thread.join(timeout)
 
     def _loop(self) -> None:
+        release_streams_at_thread_exit()  # else MLX aborts the process at exit
         while True:
             with self._wake:
                 while not self.busy and not self._stopping:
