@@ -21,10 +21,10 @@ from pathlib import Path
 import mlx.core as mx
 
 from .cache import trim_cache
-from .draft_length import DraftCosts
 from .drafting import DraftStep, cache_windows, draft
 from .models.gemma4_assistant import Drafter
 from .models.gemma4_text import Model
+from .round_cost import DraftCosts
 from .sampling import SamplerConfig
 from .speculative import accept
 

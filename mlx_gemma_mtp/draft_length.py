@@ -1,55 +1,54 @@
 """Draft length: fixed, or "auto" = before every round, the K (0 = a plain step) that maximises expected tokens per
 second, learned online from the rounds that run anyway. Nothing is measured up front: a generation never stalls.
 
-After Ollama's speculative-depth controller (per-depth cost and per-position acceptance averages, probes one depth
-away, K = 0 allowed):
+A bandit over K whose arms share what they can (docs/auto-draft-length.md has the why and the simulator's table):
 
 - Tokens of a round with K drafts: 1 + sum_{i<=K} prod_{j<=i} a_j, a_j the acceptance of draft position j given the
-  earlier ones were accepted, from counts, each shrunk towards the position before it while few rounds reached it.
-- Seconds of a round: level * shape_K * model(K, context). `model` is an analytic, device-independent curve in
-  units of a one-token target forward: decoding is memory-bound, so a call costs the bytes it reads. Verifying T
-  tokens costs 1 + VERIFY_SLOPE * (T - 1), a draft step (drafter bytes / target bytes), each plus the K/V bytes its
-  attention reads at this context; a drafting round adds ROUND_OVERHEAD (its host sync; plain steps are
-  pipelined). `level` (seconds per unit) and `shape_K` (what this device makes of K, relative to the model) are
-  learned from the loop's own time for each round (the caller's time between tokens is not counted), with
-  per-round changes clipped, so a hiccup moves them little and a wrong prior is corrected within a few dozen
-  rounds. A surprise at a K seen many times moves the level, which re-prices every K at once (the machine got
-  busier or quieter); at a new K it moves that K's shape. A K not measured yet keeps its prior shape, corrected as
-  the nearest measured K's was. Only the shapes decide K.
-- Context: the model prices the K/V each call reads at the current context length (full-attention layers grow
-  with it, sliding layers stop at their window), so an estimate measured at 200 tokens is re-priced at 8k instead
-  of going stale; the level follows what the model misses as the context grows, and the K being played and its
-  probed neighbours keep being re-measured. (Chosen over refreshing every estimate by probing: probes cost rounds,
-  the model costs nothing.)
-- Timing: a round counts once the rounds on both sides of it ran the same K. Plain steps are pipelined and
-  drafting rounds are not, so at a switch work moves between the rounds next to it (the first plain step after a
-  drafting round carries most of a step more, the round before it less), and a K's first round compiles.
-- Probes: PROBE_ROUNDS rounds at one K deeper or shallower than the best (the one resting on fewer rounds, deeper
-  on ties) after PROBE_AFTER + (its rounds) rounds, at most every PROBE_EVERY: frequent while the estimates are
-  thin, rare once they are well supported. K goes at most one position past those some round has reached.
-- The first round at a K compiles its draft graph (tens of ms, not timed): the policy moves to a K this pair has
-  never run only when the expected gain over the tokens still wanted pays for that (the compile cost is learned).
+  earlier ones were accepted, from counts (any round teaches every position it reached), the first shrunk towards
+  PRIOR_ACCEPTANCE, each later one towards the position before it (acceptance varies slowly along the draft).
+- Seconds of a round, per K: its own measurement where it has one, timed from the loop's own time (the caller's
+  time between tokens is not counted) with a running mean turning into an EMA, a lone slow round clipped (other
+  processes only ever add time) and two slow rounds in a row believed (the machine changed). A K not measured is
+  priced from the measured ones through the analytic model (`CostModel`, in units of a one-token target forward:
+  a call costs the bytes it reads, K/V at the current context included): between two measured K on the straight
+  line through them, past them on the line through the last two and UNSEEN dearer per K of distance. A `level`
+  (seconds per model unit) follows a settled K's estimate, so a machine that gets slower re-prices every K; once it
+  moved by STALE since a K was timed, that K's estimate is stale (a busy machine may also be compute-bound) and is
+  priced as unmeasured.
+- Choice: the K of the highest upper estimate, its rate raised by EXPLORE / sqrt(1 + its timed rounds), where a K
+  not measured is hoped to cost what the analytic model says beyond the deepest measured one (a verify of more rows
+  no dearer, the drafts their bytes). Such a K is tried only when the hoped gain over the tokens still wanted is
+  WORTH the likely cost of finding out (its compile and the rounds at the pessimistic estimate); a close contender
+  not timed for PROBE_EVERY rounds is timed again.
+- Timing: what a lap holds depends on its neighbours. A drafting round holds its own work, and the compile of its
+  draft graph when it is the first at its K after a drafting round (then it is a provisional estimate, less the
+  compile as priced so far, or no sample before any compile was priced). A plain step is pipelined: it also holds
+  the queueing of the next round, and after a drafting round (or first in a generation) its own graph building, so
+  only a plain step after a plain step, not followed by a compile, is a clean sample; others are upper bounds.
+- Start: a fresh record plays a plain step (an upper bound on its cost, holding the next round's compile mostly
+  hidden behind it) and then the analytic model's best K, at most START_K: the first two rounds price plain decoding
+  and drafting. Plain steps known only as an upper bound are timed cleanly (two in a row) while within PLAIN_SLACK
+  of the best; a stale plain estimate is re-timed at once (every K is judged against it).
+- Compiles: the first round at a K traces its draft graph (host work, ~5 ms per draft token here); the cost per
+  draft token is learned from rounds that held one.
 
-What was learned (acceptance counts, level and shapes, compile cost) stays with the loaded pair (`AutoRecords`, held
-by `Bundle.state`), one record per sampling setting, for the next generations; older acceptance evidence weighs less as new comes in (the
-counts are capped), and the round counts that space out the probes are halved at each generation start. A
-sampler with a seed and T > 0 makes the schedule depend on counts only: the analytic costs, no timing, fresh
-counts, nothing from earlier generations or the disk; the same call then gives the same tokens. A calibration
-(`calibration.py`, `python -m mlx_gemma_mtp.bench --calibrate`) only gives a new record its prior shapes: a prior,
-not a verdict.
+What was learned (acceptance counts, estimates, compile cost) stays with the loaded pair (`AutoRecords`, held by
+`Bundle.state`), one record per sampling setting, for the next generations; older acceptance evidence weighs less as
+new comes in (the counts are capped), and the timed-round counts behind the exploration bonus are halved at each
+generation start. A sampler with a seed and T > 0 makes the schedule depend on counts only: the analytic costs, no
+timing, fresh counts, nothing from earlier generations or the disk, neighbours probed now and then for the acceptance
+of one more position; the same call then gives the same tokens. A calibration (`calibration.py`, `python -m
+mlx_gemma_mtp.bench --calibrate`) only gives a new record its prior shapes: a prior, not a verdict.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-from mlx.utils import tree_flatten
-
-from .models.config import SLIDING
-from .models.gemma4_assistant import Drafter
-from .models.gemma4_text import Model
+from .round_cost import ROUND_OVERHEAD, VERIFY_SLOPE, CostModel, DraftCosts
 from .sampling import SamplerConfig
 from .stats import DraftStats
 
@@ -58,18 +57,25 @@ if TYPE_CHECKING:
 
 MAX_AUTO_K = 8
 PRIOR_ACCEPTANCE, PRIOR_WEIGHT = 0.7, 4.0  # acceptance of a first draft before any round, worth 4 rounds
-VERIFY_SLOPE = 0.06  # extra cost per verified token, relative to a one-token forward
-ROUND_OVERHEAD = 0.15  # a drafting round's host sync and bookkeeping, relative to a one-token forward
-CLIP = 2.0  # one round moves a cost estimate by at most this factor
-EMA = 0.1  # weight of a new round in a K's cost shape once it rests on 9 rounds (before: a running mean)
-LEVEL_RATE = 0.5  # the level takes this much of a surprise at a well-known K per round
+CHAIN_WEIGHT = 12.0  # a later position's prior (the position before it: acceptance varies slowly), in rounds
+CLIP = 2.0  # a timed round moves an estimate by at most this factor (a first one: any)
+OUTLIER = 1.35  # ... and a lone round slower than a K's estimate counts as at most this much slower
+EMA = 0.1  # weight of a new round in a K's estimate once it rests on 10 rounds (before: a running mean)
+SETTLED = 8  # timed rounds after which a K's estimate moves the level (the machine changed)
+STALE = 1.25  # a K's estimate is stale once the level moved this much since it was timed
+UNSEEN = 0.05  # a K not measured is priced this much dearer per K of distance from the nearest measured one
+HOPE_BETWEEN = 0.25  # a K between two measured ones is hoped to cost the line through them, pulled this far
+# (in logs) towards the lowest cost they allow: a verify that is flat past some T (a CPU) makes the line pessimistic
+EXPLORE = 0.25  # a K's rate is raised by this / sqrt(1 + its timed rounds) when choosing
+WORTH = 1.0  # a K not measured is tried when the hoped gain is this many times the likely cost of trying
+RECHECK = 0.9  # a K within this of the best's rate and not timed for PROBE_EVERY rounds is timed again
+PROBE_EVERY = 32  # ... (and, counts only, the longest gap between probes)
+PROBE_AFTER = 4  # counts only: rounds between probes, this many plus the rounds the probed K has had
+START_K = 3  # a fresh record's first drafting rounds draft at most this many tokens
+PLAIN_SLACK = 2.0  # a plain step known only as an upper bound is timed cleanly while within this of the best
+COMPILE_COST = 0.005  # prior seconds of tracing a K's draft graph, per draft token (host work: ~6 ms on this CPU)
 MAX_COUNT = 256.0  # acceptance counts are scaled down to this many rounds reaching the first position at most
-DECAY = 0.5  # the round counts that space out probes are halved at each generation start
-PROBE_AFTER = 4  # rounds between probes: this many plus the rounds the probed K has had ...
-PROBE_EVERY = 32  # ... at most this many
-PROBE_ROUNDS = 3  # a probe's length: its middle round is timed
-COMPILE_COST = 1.0  # prior cost of compiling a K's draft graph, in plain steps per draft token (~1 on CPU)
-PROBE_GAIN = 0.05  # a probe of a never-run K is worth a compile if a 5% gain on the tokens left would pay for it
+DECAY = 0.5  # the round counts behind probes and the exploration bonus are halved at each generation start
 MAX_SETTINGS = 8  # records kept per pair (an app whose temperature slider keeps moving)
 
 
@@ -104,63 +110,6 @@ class FixedDraftLength:
 
 
 @dataclass
-class DraftCosts:
-    """Measured seconds at a `context`-token prefix (`measure_costs`)."""
-
-    draft: list[float]  # draft[K] = seconds to draft K tokens (one call, as a round does); draft[0] = 0
-    verify: list[float]  # verify[T] = seconds for a target forward of T tokens and the acceptance rule (index 0 unused)
-    context: int = 128
-
-    @property
-    def draft_step(self) -> float:
-        return self.draft[1]
-
-
-@dataclass(frozen=True)
-class CostModel:
-    """Relative cost of a round, in units of a one-token target forward at an empty context (device-independent)."""
-
-    draft_step: float  # drafter bytes / target bytes
-    target_kv: tuple  # per target layer: (sliding window or None, K/V bytes per context token / target bytes)
-    drafter_kv: tuple  # the same for the drafter's layers, which read the target's K/V
-
-    def round(self, k: int, context: int) -> float:
-        verify = 1.0 + _kv_read(self.target_kv, context) + VERIFY_SLOPE * k
-        if k == 0:
-            return verify
-        return verify + ROUND_OVERHEAD + k * (self.draft_step + _kv_read(self.drafter_kv, context))
-
-
-def _kv_read(layers: tuple, context: int) -> float:
-    return sum(per_token * (context if window is None else min(context, window)) for window, per_token in layers)
-
-
-def _read_bytes(module, experts_read: float = 1.0) -> float:
-    """Parameter bytes a one-token forward reads: not the per-layer input table (a few rows are gathered), and of
-    the MoE experts' weights the `experts_read` fraction (top-k of them)."""
-    total = 0.0
-    for name, value in tree_flatten(module.parameters()):
-        if "embed_tokens_per_layer" not in name:
-            total += value.nbytes * (experts_read if "switch_glu" in name else 1.0)
-    return total
-
-
-def cost_model(target: Model, drafter: Drafter, lockstep: Lockstep | None = None) -> CostModel:
-    """The analytic curve of a pair from the bytes its calls read: parameters and K/V."""
-    args = target.args
-    weights = _read_bytes(target, args.top_k_experts / args.num_experts if args.enable_moe_block else 1.0)
-    if lockstep is not None:
-        weights = lockstep.same_float(weights)  # uneven shards: every rank must price K alike
-    element = target.model.norm.weight.dtype.size  # K/V are kept in the activations' dtype
-
-    def kv(args) -> tuple:
-        return tuple((args.sliding_window if kind == SLIDING else None, 2 * heads * dim * element / weights)
-                     for kind, heads, dim in zip(args.layer_types, args.layer_kv_heads, args.layer_head_dims))
-
-    return CostModel(_read_bytes(drafter) / weights, kv(args), kv(drafter.args.text))
-
-
-@dataclass
 class Learned:
     """What auto learned about one loaded pair under one sampling setting, kept across its generations."""
 
@@ -173,9 +122,14 @@ class Learned:
     shape: list[float | None] = field(default_factory=lambda: [None] * (MAX_AUTO_K + 1))
     prior: list[float] = field(default_factory=lambda: [1.0] * (MAX_AUTO_K + 1))
     calibrated: bool = False
-    rounds: list[float] = field(default_factory=lambda: [0.0] * (MAX_AUTO_K + 1))  # per K: rounds played (support)
+    rounds: list[float] = field(default_factory=lambda: [0.0] * (MAX_AUTO_K + 1))  # per K: rounds played
+    samples: list[float] = field(default_factory=lambda: [0.0] * (MAX_AUTO_K + 1))  # per K: rounds timed (support)
+    timed_at: list[float | None] = field(default_factory=lambda: [None] * (MAX_AUTO_K + 1))  # the level then
+    slow: list[bool] = field(default_factory=lambda: [False] * (MAX_AUTO_K + 1))  # last round at K an outlier
     compiled: set[int] = field(default_factory=lambda: {0})  # the K this pair has run (their draft graphs exist)
-    compile_cost: float = COMPILE_COST  # learned from the first rounds at each K
+    compile_cost: float = COMPILE_COST  # learned from the rounds that carried a compile
+    compiles_seen: int = 0
+    plain_clean: bool = False  # K = 0's cost comes from a plain step between plain steps (not only an upper bound)
     previous: DraftStats | None = None  # the running generation's counters, folded in when the next one starts
 
     def start_generation(self, stats: DraftStats) -> None:
@@ -188,6 +142,7 @@ class Learned:
         self.accepted = [a * weight for a in self.accepted]
         self.reached = [r * weight for r in self.reached]
         self.rounds = [r * DECAY for r in self.rounds]
+        self.samples = [r * DECAY for r in self.samples]
         self.previous = stats
 
     def shape_of(self, k: int) -> float:
@@ -206,21 +161,42 @@ class Learned:
         return (1.0 if self.level is None else self.level) * self.shape_of(k)
 
     def observe(self, k: int, seconds_per_unit: float) -> None:
-        """One timed round at K. Its surprise (the ratio to the estimate, clipped) goes to K's shape at the rate of
-        a running mean turning into an EMA, and the rest, at LEVEL_RATE, to the level: at a K seen many times it
-        says the machine changed (every K's estimate follows), at a new K it says something about that K."""
+        """One timed round at K. A first one (or the first since K's estimate went stale) is K's estimate. Later
+        ones move it by their surprise (the ratio to the estimate, clipped: at most 2x, and at most OUTLIER slower
+        unless the round before at K was that much slower too, since a lone slow round is another process's
+        doing) at the rate of a running mean turning into an EMA, and half the surprise when it is the second in a
+        row (the machine changed). The level follows a settled K's estimate (every K is re-priced alike)."""
         shape = self.shape_of(k)
         if self.level is None:
-            self.level, self.shape[k] = seconds_per_unit / shape, shape  # the model's unit
+            self.level, self.shape[k], self.samples[k] = seconds_per_unit / shape, shape, 1.0  # the model's unit
+            self.timed_at[k] = self.level
             return
-        surprise = math.log(min(CLIP, max(1.0 / CLIP, seconds_per_unit / (self.level * shape))))
-        rate = 1.0 if self.shape[k] is None else max(EMA, 1.0 / (1.0 + self.rounds[k]))
-        self.shape[k] = shape * math.exp(rate * surprise)
-        self.level *= math.exp(LEVEL_RATE * (1.0 - rate) * surprise)
+        ratio = seconds_per_unit / (self.level * shape)
+        if not self.fresh(k):
+            self.samples[k], self.slow[k] = 1.0, False
+            self.shape[k], self.timed_at[k] = shape * ratio, self.level
+            return
+        self.samples[k] += 1
+        rate = max(EMA, 1.0 / self.samples[k])
+        slow, self.slow[k] = self.slow[k], ratio > OUTLIER
+        if slow and ratio > OUTLIER:
+            rate = max(rate, 0.5)
+        surprise = math.log(min(CLIP if slow else OUTLIER, max(1.0 / CLIP, ratio)))
+        old_level = self.level
+        if self.samples[k] > SETTLED:  # a K still settling moves only itself
+            self.level *= math.exp((1.0 - rate) * rate * surprise)
+        self.shape[k] = shape * math.exp(rate * surprise) * old_level / self.level
+        self.timed_at[k] = self.level
         if self.calibrated and self._model_fits_better():
             # the rounds contradict the saved curve (another load, a stale file): the unmeasured K take the
             # analytic shape from now on (corrected as the nearest measured K's)
             self.prior, self.calibrated = [1.0] * (MAX_AUTO_K + 1), False
+
+    def fresh(self, k: int) -> bool:
+        """Whether K was timed since the level last moved by STALE (after that, the machine may have changed
+        in ways that do not scale every K alike: a busy machine is compute-bound)."""
+        return (self.shape[k] is not None and self.level is not None and self.timed_at[k] is not None
+                and abs(math.log(self.level / self.timed_at[k])) < math.log(STALE))
 
     def _model_fits_better(self) -> bool:
         """Whether the measured shapes vary less around the analytic model (1) than around the saved curve, the
@@ -235,6 +211,21 @@ class Learned:
 
         return spread([m for m, _ in measured]) < spread([c for _, c in measured])
 
+    def compile_seen(self, excess: float) -> None:
+        """A compile took `excess` seconds per draft token: a running mean turning into an EMA."""
+        self.compiles_seen += 1
+        self.compile_cost += max(EMA, 1.0 / self.compiles_seen) * (max(0.0, excess) - self.compile_cost)
+
+
+@dataclass
+class _Round:
+    """A round the policy chose, until its time is told."""
+
+    k: int
+    context: int
+    compiles: bool  # its draft graph was traced when it was queued (the first round at K on this pair)
+    after: int | None  # the K of the round before it (None: the generation's first round)
+
 
 class AutoDraftLength:
     """The "auto" `DraftLength`: before each round, the K with the most expected tokens per second.
@@ -247,83 +238,183 @@ class AutoDraftLength:
         self.stats = DraftStats()
         self.learned = Learned() if learned is None else learned
         self.learned.start_generation(self.stats)
-        self._since_probe, self._probe_left, self._probe_k = 0, 0, 0
-        self._recent: list[tuple[int, float, int]] = []  # (K, seconds, context) of the last rounds
-        self._timings: list[tuple[int, float]] = []  # (K, seconds) told since the last choice
+        self._since_probe, self._plan = 0, []
+        self._pending: list[_Round] = []  # rounds chosen whose time has not been told yet, oldest first
+        self._last: int | None = None  # the K of the last round chosen
+        self._round, self._timed = 0, {}  # rounds chosen; the round each K was last timed at (this generation)
+        self._compiles: list[tuple[int, float, int]] = []  # (K, seconds, context) of rounds that compiled K
 
     def accepted(self, k: int, n: int) -> None:
         self.stats.record(k, n)
 
     def timed(self, k: int, seconds: float) -> None:
-        self._timings.append((k, seconds))  # priced at the context of the next choice
+        self._record(k, seconds)
 
     def choose(self, remaining: int, context: int) -> int:
-        timings, self._timings = self._timings, []
-        for k, seconds in timings:
-            self._record(k, seconds, context)
-        if self._probe_left:
-            self._probe_left -= 1
-            k = self._probe_k
-        else:
+        if self._plan:
+            k = self._plan.pop(0)
+        elif not self.use_time:
             rates = self.rates(context)
             best = max(range(self._deepest() + 1), key=rates.__getitem__)
             k = self._probe(self._affordable(best, rates, remaining, context), rates, remaining, context)
-        return max(0, min(k, remaining - 1))
+        else:
+            k = self._pick(self.rates(context), remaining, context)
+        k = max(0, min(k, remaining - 1))
+        learned = self.learned
+        self._pending.append(_Round(k, context, k not in learned.compiled, self._last))
+        learned.compiled.add(k)
+        learned.rounds[k] += 1
+        self._last, self._round = k, self._round + 1
+        return k
 
     def _deepest(self) -> int:
-        """The longest draft worth considering: one position past those some round has reached (the estimates of
-        later ones are extrapolations, and a jump to them costs a compile), any K while no round has run."""
+        """Counts only: the longest draft worth considering, one position past those some round has reached (the
+        estimates of later ones are extrapolations), any K while no round has run."""
         reached = [r + (self.stats.reached_per_position[i] if i < len(self.stats.reached_per_position) else 0)
                    for i, r in enumerate(self.learned.reached[: self.max_k])]
         explored = sum(r >= 1 for r in reached)
         return min(self.max_k, explored + 1) if explored else self.max_k
 
-    def _record(self, k: int, seconds: float, context: int) -> None:
-        learned, timed = self.learned, self.use_time and seconds > 0  # a clock that did not move tells nothing
-        if timed and k not in learned.compiled and learned.level is not None:
-            # a first round at K: the compile is what it took beyond a round
-            excess = max(0.0, seconds - self.seconds(k, context)) / (k * self.seconds(0, context))
-            learned.compile_cost += max(EMA, 1.0 / len(learned.compiled)) * (excess - learned.compile_cost)
-        learned.compiled.add(k)
-        learned.rounds[k] += 1
-        # A round is timed once the rounds on both sides of it ran the same K: at a switch between plain steps
-        # (pipelined) and drafting rounds, work shifts between the rounds next to it (and a first round compiles).
-        self._recent = [*self._recent[-2:], (k, seconds, context)] if timed else []
-        if len(self._recent) == 3 and all(r[0] == k for r in self._recent):
-            _, middle, at = self._recent[1]
-            learned.observe(k, middle / self.model.round(k, at))
+    # ---- timing --------------------------------------------------------------------------------------------------
+
+    def _record(self, k: int, seconds: float) -> None:
+        """A round's time, matched to the round (they are told in the order they ran). What a lap holds depends
+        on its neighbours:
+
+        - a drafting round holds its own work, and the compile of its draft graph when it is the first round at
+          its K after a drafting round (or first in the generation): then, once some compile was priced, it gives
+          K a provisional estimate (less the compile; the next round at K replaces it), and the compile is priced
+          once K has an estimate of its own;
+        - a plain step is pipelined: it holds the queueing of the next round (and that round's compile, if any,
+          mostly hidden behind its own step), and after a drafting round (or first in the generation) also its own
+          graph building, which plain steps in a row overlap with the step before: only a plain step after a plain
+          step, the next round not compiling, is a clean sample; the others are upper bounds, kept while no clean
+          sample is."""
+        while self._pending and self._pending[0].k != k:  # out of step (should not happen): resynchronise
+            self._pending.pop(0)
+        if not self._pending:
+            return
+        r = self._pending.pop(0)
+        if not self.use_time or seconds <= 0:  # a clock that did not move tells nothing
+            return
+        learned = self.learned
+        if k:
+            if r.compiles and r.after != 0:
+                if learned.compiles_seen and learned.level is not None and not learned.fresh(k):
+                    # K's first estimate: its round less the compile as priced so far (provisional: the next
+                    # round at K replaces it)
+                    rest = seconds - learned.compile_cost * k
+                    learned.observe(k, max(rest, 0.2 * seconds) / self.model.round(k, r.context))
+                    learned.samples[k] = 0.0
+                else:
+                    self._compiles.append((k, seconds, r.context))
+            else:
+                learned.observe(k, seconds / self.model.round(k, r.context))
+                self._timed[k] = self._round
+        else:
+            following = self._pending[0] if self._pending else None
+            if r.after == 0 and not (following is not None and following.compiles):
+                if not learned.plain_clean:  # the first clean one replaces the upper bounds
+                    learned.timed_at[0] = None
+                learned.observe(0, seconds / self.model.round(0, r.context))
+                learned.plain_clean, self._timed[0] = True, self._round
+            elif not learned.fresh(0) or (not learned.plain_clean and seconds < self.seconds(0, r.context)):
+                # an upper bound (its own graph building, maybe part of a compile): the lowest one, until a clean one
+                learned.timed_at[0] = None
+                learned.observe(0, seconds / self.model.round(0, r.context))
+                learned.plain_clean = False
+        self._resolve_compiles()
+
+    def _resolve_compiles(self) -> None:
+        """Price the compiles seen, once their K has a timed round of its own (seconds beyond it per draft)."""
+        learned, left = self.learned, []
+        for k, seconds, context in self._compiles:
+            if learned.level is not None and learned.fresh(k) and learned.samples[k] >= 1:
+                learned.compile_seen((seconds - self.seconds(k, context)) / k)
+            else:
+                left.append((k, seconds, context))
+        self._compiles = left
+
+    # ---- estimates -----------------------------------------------------------------------------------------------
 
     def acceptance(self) -> list[float]:
         """Conditional acceptance per position, each shrunk towards the estimate of the position before it (the
-        first towards PRIOR_ACCEPTANCE) while few rounds reached it. A fixed prior for every position would trap
-        the policy at short drafts: positions it never drafts keep the prior, and a low prior never makes them
-        worth drafting."""
+        first towards PRIOR_ACCEPTANCE) while few rounds reached it: CHAIN_WEIGHT rounds' worth, as acceptance
+        varies slowly along a draft. A fixed prior for every position would trap the policy at short drafts:
+        positions it never drafts keep the prior, and a low prior never makes them worth drafting."""
         s, learned, out, prior = self.stats, self.learned, [], PRIOR_ACCEPTANCE
         for i in range(self.max_k):
             reached = learned.reached[i] + (s.reached_per_position[i] if i < len(s.reached_per_position) else 0)
             accepted = learned.accepted[i] + (s.accepted_per_position[i] if i < len(s.accepted_per_position) else 0)
-            prior = (accepted + prior * PRIOR_WEIGHT) / (reached + PRIOR_WEIGHT)
+            weight = PRIOR_WEIGHT if i == 0 else CHAIN_WEIGHT
+            prior = (accepted + prior * weight) / (reached + weight)
             out.append(prior)
+        return out
+
+    def costs(self, context: int, hopeful: bool = False) -> list[float]:
+        """Estimated seconds of a round at each K = 0..max_k at this context (model units while nothing was
+        measured). A K measured since the level last moved by STALE: its estimate. Otherwise (with a calibration:
+        its curve through the nearest measured K): between two measured K the straight line through them, per
+        model unit; past the measured ones the line through the last two (never cheaper per unit than the last),
+        UNSEEN dearer per K of distance. `hopeful`: what the choice hopes for a K past the deepest measured one,
+        the verify of more rows no dearer and each extra draft step a small plain step (drafter bytes)."""
+        learned, units = self.learned, self.model.rounds(self.max_k, context)
+        level = 1.0 if learned.level is None else learned.level
+        measured = [k for k in range(self.max_k + 1) if learned.shape[k] is not None and learned.fresh(k)]
+        if (learned.calibrated and not hopeful) or not measured:
+            return [level * learned.shape_of(k) * units[k] for k in range(self.max_k + 1)]
+        per_unit = {k: level * learned.shape[k] for k in measured}
+        step = units[1] - units[0] - VERIFY_SLOPE - ROUND_OVERHEAD if self.max_k else 0.0  # one draft step
+        out = []
+        for k in range(self.max_k + 1):
+            below, above = [j for j in measured if j < k], [j for j in measured if j > k]
+            if k in per_unit:
+                u = per_unit[k]
+            elif hopeful and below and above:  # between the straight line and the lowest cost consistent with
+                # what was measured: the K below it and its extra drafts (a verify of more rows never costs less),
+                # a draft step a small plain step (drafter bytes)
+                a, b = below[-1], above[0]
+                drafts = min(per_unit[a], per_unit.get(0, per_unit[a]))
+                low = (per_unit[a] * units[a] + drafts * (k - a) * step) / units[k]
+                line = per_unit[a] + (per_unit[b] - per_unit[a]) * (k - a) / (b - a)
+                u = low ** HOPE_BETWEEN * line ** (1 - HOPE_BETWEEN) if low < line else line
+            elif below and above:
+                a, b = below[-1], above[0]
+                u = per_unit[a] + (per_unit[b] - per_unit[a]) * (k - a) / (b - a)
+            else:
+                side = below[::-1] if below else above  # nearest first
+                a = side[0]
+                slope = 0.0 if len(side) < 2 else (per_unit[a] - per_unit[side[1]]) / (a - side[1])
+                if hopeful and below:  # a verify of more rows costing no more, the drafts their bytes
+                    drafts = min(per_unit[a], per_unit.get(0, per_unit[a]))  # a draft step is a small plain step
+                    u = (per_unit[a] * units[a] + drafts * (k - a) * step) / units[k]
+                elif hopeful:  # as cheap as the analytic model says (per unit as the nearest measured K)
+                    u = per_unit[a]
+                else:
+                    u = max(per_unit[a], per_unit[a] + slope * (k - a)) * (1.0 + UNSEEN * abs(k - a))
+            out.append(u * units[k])
         return out
 
     def seconds(self, k: int, context: int) -> float:
         """Estimated seconds of a round at K (model units while nothing was measured)."""
-        return self.learned.seconds_per_unit(k) * self.model.round(k, context)
+        return self.costs(context)[k]
 
-    def rates(self, context: int) -> list[float]:
-        """Expected tokens per second of a round at each K = 0..max_k."""
+    def rates(self, context: int, hopeful: bool = False) -> list[float]:
+        """Expected tokens per second of a round at each K = 0..max_k (`hopeful`: as `costs` hopes)."""
         out, tokens, survive = [], 1.0, 1.0
-        for k, a in enumerate([1.0] + self.acceptance()):
+        for k, (a, seconds) in enumerate(zip([1.0] + self.acceptance(), self.costs(context, hopeful))):
             if k:
                 survive *= a
                 tokens += survive
-            out.append(tokens / self.seconds(k, context))
+            out.append(tokens / seconds)
         return out
+
+    # ---- choices -------------------------------------------------------------------------------------------------
 
     def _compile_seconds(self, k: int, context: int) -> float:
         if not self.use_time or k in self.learned.compiled:
             return 0.0
-        return self.learned.compile_cost * k * self.seconds(0, context)
+        return self.learned.compile_cost * k
 
     def _affordable(self, best: int, rates: list[float], remaining: int, context: int) -> int:
         """`best`, or the best K already run when compiling `best` costs more than it would save."""
@@ -331,8 +422,56 @@ class AutoDraftLength:
         saved = remaining * (1 / rates[known] - 1 / rates[best])
         return best if saved >= self._compile_seconds(best, context) else known
 
+    def _pick(self, rates: list[float], remaining: int, context: int) -> int:
+        """The K of the best upper estimate (a bandit's choice): each K's hoped rate raised by EXPLORE /
+        sqrt(1 + its timed rounds), so a K whose estimate rests on few rounds is tried again while it might be
+        the best, and one clearly worse soon is not. A K without a fresh estimate is tried only when the hoped
+        gain over the tokens left is WORTH its likely cost (its compile, and its rounds at the estimate). Plain
+        steps are timed first thing (every K is judged against them), and while they compete and their time is
+        only an upper bound, twice in a row (the second is a clean sample); a close contender not timed for
+        PROBE_EVERY rounds is timed again (its estimate may rest on a slow spell)."""
+        learned = self.learned
+        if learned.level is None:  # nothing timed yet: a plain step (holding the next round's compile, mostly
+            # hidden behind its own work), then the model's best K, moderately
+            if self._last is None:
+                self._plan = [min(max(range(self.max_k + 1), key=rates.__getitem__), START_K)]
+                return 0
+            return max(learned.compiled, key=rates.__getitem__)
+        compiled = [k for k in learned.compiled if k <= self.max_k]
+        if not learned.fresh(0):  # one plain step after a drafting round (its time arrives a round late)
+            if remaining > 2 and all(r.k for r in self._pending):
+                return 0
+            return max(compiled, key=rates.__getitem__)
+        if not learned.plain_clean and remaining > 3 and PLAIN_SLACK * rates[0] > max(rates):
+            self._plan = [0]  # plain steps may be the best: time one cleanly (the second of two)
+            return 0
+        hopes, known = self.rates(context, hopeful=True), [k for k in range(self.max_k + 1) if learned.fresh(k)]
+        support = [n if k in known else 0.0 for k, n in enumerate(learned.samples)]
+        upper = [r * (1.0 + EXPLORE / math.sqrt(1.0 + n)) for r, n in zip(hopes, support)]
+        best = max(range(self.max_k + 1), key=upper.__getitem__)
+        if best not in known:  # worth finding out: the hoped gain pays for the likely cost
+            exploit = max(known, key=rates.__getitem__)
+            costs = self.costs(context)
+            first = best not in learned.compiled and self._last  # its first round holds the compile: 2 rounds
+            loss = (1 + bool(first)) * max(0.0, costs[best] - costs[best] * rates[best] / rates[exploit])
+            gain = remaining * (1 / rates[exploit] - 1 / hopes[best])
+            if gain < WORTH * (loss + self._compile_seconds(best, context)):
+                best = max(known, key=upper.__getitem__)
+        if best not in learned.compiled and self._last and remaining > 3 and not learned.compiles_seen:
+            self._plan = [best]  # its first round holds the compile: the second one is timed
+        # a close contender not timed for a while is timed again (its estimate may rest on a slow spell)
+        close = [k for k in known if k != best and k in learned.compiled
+                 and rates[k] > RECHECK * rates[best] and self._round - self._timed.get(k, 0) > PROBE_EVERY]
+        if close and remaining > 3:
+            k = min(close, key=lambda k: self._timed.get(k, 0))
+            self._timed[k] = self._round  # once per PROBE_EVERY rounds, whatever the round tells
+            if k == 0 and self._last:
+                self._plan = [0]  # the second plain step is the clean sample
+            return k
+        return best
+
     def _probe(self, best: int, rates: list[float], remaining: int, context: int) -> int:
-        """Now and then a neighbour of `best` instead: its cost and, deeper, the acceptance of one more position."""
+        """Counts only: now and then a neighbour of `best` instead (deeper, the acceptance of one more position)."""
         rounds = self.learned.rounds
         neighbours = [k for k in (best + 1, best - 1) if 0 <= k <= self.max_k]
         if not neighbours:
@@ -341,9 +480,7 @@ class AutoDraftLength:
         self._since_probe += 1
         if self._since_probe < min(PROBE_EVERY, PROBE_AFTER + rounds[probe]):
             return best
-        if remaining * PROBE_GAIN / rates[best] < self._compile_seconds(probe, context):
-            return best
-        self._since_probe, self._probe_left, self._probe_k = 0, PROBE_ROUNDS - 1, probe
+        self._since_probe = 0
         return probe
 
 
@@ -365,6 +502,20 @@ class AutoRecords:
                 del self.settings[next(iter(self.settings))]
             self.settings[_setting(sampler)] = learned
         return old
+
+
+def auto_draft_length(records: AutoRecords, sampler: SamplerConfig, max_k: int,
+                      prior: Callable[[], DraftCosts | None]) -> AutoDraftLength:
+    """The "auto" policy of one generation on a pair whose records are `records`: it learns (this pair's record for
+    the sampling setting, made from `prior()`, e.g. the saved calibration, when there is none yet), or with a seed
+    at T > 0 one whose schedule depends on counts only (a fresh record, no timing)."""
+    if sampler.seed is not None and not sampler.greedy:
+        return AutoDraftLength(records.model, max_k, Learned(), timed=False)
+    learned = records.get(sampler)
+    if learned is None:
+        learned = new_record(records.model, prior())
+        records.swap(sampler, learned)
+    return AutoDraftLength(records.model, max_k, learned)
 
 
 def _setting(sampler: SamplerConfig) -> tuple:

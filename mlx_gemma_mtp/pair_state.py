@@ -15,18 +15,16 @@ from .calibration import saved_costs
 from .constraint import Constraint, grammar_tokenizer
 from .distributed.lockstep import Lockstep
 from .draft_length import (
-    AutoDraftLength,
     AutoRecords,
     DraftLength,
     FixedDraftLength,
-    Learned,
     LockstepDraftLength,
-    cost_model,
-    new_record,
+    auto_draft_length,
 )
 from .drafting import DraftStep
 from .models.gemma4_assistant import Drafter
 from .models.gemma4_text import Model
+from .round_cost import cost_model
 from .sampling import SamplerConfig
 
 
@@ -69,13 +67,7 @@ class PairState:
         the sampling setting), or with a seed at T > 0 one whose schedule depends on counts only."""
         if isinstance(num_draft_tokens, int):
             return FixedDraftLength(num_draft_tokens)
-        records = self.auto_records
-        if sampler.seed is not None and not sampler.greedy:
-            return AutoDraftLength(records.model, max_k, Learned(), timed=False)
-        learned = records.get(sampler)
-        if learned is None:  # each host has its own saved calibration: a sharded target starts from the model
-            prior = None if self.lockstep else saved_costs(self.target, self.drafter, sampler.greedy)
-            learned = new_record(records.model, prior)
-            records.swap(sampler, learned)
-        policy = AutoDraftLength(records.model, max_k, learned)
-        return policy if self.lockstep is None else LockstepDraftLength(self.lockstep, policy)
+        # each host has its own saved calibration: a sharded target starts from the model
+        prior = (lambda: None) if self.lockstep else (lambda: saved_costs(self.target, self.drafter, sampler.greedy))
+        policy = auto_draft_length(self.auto_records, sampler, max_k, prior)
+        return policy if self.lockstep is None or not policy.use_time else LockstepDraftLength(self.lockstep, policy)

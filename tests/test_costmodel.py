@@ -3,7 +3,7 @@
 import pytest
 
 from mlx_gemma_mtp.bench import cost_model as costmodel
-from mlx_gemma_mtp.draft_length import DraftCosts
+from mlx_gemma_mtp.round_cost import DraftCosts
 
 # T_verify(T) = 10 ms + 1 ms per extra token, T_draft(K) = 2 ms per draft
 COSTS = DraftCosts(draft=[0.0] + [0.002 * k for k in range(1, 9)], verify=[0.0] + [0.010 + 0.001 * (t - 1)

@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from itertools import pairwise
 
-from ..draft_length import DraftCosts
+from ..round_cost import DraftCosts
 
 PUBLISHED_31B = (0.92, 0.78, 0.67, 0.57)  # acceptance per draft position of a healthy 31B pair, K = 4
 

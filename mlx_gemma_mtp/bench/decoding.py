@@ -38,8 +38,9 @@ import mlx.core as mx
 
 from .. import load, stream_generate
 from ..calibration import measure_costs, save_costs, saved_costs
-from ..draft_length import MAX_AUTO_K, DraftCosts, new_record
+from ..draft_length import MAX_AUTO_K, new_record
 from ..load import Bundle
+from ..round_cost import DraftCosts
 from ..sampling import SamplerConfig
 from ..speculative import drafter_proposer
 from ..stats import DraftStats
