@@ -20,7 +20,7 @@ from .load import Bundle
 from .logprobs import MAX_TOP_LOGPROBS, TokenLogprobs
 from .media.content import has_media, split_media
 from .media.encoder import PromptMedia
-from .media.placeholders import expand
+from .media.placeholders import expand, video_rewrite
 from .memory import generation_stream, on_stream, release_streams_at_thread_exit, wired_limit
 from .plain import Chooser, first_token, generate_step, prefill
 from .prompt import EncodedPrompt, Prompt, prompt_ids
@@ -92,22 +92,25 @@ class GenerationOptions:
 
 def encode_prompt(bundle: Bundle, prompt: Prompt | EncodedPrompt, chat_template_kwargs: dict | None = None,
                   local_files: bool = True) -> EncodedPrompt:
-    """What `stream_generate` would feed for `prompt`: token ids, with the images and audio of chat messages
+    """What `stream_generate` would feed for `prompt`: token ids, with the images, videos and audio of chat messages
     decoded and processed (a server does this before it takes the model). `local_files`: whether media parts may
     name local paths (a server allows them only when told to)."""
     if isinstance(prompt, EncodedPrompt):
         encoded = prompt
     else:
-        items = []
+        items, rewrite = [], None
         if has_media(prompt):
             if bundle.media is None:
-                raise ValueError(f"{bundle.path} takes no images or audio: its config.json has no vision_config "
-                                 "(a text-only checkpoint or conversion); load the released multimodal checkpoint")
-            prompt, items = split_media(prompt, local_files)
-        ids = prompt_ids(bundle.tokenizer, bundle.special, prompt, chat_template_kwargs, where=str(bundle.path))
-        encoded = EncodedPrompt(ids)
-        if items:
-            encoded = expand(ids, [bundle.media.prepare(item) for item in items], bundle.media.tokens)
+                raise ValueError(f"{bundle.path} takes no images or audio (nor video): its config.json has no "
+                                 "vision_config (a text-only checkpoint or conversion); load the released "
+                                 "multimodal checkpoint")
+            prompt, media = split_media(prompt, local_files)
+            items = [bundle.media.prepare(item) for item in media]
+            # a video's frame times are text: HF writes them into the rendered template before tokenizing
+            rewrite = video_rewrite(items, lambda i: bundle.tokenizer.convert_ids_to_tokens(i), bundle.media.tokens)
+        ids = prompt_ids(bundle.tokenizer, bundle.special, prompt, chat_template_kwargs, where=str(bundle.path),
+                         rewrite=rewrite)
+        encoded = expand(ids, items, bundle.media.tokens) if items else EncodedPrompt(ids)
     if not encoded.ids:
         raise ValueError("the prompt encodes to no tokens")
     vocab = bundle.target.args.vocab_size

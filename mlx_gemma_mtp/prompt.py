@@ -8,13 +8,14 @@
   through; thinking is off unless asked for, as in Google's templates (mlx-lm's wrapper would switch it on for
   any tokenizer that has `<|channel>`).
 - Token ids (a list, or a 1-D numpy / MLX integer array): used exactly as given.
-- Images and audio: content parts of chat messages (`media/content.py`); the template writes one placeholder
-  per part, expanded to the item's soft tokens (`media/placeholders.py`). The result is an `EncodedPrompt`.
+- Images, videos and audio: content parts of chat messages (`media/content.py`); the template writes one
+  placeholder per part, expanded to the item's soft tokens (`media/placeholders.py`; a video's in the rendered
+  text, since its frame times are text). The result is an `EncodedPrompt`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,13 +27,14 @@ CHANNEL_START, CHANNEL_END = "<|channel>", "<channel|>"  # Gemma 4's thought cha
 
 @dataclass(frozen=True)
 class Span:
-    """An image or audio clip in an encoded prompt: its soft tokens are `ids[start:start + length]`."""
+    """An image, a video frame or an audio clip in an encoded prompt: its soft tokens are
+    `ids[start:start + length]`."""
 
-    kind: str  # "image" or "audio"
+    kind: str  # "image", "video" (one frame) or "audio"
     start: int
     length: int
     digest: int  # hash of the processed item (pixels / features): what tells two same-sized items apart
-    inputs: Any  # what its tower reads: media.image.ImageFeatures or media.audio.AudioFeatures
+    inputs: Any  # what its tower reads: media.image.ImageFeatures (images, video frames) or AudioFeatures
 
     @property
     def end(self) -> int:
@@ -130,7 +132,8 @@ def _encode_text(tokenizer, special: SpecialTokens, text: str) -> list[int]:
     return ids
 
 
-def _render_chat(tokenizer, messages: list, chat_template_kwargs: dict | None) -> list[int]:
+def _render_chat(tokenizer, messages: list, chat_template_kwargs: dict | None,
+                 rewrite: Callable[[str], str] | None = None) -> list[int]:
     if not getattr(tokenizer, "has_chat_template", False):
         raise ValueError("this checkpoint has no chat template (no 'chat_template' in tokenizer_config.json and "
                          "no chat_template.jinja); pass the prompt as text or as token ids")
@@ -139,12 +142,17 @@ def _render_chat(tokenizer, messages: list, chat_template_kwargs: dict | None) -
     reserved = {"add_generation_prompt", "tokenize", "conversation", "messages"} & kwargs.keys()
     if reserved:
         raise ValueError(f"chat_template_kwargs may not set {sorted(reserved)}; they are set by generation")
-    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, **kwargs))
+    if rewrite is None:
+        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, **kwargs))
+    # what apply_chat_template does when it tokenizes, with the text changed in between
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kwargs)
+    return list(tokenizer.encode(rewrite(text), add_special_tokens=False))
 
 
 def prompt_ids(tokenizer, special: SpecialTokens, prompt: Any, chat_template_kwargs: dict | None = None,
-               where: str = "the checkpoint") -> list[int]:
+               where: str = "the checkpoint", rewrite: Callable[[str], str] | None = None) -> list[int]:
     """Token ids of `prompt`: text (BOS added as needed), chat messages (the checkpoint's template) or token ids.
+    `rewrite`: applied to chat messages' rendered text before it is tokenized (videos' placeholders).
 
     Raises:
         ValueError: naming what is wrong with the prompt and what to pass instead.
@@ -169,4 +177,4 @@ def prompt_ids(tokenizer, special: SpecialTokens, prompt: Any, chat_template_kwa
             raise ValueError("the prompt is an empty string")
         return _encode_text(tokenizer, special, prompt)
     _check_messages(prompt)
-    return _render_chat(tokenizer, list(prompt), chat_template_kwargs)
+    return _render_chat(tokenizer, list(prompt), chat_template_kwargs, rewrite)

@@ -12,9 +12,9 @@ from ..sampling import SamplerConfig
 from .options import add_model_arguments, add_sampling_arguments, load_model, sampler_from
 from .output import ChannelPrinter, format_stats
 
-HELP = ("type a message; /image PATH or /audio PATH attaches a file to your next message, /reset starts over, "
+HELP = ("type a message; /image, /video or /audio PATH attaches a file to your next message, /reset starts over, "
         "/stats shows the last answer's stats, /exit, /quit or Ctrl-D ends, Ctrl-C stops an answer")
-MEDIA_COMMANDS = {"/image": "image", "/audio": "audio"}
+MEDIA_COMMANDS = {"/image": "image", "/video": "video", "/audio": "audio"}
 
 
 def add_chat_parser(sub) -> None:
@@ -42,7 +42,7 @@ class Chat:
     cache: PromptCache = field(default_factory=PromptCache)
     last: object = None  # the last GenerationResponse (for /stats)
     raw: bool = False
-    attached: list[dict] = field(default_factory=list)  # media parts for the next message (/image, /audio)
+    attached: list[dict] = field(default_factory=list)  # media parts for the next message (/image, /video, /audio)
 
     def prompt(self):
         """What the model continues: the chat messages, or in raw mode their text run together."""
@@ -105,7 +105,7 @@ def answer(bundle, chat: Chat, text: str, args, sampler: SamplerConfig, out) -> 
 
 
 def attach(chat: Chat, bundle, command: str, argument: str, out) -> None:
-    """`/image PATH` or `/audio PATH`: the file goes with the next message (checked to exist now)."""
+    """`/image PATH`, `/video PATH` or `/audio PATH`: the file goes with the next message (checked to exist now)."""
     from pathlib import Path
 
     kind = MEDIA_COMMANDS[command]

@@ -23,8 +23,11 @@ def add_generate_parser(sub) -> None:
     add_sampling_arguments(p)
     p.add_argument("--image", action="append", default=[], metavar="PATH",
                    help="an image to ask about (repeatable; placed before the prompt's text, in the given order)")
+    p.add_argument("--video", action="append", default=[], metavar="PATH",
+                   help="a video to ask about (repeatable; up to 32 frames sampled; placed after the images; "
+                        "decoding needs PyAV: pip install 'mlx-gemma-mtp[video]')")
     p.add_argument("--audio", action="append", default=[], metavar="PATH",
-                   help="an audio clip to ask about (repeatable; E2B/E4B; placed after the images)")
+                   help="an audio clip to ask about (repeatable; E2B/E4B; placed after the images and videos)")
     p.add_argument("--no-chat-template", action="store_true", help="feed the prompt as raw text (BOS is added)")
     p.add_argument("--chat-template-kwargs", type=json_object, default=None,
                    help='options for the chat template as JSON, e.g. \'{"enable_thinking": true}\'')
@@ -34,13 +37,14 @@ def add_generate_parser(sub) -> None:
     p.set_defaults(func=run_generate)
 
 
-def media_parts(images: list[str], audio: list[str]) -> list[dict]:
-    """Chat content parts for `--image` / `--audio` files (checked to exist, so a typo fails before loading)."""
-    for path in [*images, *audio]:
+def media_parts(images: list[str], audio: list[str], videos: list[str] = ()) -> list[dict]:
+    """Chat content parts for `--image` / `--video` / `--audio` files, in that order (checked to exist, so a typo
+    fails before loading)."""
+    for path in [*images, *videos, *audio]:
         if not Path(path).expanduser().is_file():
             raise SystemExit(f"error: {path}: no such file")
-    return ([{"type": "image", "image": str(Path(p).expanduser())} for p in images]
-            + [{"type": "audio", "audio": str(Path(p).expanduser())} for p in audio])
+    files = [("image", p) for p in images] + [("video", p) for p in videos] + [("audio", p) for p in audio]
+    return [{"type": kind, kind: str(Path(p).expanduser())} for kind, p in files]
 
 
 def run_generate(args) -> None:
@@ -52,16 +56,16 @@ def run_generate(args) -> None:
     if args.model is None:
         args.prompt = DEMO_PROMPT if args.prompt is None else args.prompt
         print(DEMO_BANNER, file=sys.stderr if out is sys.stdout else out)
-    media = media_parts(args.image, args.audio)  # a missing file or a bad flag fails before the (slow) load
+    media = media_parts(args.image, args.audio, args.video)  # a missing file fails before the (slow) load
     if media and args.no_chat_template:
-        raise SystemExit("error: --image/--audio need the chat template (leave out --no-chat-template)")
+        raise SystemExit("error: --image/--video/--audio need the chat template (leave out --no-chat-template)")
     bundle = load_model(args, group)
     sampler = sampler_from(args, bundle)
     if args.prompt is None:
         args.prompt = "Write a haiku about speculative decoding."
     use_chat = not args.no_chat_template and bundle.tokenizer is not None and bundle.tokenizer.has_chat_template
     if media and not use_chat:
-        raise SystemExit(f"error: --image/--audio need a chat template, and {bundle.path.name} has none")
+        raise SystemExit(f"error: --image/--video/--audio need a chat template, and {bundle.path.name} has none")
     content = [*media, {"type": "text", "text": args.prompt}] if media else args.prompt
     prompt = [{"role": "user", "content": content}] if use_chat else args.prompt
     template_kwargs = dict(args.chat_template_kwargs or {})

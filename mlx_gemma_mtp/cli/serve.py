@@ -37,7 +37,7 @@ def add_serve_parser(sub) -> None:
                    help="requests decoded together, each exactly as alone (continuous batching with MTP per "
                         "request); 1: one at a time (default 4; a sharded server always takes one at a time)")
     p.add_argument("--allow-local-media", action="store_true",
-                   help="let image/audio parts name files on this machine (default: data: URLs only; nothing is "
+                   help="let image/video/audio parts name files on this machine (default: data: URLs only; nothing is "
                         "ever fetched from the network)")
     p.set_defaults(func=run_serve)
 

@@ -1,4 +1,4 @@
-"""Images and audio in chat messages: which content parts hold media, and where each item's bytes come from.
+"""Images, videos and audio in chat messages: which content parts hold media, and where each item's bytes come from.
 
 Accepted parts (OpenAI's and HF's spellings), kept in the order the client sent them (the template renders them
 in that order; moving audio after the text would be a different prompt):
@@ -7,9 +7,12 @@ in that order; moving audio after the text would be a different prompt):
   (or `"image_url": URL`)
 - audio: `{"type": "audio", "audio" | "url" | "path": SOURCE}`,
   `{"type": "input_audio", "input_audio": {"data": BASE64, "format": "wav"}}`
+- video: `{"type": "video", "video" | "url" | "path": SOURCE}`, `{"type": "video_url", "video_url": {"url": URL}}`
+  (vLLM's spelling)
 
 SOURCE is a `data:` URL, a local path (when `local_files` allows it; a server refuses them unless started with
-`--allow-local-media`), raw bytes of a file, a PIL image, a numpy array (audio: `(array, sampling_rate)` too).
+`--allow-local-media`), raw bytes of a file, a PIL image, a numpy array (audio: `(array, sampling_rate)` too; video: a list of frames, an
+(F, H, W, C) array, or `(frames, fps)`).
 Nothing is fetched from the network: an `http(s)://` URL is refused with a message saying what to send instead.
 """
 
@@ -22,23 +25,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-IMAGE, AUDIO = "image", "audio"
-_KINDS = {"image": IMAGE, "image_url": IMAGE, "audio": AUDIO, "input_audio": AUDIO}
-_SOURCE_KEYS = ("image", "audio", "url", "path", "image_url", "input_audio")
+IMAGE, AUDIO, VIDEO = "image", "audio", "video"
+_KINDS = {"image": IMAGE, "image_url": IMAGE, "audio": AUDIO, "input_audio": AUDIO, "video": VIDEO,
+          "video_url": VIDEO}
+_SOURCE_KEYS = ("image", "audio", "video", "url", "path", "image_url", "input_audio", "video_url")
 
 
 @dataclass(frozen=True)
 class MediaItem:
-    """One image or audio clip of a prompt, not yet decoded: `source` is bytes, a path, an image or an array."""
+    """One image, video or audio clip of a prompt, not yet decoded: `source` is bytes, a path, an image, an
+    array or frames."""
 
-    kind: str  # IMAGE or AUDIO
+    kind: str  # IMAGE, VIDEO or AUDIO
     source: Any
     where: str  # how errors name it: "messages[0].content[1]"
 
 
 def split_media(messages: list, local_files: bool = True) -> tuple[list, list[MediaItem]]:
     """(messages for the chat template, the media items in order). In the returned messages each media part is
-    `{"type": "image"}` or `{"type": "audio"}` (the template writes one placeholder for it); text is untouched.
+    `{"type": "image"}`, `{"type": "video"}` or `{"type": "audio"}` (the template writes one placeholder for it);
+    text is untouched.
 
     Raises:
         ValueError: a media part without a usable source, naming the part and what to send instead.
@@ -63,7 +69,7 @@ def split_media(messages: list, local_files: bool = True) -> tuple[list, list[Me
 
 
 def has_media(messages) -> bool:
-    """Whether any message holds an image or audio part (cheap: nothing is decoded)."""
+    """Whether any message holds an image, video or audio part (cheap: nothing is decoded)."""
     return isinstance(messages, (list, tuple)) and any(
         isinstance(m, Mapping) and isinstance(m.get("content"), list)
         and any(isinstance(p, Mapping) and p.get("type") in _KINDS for p in m["content"])
@@ -73,7 +79,7 @@ def has_media(messages) -> bool:
 
 def _source(part: Mapping, kind: str, where: str, local_files: bool):
     value = next((part[k] for k in _SOURCE_KEYS if part.get(k) is not None), None)
-    if isinstance(value, Mapping):  # {"image_url": {"url": ...}} / {"input_audio": {"data": ..., "format": ...}}
+    if isinstance(value, Mapping):  # {"image_url" | "video_url": {"url": ...}} / {"input_audio": {"data": ...}}
         if "url" in value:
             value = value["url"]
         elif "data" in value:

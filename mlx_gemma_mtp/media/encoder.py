@@ -1,5 +1,6 @@
-"""What a bundle needs to take images and audio: the checkpoint's processors, its placeholder ids, and its towers,
-loaded on first use so text-only work never pays their memory (E2B's vision + audio towers: 0.95 GB in bf16)."""
+"""What a bundle needs to take images, videos and audio: the checkpoint's processors, its placeholder ids, and its
+towers, loaded on first use so text-only work never pays their memory (E2B's vision + audio towers: 0.95 GB in
+bf16)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import numpy as np
 from ..models.gemma4_text import MediaRows
 from ..models.towers import Towers
 from ..prompt import EncodedPrompt, Span
-from .content import AUDIO, IMAGE, MediaItem
+from .content import AUDIO, IMAGE, VIDEO, MediaItem
 from .placeholders import MediaTokens, Prepared
 
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
@@ -41,12 +42,12 @@ def digest(*arrays: np.ndarray) -> int:
     return int.from_bytes(h.digest(), "little") >> 4
 
 
-def _tower_geometry(processor_config: dict, vision_config: dict) -> dict:
+def _tower_geometry(processor_config: dict, vision_config: dict, name: str = "image_processor") -> dict:
     """The processor settings with the tower's patch and pooling sizes where the processor's file leaves them out
     (or the checkpoint has none): pixels cut any other way would not fit the tower. A file that disagrees with
-    the tower is refused."""
-    nested = "image_processor" in processor_config
-    section = dict(processor_config.get("image_processor") or {}) if nested else dict(processor_config)
+    the tower is refused. `name`: the section (images: also a flat file; videos: only their own section)."""
+    nested = name in processor_config or name != "image_processor"
+    section = dict(processor_config.get(name) or {}) if nested else dict(processor_config)
     for key, default in (("patch_size", 16), ("pooling_kernel_size", 3)):
         tower = vision_config.get(key, default)
         if section.get(key) is None:
@@ -54,7 +55,7 @@ def _tower_geometry(processor_config: dict, vision_config: dict) -> dict:
         elif section[key] != tower:
             raise ValueError(f"the processor config says {key}={section[key]} but config.json's vision_config "
                              f"says {tower}: the files belong to different checkpoints")
-    return {**processor_config, "image_processor": section} if nested else section
+    return {**processor_config, name: section} if nested else section
 
 
 class MediaEncoder:
@@ -65,9 +66,12 @@ class MediaEncoder:
     def __init__(self, config: dict, processor_config: dict, load_towers: Callable[[], Towers],
                  bidirectional_images: bool):
         from .image import ImageProcessor
+        from .video import VideoProcessor
 
         self.tokens = MediaTokens.from_config(config)
-        self.image_processor = ImageProcessor.from_config(_tower_geometry(processor_config, config["vision_config"]))
+        vision = config["vision_config"]
+        self.image_processor = ImageProcessor.from_config(_tower_geometry(processor_config, vision))
+        self.video_processor = VideoProcessor.from_config(_tower_geometry(processor_config, vision, "video_processor"))
         self.audio_extractor = None
         if isinstance(config.get("audio_config"), dict):
             from .audio import AudioFeatureExtractor
@@ -102,6 +106,8 @@ class MediaEncoder:
                 raise ValueError(f"{item.where}: {e}") from None
             return Prepared(IMAGE, features, features.num_soft_tokens,
                             digest(features.pixel_values, features.position_ids))
+        if item.kind == VIDEO:
+            return self._prepare_video(item)
         if not self.takes_audio:
             raise ValueError(f"{item.where}: this checkpoint takes no audio (no audio_config; only E2B and E4B "
                              "have an audio tower); send text or images")
@@ -117,10 +123,19 @@ class MediaEncoder:
                           "its start is used (split longer audio into several clips)", stacklevel=2)
         return Prepared(AUDIO, features, features.num_soft_tokens, digest(features.features, features.mask))
 
+    def _prepare_video(self, item: MediaItem) -> Prepared:
+        try:
+            features = self.video_processor(item.source)
+        except ValueError as e:
+            raise ValueError(f"{item.where}: {e}") from None
+        frames = tuple(digest(frame, features.position_ids) for frame in features.pixel_values)
+        return Prepared(VIDEO, features, features.num_soft_tokens, digest(features.pixel_values), frames)
+
     def features(self, span: Span) -> mx.array:
-        """The span's soft tokens in the text model's embedding space, (length, hidden), lazily."""
+        """The span's soft tokens in the text model's embedding space, (length, hidden), lazily. A video's span
+        is one frame, which the vision tower reads as an image (HF: `get_video_features`)."""
         towers, x = self.towers, span.inputs
-        if span.kind == IMAGE:
+        if span.kind in (IMAGE, VIDEO):
             return towers.image_features(mx.array(x.pixel_values)[None], mx.array(x.position_ids)[None])
         return towers.audio_features(mx.array(x.features)[None], mx.array(x.mask)[None], span.length)
 
@@ -133,8 +148,8 @@ class PromptMedia:
         self.spans, self.encoder = prompt.spans, encoder
 
     def cut(self, start: int, end: int) -> int:
-        """The end to use for a chunk [start, end): an item's soft tokens go in one forward (an image's see each
-        other there), so an end inside one moves before it, or past it when the item starts the chunk."""
+        """The end to use for a chunk [start, end): an item's soft tokens go in one forward (an image's or a video
+        frame's see each other there), so an end inside one moves before it, or past it when it starts the chunk."""
         for span in self.spans:
             if span.start < end < span.end:
                 return span.start if span.start > start else span.end
@@ -146,4 +161,6 @@ class PromptMedia:
             return None
         rows = tuple((s.start - start, self.encoder.features(s)) for s in inside)
         bidirectional = self.encoder.bidirectional_images
-        return MediaRows(rows, tuple((s.start, s.end) for s in inside if s.kind == IMAGE and bidirectional))
+        # HF's blocks: each run of image or video tokens (one image, one frame) attends within itself
+        blocks = tuple((s.start, s.end) for s in inside if s.kind in (IMAGE, VIDEO) and bidirectional)
+        return MediaRows(rows, blocks)

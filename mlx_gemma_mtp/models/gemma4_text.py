@@ -264,7 +264,8 @@ class DecoderLayer(nn.Module):
 
 @dataclass(frozen=True)
 class MediaRows:
-    """Soft tokens that replace placeholder rows of one forward's input (images, audio; spec: HF Gemma4Model).
+    """Soft tokens that replace placeholder rows of one forward's input (images, video frames, audio; spec: HF
+    Gemma4Model).
 
     `rows[j]` = (first row within the forward's tokens, features (L, hidden)). Placeholders are looked up as the
     pad token in the per-layer embeddings, while the per-layer context projection sees the features (as HF

@@ -145,12 +145,13 @@ def stop_from(body: dict) -> list[str] | None:
     return stop
 
 
-MEDIA_PARTS = ("image_url", "input_audio", "image", "audio")
+MEDIA_PARTS = ("image_url", "input_audio", "video_url", "image", "audio", "video")
 
 
 def _content(content, i: int) -> str | list[dict]:
-    """A message's content: a string, null, or a list of parts: text, `image_url` (a data: URL; a local path
-    only when the server allows it) and `input_audio` (base64 with its format). Text alone is joined."""
+    """A message's content: a string, null, or a list of parts: text, `image_url` / `video_url` (vLLM's name; a
+    data: URL, a local path only when the server allows it) and `input_audio` (base64 with its format). Text
+    alone is joined."""
     if content is None or isinstance(content, str):
         return content or ""
     if not isinstance(content, list) or not all(isinstance(p, dict) for p in content):
@@ -159,7 +160,7 @@ def _content(content, i: int) -> str | list[dict]:
     for j, p in enumerate(content):
         if p.get("type") == "text" and isinstance(p.get("text"), str) or p.get("type") in MEDIA_PARTS:
             continue
-        raise RequestError(f"messages[{i}].content[{j}] must be a text, image_url or input_audio part, got "
+        raise RequestError(f"messages[{i}].content[{j}] must be a text, image_url, video_url or input_audio part, got "
                            f"type {p.get('type')!r}", f"messages[{i}].content[{j}]")
     if all(p["type"] == "text" for p in content):
         return "".join(p["text"] for p in content)
