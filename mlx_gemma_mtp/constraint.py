@@ -11,7 +11,8 @@ mask is known when the round is queued), the later ones unconstrained (their mas
 them). Once the drafts are known (one extra host sync per round, not per draft token) the matcher walks them,
 giving the mask at every verify position; a draft the grammar forbids has target probability 0 and would be
 rejected, so the round verifies only the drafts before it. Greedy: the masked argmax decides; sampled:
-Leviathan's rule on the masked target distribution, exact for the q each draft was sampled from.
+Leviathan's rule on the masked target distribution against the distribution each kept draft was drawn from:
+q restricted to what the grammar allows there (`kept_draft_log_probs`), since a forbidden draw is dropped.
 """
 
 from __future__ import annotations
@@ -105,3 +106,15 @@ class Constraint:
             if self.matcher.is_stopped():
                 return
             self.matcher.consume_token(token)
+
+
+def kept_draft_log_probs(q: mx.array, masks: mx.array) -> mx.array:
+    """The distributions the verified drafts were drawn from, (K, V) log-probabilities: the drafter's q (K, V)
+    restricted to the tokens `masks` (K, V) allows and renormalised. A draft the grammar forbids is dropped (with
+    the drafts after it), so a kept one is a draw from q given that it is allowed; Leviathan's rule is exact only
+    against that distribution (against q itself it accepts allowed drafts too often: with q = (.25, .25, .5), p =
+    (.9, .1, 0) and the third token forbidden, the first token comes out with probability 0.85, not 0.9)."""
+    if q.shape[0] == 0:  # no draft kept (MLX's logsumexp refuses an empty array)
+        return q
+    restricted = mx.where(masks, q, _NEG_INF)
+    return restricted - mx.logsumexp(restricted, axis=-1, keepdims=True)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from .cache import trim_cache
-from .constraint import Constraint
+from .constraint import Constraint, kept_draft_log_probs
 from .distributed.lockstep import agreed, agreed_round
 from .draft_length import DraftLength
 from .drafting import DraftStep, KVWindow, cache_windows, draft
@@ -124,7 +124,7 @@ def _verify(target: Model, cache: list, last: mx.array, drafts: Drafts, chooser:
     tokens, q, masks = drafts.tokens, drafts.q, None
     if chooser.constraint is not None:  # the drafts are read here: a second host sync, once per round
         masks, allowed = chooser.constraint.masks_along(tokens.tolist())
-        tokens, q = tokens[:allowed], None if q is None else q[:allowed]
+        tokens, q = tokens[:allowed], None if q is None else kept_draft_log_probs(q[:allowed], masks[:allowed])
     k = tokens.size
     out = target.forward(mx.concatenate([last, tokens])[None], cache, rows=k + 1, return_hidden=True)
     logits = out.logits[0] if masks is None else mx.where(masks, out.logits[0], float("-inf"))

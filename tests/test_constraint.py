@@ -9,6 +9,7 @@ import shutil
 import live_server
 import llguidance
 import mlx.core as mx
+import numpy as np
 import pytest
 from conftest import write_gemma4_tokenizer
 
@@ -142,3 +143,45 @@ def test_the_first_draft_of_every_round_is_one_the_grammar_allows(bundle, monkey
         list(stream_generate(bundle, PROMPT, 40, sampler, 3, json_schema={"type": "object"}))
         rounds = [(k, n) for k, n, done in allowed if not done]
         assert rounds and all(n >= 1 for k, n in rounds), rounds
+
+
+def test_kept_drafts_are_judged_against_the_distribution_they_were_kept_from():
+    """A draft the grammar forbids is dropped (the target then samples that position itself), so a kept draft is
+    a draw from q given that it is allowed: the answer's distribution is p only when Leviathan's rule is given
+    that distribution (with q itself the first token comes out 0.85 of the time, not 0.9)."""
+    from mlx_gemma_mtp.constraint import kept_draft_log_probs
+    from mlx_gemma_mtp.sampling import speculative_accept
+
+    n = 100_000
+    q, p, mask = np.array([0.25, 0.25, 0.5]), np.array([0.9, 0.1, 0.0]), np.array([True, True, False])
+    drafts = np.random.default_rng(0).choice(3, size=n, p=q)
+    kept = drafts[mask[drafts]]
+    log_q = kept_draft_log_probs(mx.log(mx.array(q, mx.float32))[None], mx.array(mask)[None])  # (1, 3)
+    _, tokens = speculative_accept(mx.broadcast_to(mx.log(mx.array(p, mx.float32)), (len(kept), 2, 3)),
+                                   mx.broadcast_to(log_q, (len(kept), 1, 3)), mx.array(kept[:, None]),
+                                   mx.random.key(1))
+    counts = np.bincount(np.array(tokens)[:, 0], minlength=3) + (n - len(kept)) * p  # dropped: sampled from p
+    assert counts / n == pytest.approx(p, abs=0.006)  # 5 sigma at n = 100,000
+
+
+def test_sampled_rounds_verify_against_the_kept_drafts_distribution(bundle, monkeypatch):
+    """Every sampled round under a grammar hands the acceptance rule q rows that are distributions over the
+    tokens the grammar allows at that position (what `kept_draft_log_probs` makes)."""
+    from mlx_gemma_mtp import speculative
+
+    rows, accept = [], speculative.accept
+
+    def spy(logits, drafts, q, sampler, key=None):
+        if q is not None and drafts.size:
+            rows.append((logits[: drafts.size], q))
+        return accept(logits, drafts, q, sampler, key)
+
+    monkeypatch.setattr(speculative, "accept", spy)
+    for seed in range(3):
+        list(stream_generate(bundle, PROMPT, 40, SamplerConfig(temperature=1.0, seed=seed), 3,
+                             json_schema={"type": "object"}))
+    assert rows
+    for logits, q in rows:
+        forbidden = mx.isinf(logits) & (logits < 0)  # the masked target's -inf
+        assert mx.all(mx.where(forbidden, mx.isinf(q), True)).item()
+        assert mx.allclose(mx.logsumexp(q, axis=-1), mx.zeros(q.shape[0]), atol=1e-5).item()
