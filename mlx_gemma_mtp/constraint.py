@@ -9,10 +9,14 @@ Exactness with drafts: the constraint is part of the target's distribution (its 
 graph (no host work between draft tokens): the first is chosen among the tokens the grammar allows next (that
 mask is known when the round is queued), the later ones unconstrained (their masks depend on the drafts before
 them). Once the drafts are known (one extra host sync per round, not per draft token) the matcher walks them,
-giving the mask at every verify position; a draft the grammar forbids has target probability 0 and would be
-rejected, so the round verifies only the drafts before it. Greedy: the masked argmax decides; sampled:
-Leviathan's rule on the masked target distribution against the distribution each kept draft was drawn from:
-q restricted to what the grammar allows there (`kept_draft_log_probs`), since a forbidden draw is dropped.
+giving the mask at every verify position. The drafts the grammar allows in a row are kept; the first one it
+forbids (target probability 0: it would be rejected) is replaced by a draw from the drafter's distribution at
+that position restricted to the grammar (greedy: its best allowed choice, from the alternatives the draft graph
+returns; sampled: a sample of its q row restricted, one more host sync on the rounds that need it), and the
+drafts after it are dropped. A kept draft is thus distributed as if the drafter had drafted under the masks
+(a draw from q that the grammar allows, or a redraw from q restricted after a forbidden one: both q restricted),
+and whether the round goes on after it is independent of its value. Greedy: the masked argmax decides;
+sampled: Leviathan's rule on the masked target distribution against q restricted (`kept_draft_log_probs`).
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import json
 
 import mlx.core as mx
 import numpy as np
+
+from .distributed.lockstep import Lockstep, agreed
 
 _NEG_INF = float("-inf")
 
@@ -89,15 +95,58 @@ class Constraint:
         """The masks of a round's verify positions, (j + 1, V), and j: how many of `drafts` the grammar allows in
         a row (the drafts after them cannot be accepted, so they are not verified). The matcher is left as it
         was."""
-        words, allowed = [self._words()], 0
-        for token in drafts:
-            if self.matcher.is_stopped() or not words[-1][token // 32] >> np.uint32(token % 32) & 1:
+        words, kept = self._walk(drafts, lambda i, allowed: None)
+        return self._masks(np.stack(words)), len(kept)
+
+    def kept_drafts(self, drafts: mx.array, q: mx.array | None, alternatives: mx.array | None,
+                    lockstep: Lockstep | None = None) -> tuple[mx.array, mx.array | None, mx.array]:
+        """What a round verifies under the grammar: (drafts (J,), their distributions (J, V) or None when greedy,
+        the masks of the J + 1 verify rows). The drafts are read (a host sync, once per round) and walked: those
+        the grammar allows in a row are kept; the first one it forbids is replaced by a draw from what the drafter
+        proposed there restricted to what the grammar allows (greedy: its best allowed token among
+        `alternatives` (K, M); sampling: a sample of that q row restricted, read in one more host sync on such
+        rounds only), and the drafts after it are dropped (they were drafted after the forbidden token). So every
+        kept draft is a draw from the drafter's distribution restricted to the grammar, as if it had drafted
+        under the masks, and the acceptance rule is given that distribution (`kept_draft_log_probs`). The
+        matcher is left as it was."""
+        mx.eval(drafts, *([] if alternatives is None else [alternatives]))
+        choices = None if alternatives is None else alternatives.tolist()
+
+        def replacement(i: int, allowed: np.ndarray) -> int | None:
+            if choices is not None:  # greedy: the drafter's best choice the grammar allows
+                return next((t for t in choices[i] if _allows(allowed, t)), None)
+            if q is None:  # a proposer that gave neither (tests, oracles): the drafts stop here
+                return None
+            row = kept_draft_log_probs(q[i : i + 1], self._masks(allowed[None]))[0]
+            token = agreed(lockstep, mx.random.categorical(row).astype(mx.int32))
+            possible = mx.isfinite(row[token])  # False when the grammar forbids all of q's support
+            mx.eval(token, possible)
+            return token.item() if possible.item() else None
+
+        words, kept = self._walk(drafts.tolist(), replacement)
+        masks = self._masks(np.stack(words))
+        n = len(kept)
+        kept_q = None if q is None else kept_draft_log_probs(q[:n], masks[:n])
+        return mx.array(kept, mx.int32), kept_q, masks
+
+    def _walk(self, drafts: list[int], replacement) -> tuple[list[np.ndarray], list[int]]:
+        """(the allowed-token words before each kept draft and after the last, the kept drafts): the drafts the
+        grammar allows in a row, then the first forbidden one's `replacement(i, words)` if it gives one (and
+        nothing after it). The matcher is left as it was."""
+        words, kept = [self._words()], []
+        for i, token in enumerate(drafts):
+            if self.matcher.is_stopped():
                 break  # (after the end only an EOS, which ends generation: nothing is verified past it)
+            replaced = not _allows(words[-1], token)
+            if replaced and (token := replacement(i, words[-1])) is None:
+                break
             self.matcher.consume_token(token)
-            allowed += 1
+            kept.append(token)
             words.append(self._words())
-        self.matcher.rollback(allowed)
-        return self._masks(np.stack(words)), allowed
+            if replaced:
+                break
+        self.matcher.rollback(len(kept))
+        return words, kept
 
     def consume(self, tokens: list[int]) -> None:
         """The tokens emitted (each one allowed: they were chosen under the mask; an EOS after the end of the
@@ -118,3 +167,7 @@ def kept_draft_log_probs(q: mx.array, masks: mx.array) -> mx.array:
         return q
     restricted = mx.where(masks, q, _NEG_INF)
     return restricted - mx.logsumexp(restricted, axis=-1, keepdims=True)
+
+
+def _allows(words: np.ndarray, token: int) -> bool:
+    return bool(words[token // 32] >> np.uint32(token % 32) & 1)

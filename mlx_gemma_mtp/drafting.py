@@ -26,6 +26,7 @@ from .models.gemma4_text import KV, Model
 from .sampling import SamplerConfig, candidate_log_probs, sample, scatter_log_probs
 
 MAX_GRAPHS = 32  # compiled draft rounds kept per pair (one per K and sampling setting), oldest dropped first
+ALTERNATIVES = 16  # under a grammar, greedy: the drafter's next choices kept per draft, to replace a forbidden one
 
 
 @dataclass
@@ -99,16 +100,19 @@ class DraftStep:
     def _round(self, num_drafts: int, sampler: SamplerConfig, masked: bool) -> Callable:
         def steps(token, hidden, *inputs):
             mask, context = (inputs[0], inputs[1:]) if masked else (None, inputs)  # mask: the first draft's
-            tokens, qs = [], []
+            tokens, qs, alternatives = [], [], []
             for i in range(num_drafts):
                 hidden, y = self._step(token, hidden, *context)
                 if sampler.greedy:
                     token = self.drafter.top_token(y)[0] if i or mask is None else _masked_top(self.drafter, y, mask)
+                    if masked:
+                        alternatives.append(_top_choices(self.drafter, y, ALTERNATIVES))
                 else:
                     token, q = _sampled_token(self.drafter, y, sampler, None if i else mask)
                     qs.append(q)
                 tokens.append(token)
-            return mx.concatenate(tokens), mx.stack(qs) if qs else mx.zeros((0,))
+            return (mx.concatenate(tokens), mx.stack(qs) if qs else mx.zeros((0,)),
+                    mx.stack(alternatives) if alternatives else mx.zeros((0,), mx.int32))
 
         # only what shapes the draft distribution: a new seed must not mean a new graph
         key = (num_drafts, masked, None if sampler.greedy else (sampler.temperature, sampler.top_p, sampler.top_k,
@@ -131,14 +135,19 @@ class DraftStep:
         )
 
     def __call__(self, last: mx.array, hidden: mx.array, context: tuple, num_drafts: int,
-                 sampler: SamplerConfig, first_mask: mx.array | None = None) -> tuple[mx.array, mx.array | None]:
+                 sampler: SamplerConfig, first_mask: mx.array | None = None) -> tuple:
         """`num_drafts` draft tokens (K,) and, when sampling, their draft distributions q (K, V). `first_mask`
         (V,) bool: the tokens a grammar allows as the first draft (the later ones are not known before the
-        round runs)."""
+        round runs); with it, a third value: greedy, the drafter's ALTERNATIVES best choices per draft (K, M) ids,
+        best first, from which a forbidden draft is replaced (`Constraint.kept_drafts`); sampling, None (q is
+        enough)."""
         compiled = self._round(num_drafts, sampler, first_mask is not None)
         inputs = context if first_mask is None else (first_mask, *context)
-        tokens, q = _restoring(self._state + [mx.random.state], compiled, last, hidden, *inputs)
-        return tokens, None if sampler.greedy else q
+        tokens, q, alternatives = _restoring(self._state + [mx.random.state], compiled, last, hidden, *inputs)
+        q = None if sampler.greedy else q
+        if first_mask is None:
+            return tokens, q
+        return tokens, q, alternatives if sampler.greedy else None
 
     def body(self, token: mx.array, hidden: mx.array, context: tuple) -> tuple[mx.array, mx.array]:
         """One step: (next hidden, y), for tests and tools that need the drafter's hidden output."""
@@ -185,6 +194,16 @@ def _masked_top(drafter: Drafter, y: mx.array, mask: mx.array) -> mx.array:
     return (best if ids is None else ids[best]).reshape(1).astype(mx.int32)
 
 
+def _top_choices(drafter: Drafter, y: mx.array, m: int) -> mx.array:
+    """The drafter's `m` best tokens (m,) for one step, best first (among the clustered head's candidates)."""
+    candidates, logits = drafter.candidates(y)  # (1, 1, C) ids or None, (1, 1, C or V)
+    logits = logits[0, 0]
+    m = min(m, logits.shape[-1])
+    top = mx.argpartition(-logits, m - 1)[:m]  # O(V), no vocabulary-wide sort
+    top = top[mx.argsort(-logits[top])]
+    return top.astype(mx.int32) if candidates is None else candidates[0, 0][top].astype(mx.int32)
+
+
 def _sampled_token(drafter: Drafter, y: mx.array, sampler: SamplerConfig, mask: mx.array | None = None,
                    key: mx.array | None = None) -> tuple[mx.array, mx.array]:
     """A draft token (1,) sampled from q, and q (V,) itself (log-probabilities; -inf outside the candidates).
@@ -208,9 +227,11 @@ def _sampled_token(drafter: Drafter, y: mx.array, sampler: SamplerConfig, mask: 
 def draft(
     step: DraftStep, last: mx.array, hidden: mx.array, windows: dict[str, KVWindow], position: int,
     num_drafts: int, sampler: SamplerConfig, first_mask: mx.array | None = None,
-) -> tuple[mx.array, mx.array | None]:
+) -> tuple:
     """`num_drafts` tokens (K,) from the drafter at one constant query position, and their q rows (K, V)
-    (log-probabilities) when sampling; the first among the tokens `first_mask` (V,) allows, when given."""
+    (log-probabilities) when sampling; the first among the tokens `first_mask` (V,) allows, when given (then
+    also the alternatives `DraftStep` returns)."""
     if num_drafts == 0:
-        return mx.zeros((0,), mx.int32), None
+        none = mx.zeros((0,), mx.int32), None
+        return none if first_mask is None else (*none, None)
     return step(last, hidden, step.context(windows, position), num_drafts, sampler, first_mask)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from .cache import trim_cache
-from .constraint import Constraint, kept_draft_log_probs
+from .constraint import Constraint
 from .distributed.lockstep import agreed, agreed_round
 from .draft_length import DraftLength
 from .drafting import DraftStep, KVWindow, cache_windows, draft
@@ -50,6 +50,7 @@ class Drafts:
 
     tokens: mx.array  # (K,)
     q: mx.array | None  # (K, V) draft log-probabilities when sampling, None when greedy
+    alternatives: mx.array | None = None  # (K, M) the drafter's next choices per draft (under a grammar, greedy)
 
 
 def accept(logits: mx.array, drafts: mx.array, q: mx.array | None, sampler: SamplerConfig,
@@ -66,8 +67,9 @@ def accept(logits: mx.array, drafts: mx.array, q: mx.array | None, sampler: Samp
     return speculative_accept(target, q, drafts, key, target_ids=ids)
 
 
-# (last token, hidden, {layer type: KVWindow}, position of the last token, K) -> (drafts (K,), q (K, V) or None)
-Proposer = Callable[[mx.array, mx.array, dict[str, KVWindow], int, int], tuple[mx.array, mx.array | None]]
+# (last token, hidden, {layer type: KVWindow}, position of the last token, K) -> (drafts (K,), q (K, V) or None),
+# or a third value: the drafter's next choices per draft (K, M) ids, best first (see `Drafts`)
+Proposer = Callable[[mx.array, mx.array, dict[str, KVWindow], int, int], tuple]
 
 
 def drafter_proposer(step: DraftStep, sampler: SamplerConfig, position_offset: int = DRAFT_POSITION_OFFSET,
@@ -110,10 +112,13 @@ def _queue_round(target: Model, propose: Proposer, cache: list, at: Frontier, k:
     if k == 0:
         return plain_step(target, cache, at.token, chooser)
     # `at.token` sits at the cache's offset; the cache holds exactly the accepted tokens before it
-    tokens, q = propose(at.token, at.hidden, cache_windows(target, cache), cache[0].offset, k)
+    tokens, q, *alternatives = propose(at.token, at.hidden, cache_windows(target, cache), cache[0].offset, k)
     tokens = agreed(chooser.lockstep, tokens)
-    mx.async_eval(tokens)  # the drafter computes while the caller reads the previous round's tokens
-    return Drafts(tokens, q)
+    alternatives = alternatives[0] if alternatives and alternatives[0] is not None else None
+    if alternatives is not None:
+        alternatives = agreed(chooser.lockstep, alternatives)
+    mx.async_eval(tokens, *([] if alternatives is None else [alternatives]))  # the drafter computes meanwhile
+    return Drafts(tokens, q, alternatives)
 
 
 def _verify(target: Model, cache: list, last: mx.array, drafts: Drafts, chooser: Chooser
@@ -123,8 +128,7 @@ def _verify(target: Model, cache: list, last: mx.array, drafts: Drafts, chooser:
     the drafts it allows are verified, against the masked target distribution (`constraint.py`)."""
     tokens, q, masks = drafts.tokens, drafts.q, None
     if chooser.constraint is not None:  # the drafts are read here: a second host sync, once per round
-        masks, allowed = chooser.constraint.masks_along(tokens.tolist())
-        tokens, q = tokens[:allowed], None if q is None else kept_draft_log_probs(q[:allowed], masks[:allowed])
+        tokens, q, masks = chooser.constraint.kept_drafts(drafts.tokens, q, drafts.alternatives, chooser.lockstep)
     k = tokens.size
     out = target.forward(mx.concatenate([last, tokens])[None], cache, rows=k + 1, return_hidden=True)
     logits = out.logits[0] if masks is None else mx.where(masks, out.logits[0], float("-inf"))

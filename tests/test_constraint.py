@@ -130,19 +130,65 @@ def test_the_first_draft_of_every_round_is_one_the_grammar_allows(bundle, monkey
     verifies at least one draft (a random drafter unmasked mostly proposes forbidden tokens)."""
     from mlx_gemma_mtp.constraint import Constraint
 
-    allowed, masks_along = [], Constraint.masks_along
+    allowed, walk = [], Constraint._walk
 
-    def counted(self, drafts):
-        masks, n = masks_along(self, drafts)
-        allowed.append((len(drafts), n, self.matcher.is_stopped()))
-        return masks, n
+    def counted(self, drafts, replacement):
+        words, kept = walk(self, drafts, replacement)
+        first_forbidden = next((i for i, t in enumerate(drafts) if i >= len(kept) or kept[i] != t), len(drafts))
+        allowed.append((len(drafts), first_forbidden, self.matcher.is_stopped()))
+        return words, kept
 
-    monkeypatch.setattr(Constraint, "masks_along", counted)
+    monkeypatch.setattr(Constraint, "_walk", counted)
     for sampler in (SamplerConfig(), SamplerConfig(temperature=1.0, seed=2)):
         allowed.clear()
         list(stream_generate(bundle, PROMPT, 40, sampler, 3, json_schema={"type": "object"}))
         rounds = [(k, n) for k, n, done in allowed if not done]
         assert rounds and all(n >= 1 for k, n in rounds), rounds
+
+
+def test_a_forbidden_draft_is_replaced_by_the_drafters_best_allowed_choice(bundle, monkeypatch):
+    """Greedy: where a later draft is one the grammar forbids, the round verifies the drafter's best allowed
+    alternative in its place (what drafting under the mask would have proposed), and the answer still equals
+    plain decoding's token for token. (The tiny random drafter's best few choices are rarely JSON: it keeps
+    them all here, a fresh load so that its draft graphs are traced with that.)"""
+    from mlx_gemma_mtp import drafting
+    from mlx_gemma_mtp.constraint import Constraint
+
+    monkeypatch.setattr(drafting, "ALTERNATIVES", bundle.target.args.vocab_size)
+    bundle = mlx_gemma_mtp.load(bundle.path)
+
+    replaced, kept_drafts = [], Constraint.kept_drafts
+
+    def spy(self, drafts, q, alternatives, lockstep=None):
+        tokens, kept_q, masks = kept_drafts(self, drafts, q, alternatives, lockstep)
+        proposed, kept = drafts.tolist(), tokens.tolist()
+        if kept and kept[-1] != proposed[len(kept) - 1]:  # the last kept one replaced a forbidden draft
+            assert kept[-1] in alternatives.tolist()[len(kept) - 1]
+            replaced.append(kept)
+        return tokens, kept_q, masks
+
+    monkeypatch.setattr(Constraint, "kept_drafts", spy)
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}, "s": {"type": "string"}}}
+    plain = [r.token for r in stream_generate(bundle, PROMPT, 40, num_draft_tokens=0, json_schema=schema)]
+    assert [r.token for r in stream_generate(bundle, PROMPT, 40, num_draft_tokens=4, json_schema=schema)] == plain
+    assert replaced  # a random drafter proposes forbidden tokens often
+
+
+def test_sampled_replacements_keep_the_answers_distribution():
+    """Sampling: a forbidden draft redrawn from q restricted to the grammar (instead of dropped) is still judged
+    against q restricted: at one position the answer is distributed as p either way."""
+    from mlx_gemma_mtp.constraint import kept_draft_log_probs
+    from mlx_gemma_mtp.sampling import speculative_accept
+
+    n, rng = 100_000, np.random.default_rng(1)
+    q, p, mask = np.array([0.25, 0.25, 0.5]), np.array([0.9, 0.1, 0.0]), np.array([True, True, False])
+    drafts = rng.choice(3, size=n, p=q)
+    redrawn = rng.choice(3, size=n, p=np.where(mask, q, 0) / q[mask].sum())
+    drafts = np.where(mask[drafts], drafts, redrawn)
+    log_q = kept_draft_log_probs(mx.log(mx.array(q, mx.float32))[None], mx.array(mask)[None])
+    _, tokens = speculative_accept(mx.broadcast_to(mx.log(mx.array(p, mx.float32)), (n, 2, 3)),
+                                   mx.broadcast_to(log_q, (n, 1, 3)), mx.array(drafts[:, None]), mx.random.key(2))
+    assert np.bincount(np.array(tokens)[:, 0], minlength=3) / n == pytest.approx(p, abs=0.006)
 
 
 def test_kept_drafts_are_judged_against_the_distribution_they_were_kept_from():
