@@ -207,6 +207,9 @@ BAD_PARTS = {
     "audio base64": ("e2b", {"type": "input_audio", "input_audio": {"data": "%%%", "format": "wav"}},
                      "not valid base64"),
     "audio to 31b": ("31b", audio_part(), "takes no audio"),
+    "image detail": ("e2b", {"type": "image_url", "image_url": {"url": data_url(image_bytes(*SIZE, 1)),
+                                                                "detail": "medium"}}, "must be one of"),
+    "image budget": ("e2b", {**image_part(1), "max_soft_tokens": 100}, "max_soft_tokens=100 must be one of"),
     "image to text-only": ("text", image_part(1), "takes no images or audio"),
 }
 

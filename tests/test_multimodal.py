@@ -255,3 +255,31 @@ def test_a_clip_past_30_s_is_cut_with_a_warning(pairs):
     with pytest.warns(UserWarning, match="longer than 30 s"):
         encoded = encode_prompt(bundle, chat(audio(31.0)))
     assert encoded.spans[0].length == 750  # HF's cap: 30 s of 40 ms soft tokens
+
+
+def test_an_image_part_sets_its_own_token_budget(pairs):
+    """`max_soft_tokens` in the part, or OpenAI's `detail` ("low" 70, "high" 1120, "auto" the processor's): the
+    image is processed with that budget, as HF's processor with `max_soft_tokens` does (the logits equal HF's),
+    and a budget that is not one the model was trained with is refused, naming the part."""
+    import base64
+
+    hf, bundle = pairs("31b")
+    png = image_bytes(40, 30, 5)
+    url = "data:image/png;base64," + base64.b64encode(png).decode()
+    default = encode_prompt(bundle, chat({"type": "image", "image": png}))  # the test processor's 70
+    more = encode_prompt(bundle, chat({"type": "image", "image": png, "max_soft_tokens": 280}))
+    low = encode_prompt(bundle, chat({"type": "image_url", "image_url": {"url": url, "detail": "low"}}))
+    high = encode_prompt(bundle, chat({"type": "image_url", "image_url": {"url": url, "detail": "high"}}))
+    auto = encode_prompt(bundle, chat({"type": "image_url", "image_url": {"url": url, "detail": "auto"}}))
+    sizes = [p.spans[0].length for p in (default, more, high)]
+    assert sizes[0] <= 70 < sizes[1] <= 280 < sizes[2] <= 1120, sizes
+    assert low.keys() == default.keys() == auto.keys() and more.keys() != default.keys()
+    with torch.no_grad():
+        reference = hf(**hf_inputs(more)).logits[0].numpy()
+    np.testing.assert_allclose(our_logits(bundle, more), reference, atol=1e-4, rtol=0)
+    for part, message in (({"type": "image", "image": png, "max_soft_tokens": 100}, "must be one of"),
+                          ({"type": "image_url", "image_url": {"url": url, "detail": "max"}}, "detail='max'"),
+                          ({**audio(), "max_soft_tokens": 70}, "apply to images and videos")):
+        with pytest.raises(ValueError, match=message):
+            encode_prompt(bundle if "image" in part["type"] else pairs("e2b")[1], chat(part))
+

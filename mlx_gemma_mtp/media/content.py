@@ -10,6 +10,11 @@ in that order; moving audio after the text would be a different prompt):
 - video: `{"type": "video", "video" | "url" | "path": SOURCE}`, `{"type": "video_url", "video_url": {"url": URL}}`
   (vLLM's spelling)
 
+An image or video part may set its own token budget (soft tokens per image or video frame: 70, 140, 280, 560
+or 1120; the checkpoint's processor config gives the default, 280 per image and 70 per frame on the released
+ones): `"max_soft_tokens": N` in the part, or OpenAI's `"detail"` in `image_url` / `video_url` ("low": 70,
+"high": 1120, "auto": the default).
+
 SOURCE is a `data:` URL, a local path (when `local_files` allows it; a server refuses them unless started with
 `--allow-local-media`), raw bytes of a file, a PIL image, a numpy array (audio: `(array, sampling_rate)` too; video: a list of frames, an
 (F, H, W, C) array, or `(frames, fps)`).
@@ -26,6 +31,9 @@ from pathlib import Path
 from typing import Any
 
 IMAGE, AUDIO, VIDEO = "image", "audio", "video"
+# soft tokens per image or frame: HF's Gemma4 processors refuse any other budget (the ones the model was trained with)
+SUPPORTED_SOFT_TOKENS = (70, 140, 280, 560, 1120)
+DETAIL = {"low": 70, "high": 1120, "auto": None}  # OpenAI's image detail levels as budgets (None: the default)
 _KINDS = {"image": IMAGE, "image_url": IMAGE, "audio": AUDIO, "input_audio": AUDIO, "video": VIDEO,
           "video_url": VIDEO}
 _SOURCE_KEYS = ("image", "audio", "video", "url", "path", "image_url", "input_audio", "video_url")
@@ -39,6 +47,7 @@ class MediaItem:
     kind: str  # IMAGE, VIDEO or AUDIO
     source: Any
     where: str  # how errors name it: "messages[0].content[1]"
+    max_soft_tokens: int | None = None  # images and videos: soft tokens per image / frame (None: the processor's)
 
 
 def split_media(messages: list, local_files: bool = True) -> tuple[list, list[MediaItem]]:
@@ -62,7 +71,7 @@ def split_media(messages: list, local_files: bool = True) -> tuple[list, list[Me
                 parts.append(part)
                 continue
             where = f"messages[{i}].content[{j}]"
-            items.append(MediaItem(kind, _source(part, kind, where, local_files), where))
+            items.append(MediaItem(kind, _source(part, kind, where, local_files), where, _budget(part, kind, where)))
             parts.append({"type": kind})
         rendered.append({**message, "content": parts})
     return rendered, items
@@ -75,6 +84,25 @@ def has_media(messages) -> bool:
         and any(isinstance(p, Mapping) and p.get("type") in _KINDS for p in m["content"])
         for m in messages
     )
+
+
+def _budget(part: Mapping, kind: str, where: str) -> int | None:
+    """The part's own soft-token budget: `max_soft_tokens`, or OpenAI's `detail` in `image_url` / `video_url`."""
+    nested = next((part[k] for k in ("image_url", "video_url") if isinstance(part.get(k), Mapping)), {})
+    budget, detail = part.get("max_soft_tokens"), nested.get("detail", part.get("detail"))
+    if detail is not None:
+        if detail not in DETAIL:
+            raise ValueError(f"{where}: detail={detail!r} must be one of {sorted(DETAIL)} (low: 70 soft tokens, "
+                             "high: 1120, auto: the checkpoint's default)")
+        budget = DETAIL[detail] if budget is None else budget
+    if budget is None:
+        return None
+    if kind == AUDIO:
+        raise ValueError(f"{where}: max_soft_tokens / detail apply to images and videos; an audio clip's tokens "
+                         "follow its length")
+    if budget not in SUPPORTED_SOFT_TOKENS or isinstance(budget, bool):
+        raise ValueError(f"{where}: max_soft_tokens={budget!r} must be one of {SUPPORTED_SOFT_TOKENS}")
+    return budget
 
 
 def _source(part: Mapping, kind: str, where: str, local_files: bool):

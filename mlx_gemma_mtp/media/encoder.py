@@ -4,6 +4,7 @@ bf16)."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import threading
 import warnings
@@ -100,8 +101,11 @@ class MediaEncoder:
         if item.kind == IMAGE:
             from .image import load_image
 
+            processor = self.image_processor
+            if item.max_soft_tokens is not None:
+                processor = dataclasses.replace(processor, max_soft_tokens=item.max_soft_tokens)
             try:
-                features = self.image_processor(load_image(item.source))
+                features = processor(load_image(item.source))
             except ValueError as e:
                 raise ValueError(f"{item.where}: {e}") from None
             return Prepared(IMAGE, features, features.num_soft_tokens,
@@ -124,8 +128,11 @@ class MediaEncoder:
         return Prepared(AUDIO, features, features.num_soft_tokens, digest(features.features, features.mask))
 
     def _prepare_video(self, item: MediaItem) -> Prepared:
+        processor = self.video_processor
+        if item.max_soft_tokens is not None:
+            processor = dataclasses.replace(processor, max_soft_tokens=item.max_soft_tokens)
         try:
-            features = self.video_processor(item.source)
+            features = processor(item.source)
         except ValueError as e:
             raise ValueError(f"{item.where}: {e}") from None
         frames = tuple(digest(frame, features.position_ids) for frame in features.pixel_values)

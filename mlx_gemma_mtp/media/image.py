@@ -19,8 +19,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-# HF's Gemma4ImageProcessor refuses any other budget: these are the ones the model was trained with
-SUPPORTED_SOFT_TOKENS = (70, 140, 280, 560, 1120)
+from .content import SUPPORTED_SOFT_TOKENS
 
 
 def load_image(source: Any) -> Image.Image:
