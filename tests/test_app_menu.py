@@ -21,7 +21,7 @@ from test_multimodal import image_bytes, wav_bytes, write_media_pair
 
 from apps.menubar import models
 from apps.menubar.settings import Settings, load_settings, save_settings
-from apps.menubar.worker import AUDIO, IMAGE, Ask, Attachment
+from apps.menubar.worker import AUDIO, IMAGE, VIDEO, Ask, Attachment, media_kinds
 
 TIMEOUT = 60
 
@@ -455,6 +455,14 @@ def test_labels_and_ask_building():
     assert "wav" in app_module.picker_extensions((IMAGE, AUDIO)) and app_module.picker_extensions(()) == []
     files = app_module.file_attachments(["/x/cat.png", "/x/clip.WAV", "/x/notes.txt"])
     assert files == [cat, Attachment(AUDIO, "/x/clip.WAV", "clip.WAV")]
+    # videos: offered whenever images are (the vision tower reads the frames), listed as "(video)"
+    film = Attachment(VIDEO, "/x/film.MOV", "film.MOV")
+    assert app_module.file_attachments(["/x/film.MOV", "/x/anim.gif"]) == [
+        film, Attachment(IMAGE, "/x/anim.gif", "anim.gif")]
+    assert app_module.attachment_label(3, film) == "3. film.MOV (video)"
+    assert app_module.picker_extensions((IMAGE, VIDEO)) == [*app_module.IMAGE_EXTENSIONS, *app_module.VIDEO_EXTENSIONS]
+    assert {"mp4", "m4v", "mov", "webm", "mkv", "avi"} <= set(app_module.picker_extensions(media_kinds(None)))
+    assert app_module.build_ask("q", settings, [film]).attachments == (film,)
 
 
 def test_attachments_menu_goes_with_the_next_question(make_app, rumps, media_model, tmp_path, monkeypatch):
@@ -470,6 +478,7 @@ def test_attachments_menu_goes_with_the_next_question(make_app, rumps, media_mod
     assert menu.title == "Attachments" and menu["Clear Attachments"].callback is None
     menu["Attach Image…"].callback(None)
     assert "png" in offered[-1] and "wav" in offered[-1]  # this model takes audio too
+    assert "mp4" in offered[-1] and "mov" in offered[-1]  # and video, as it takes images
     # the clipboard: no image is a notification, an image is attached as PNG bytes
     monkeypatch.setattr(app_module, "clipboard_png", lambda: app_module.pasteboard_png(FakePasteboard()))
     menu["Paste Image"].callback(None)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
 import queue
 import shutil
+import sys
 import urllib.request
 
 import pytest
@@ -14,6 +16,7 @@ import mlx_gemma_mtp
 from apps.menubar.worker import (
     AUDIO,
     IMAGE,
+    VIDEO,
     Ask,
     Attachment,
     Chunk,
@@ -348,6 +351,8 @@ def test_media_on_a_model_without_its_tower_is_an_error(worker, bundle_dir, medi
     error = collect(worker)[-1]
     assert isinstance(error, Error) and "takes no images" in error.message and "vision tower" in error.message
     assert worker.history == []
+    worker.submit(Ask("what is this?", max_tokens=4, attachments=(Attachment(VIDEO, b"", "film.mp4"),)))
+    assert "takes no images, video or audio" in collect(worker)[-1].message  # refused before decoding
     worker.submit(Ask("Hello", max_tokens=2))
     assert isinstance(collect(worker)[-1], Done)
     # a vision-only checkpoint (as 26B / 31B): images work, audio is refused by name
@@ -356,7 +361,7 @@ def test_media_on_a_model_without_its_tower_is_an_error(worker, bundle_dir, medi
     config = json.loads((vision_only / "config.json").read_text())
     del config["audio_config"]
     (vision_only / "config.json").write_text(json.dumps(config))
-    assert media_kinds(vision_only) == (IMAGE,)
+    assert media_kinds(vision_only) == (IMAGE, VIDEO)  # the vision tower reads a video's frames
     worker.submit(Select(str(vision_only)))
     clip = Attachment(AUDIO, files["wav_path"], "clip.wav")
     worker.submit(Ask("what is this?", max_tokens=4, attachments=(clip,)))
@@ -369,7 +374,48 @@ def test_media_on_a_model_without_its_tower_is_an_error(worker, bundle_dir, medi
 def test_attachment_kinds_and_model_media(media_dir, bundle_dir, tmp_path):
     assert [attachment_kind(n) for n in ("a.PNG", "b.jpeg", "c.wav", "d.mp3", "e.txt", "f")] == [
         IMAGE, IMAGE, AUDIO, AUDIO, None, None]
-    assert media_kinds(media_dir) == (IMAGE, AUDIO) and media_kinds(bundle_dir) == ()
-    assert media_kinds(None) == media_kinds(tmp_path / "missing") == (IMAGE, AUDIO)  # unknown: the Ask tells
+    videos = ("a.mp4", "b.M4V", "c.mov", "d.webm", "e.mkv", "f.avi")
+    assert [attachment_kind(n) for n in videos] == [VIDEO] * 6 and attachment_kind("g.gif") == IMAGE
+    assert media_kinds(media_dir) == (IMAGE, VIDEO, AUDIO) and media_kinds(bundle_dir) == ()
+    assert media_kinds(None) == media_kinds(tmp_path / "missing") == (IMAGE, VIDEO, AUDIO)  # unknown: the Ask tells
+    assert Attachment(VIDEO, b"", "film.mp4").kind == VIDEO
     with pytest.raises(ValueError, match="'video'"):
-        Attachment("video", b"", "film.mp4")
+        Attachment("text", b"", "notes.txt")
+
+
+def mp4_bytes(n: int, seed: int) -> bytes:
+    """A tiny MP4 of `n` random 24x16 frames (as tests/test_video.py writes them)."""
+    import numpy as np
+
+    av = pytest.importorskip("av")  # the video extra
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="mp4") as out:
+        stream = out.add_stream("mpeg4", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 24, 16, "yuv420p"
+        for frame in np.random.default_rng(seed).integers(0, 256, size=(n, 16, 24, 3), dtype=np.uint8):
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        out.mux(stream.encode())
+    return buffer.getvalue()
+
+
+def test_a_video_goes_with_the_question(worker, media_dir, tmp_path, monkeypatch):
+    data = mp4_bytes(3, seed=0)
+    (tmp_path / "clip.mp4").write_bytes(data)
+    film = Attachment(VIDEO, str(tmp_path / "clip.mp4"), "clip.mp4")
+    worker.submit(Select(str(media_dir)))
+    with monkeypatch.context() as m:  # PyAV missing: an error naming the attachment and the fix
+        m.setitem(sys.modules, "av", None)
+        worker.submit(Ask("what happens?", max_tokens=6, num_draft_tokens=2, attachments=(film,)))
+        error = collect(worker)[-1]
+    assert isinstance(error, Error) and error.job == "Ask" and error.message.startswith("clip.mp4: ")
+    assert "pip install 'mlx-gemma-mtp[video]'" in error.message and worker.history == []
+    worker.submit(Ask("what happens?", max_tokens=6, num_draft_tokens=2, attachments=(film,)))
+    done = collect(worker)[-1]
+    video_part = {"type": "video", "video": data}  # the worker read the file: the chat holds its bytes
+    assert isinstance(done, Done) and worker.history[0] == user("what happens?", video_part)
+    bundle = mlx_gemma_mtp.load(media_dir)
+    for part in (video_part, {"type": "video", "video": str(tmp_path / "clip.mp4")}):
+        assert done.text == mlx_gemma_mtp.generate(bundle, [user("what happens?", part)], max_tokens=6,
+                                                   num_draft_tokens=2)
+    other = user("what happens?", {"type": "video", "video": mp4_bytes(3, seed=1)})  # the video matters
+    assert mlx_gemma_mtp.generate(bundle, [other], max_tokens=6, num_draft_tokens=2) != done.text

@@ -2,8 +2,8 @@
 
 Model work happens on worker.Worker's thread. This class touches the UI only from the main thread: menu
 callbacks submit jobs, and a rumps.Timer drains the worker's result queue ten times a second (changing titles
-from another thread crashes rumps apps). Images and audio clips attached from the Attachments menu (a file, the
-clipboard's image, a screenshot) go with the next question.
+from another thread crashes rumps apps). Images, videos and audio clips attached from the Attachments menu (a
+file, the clipboard's image, a screenshot) go with the next question.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from apps.menubar.worker import (
     AUDIO_EXTENSIONS,
     IMAGE,
     IMAGE_EXTENSIONS,
+    VIDEO,
+    VIDEO_EXTENSIONS,
     Ask,
     Attachment,
     Chunk,
@@ -86,11 +88,12 @@ def attachment_label(index: int, attachment: Attachment) -> str:
 
 def picker_extensions(kinds: Sequence[str]) -> list[str]:
     """The file types the Attach panel offers for a model taking `kinds`."""
-    return [*(IMAGE_EXTENSIONS if IMAGE in kinds else ()), *(AUDIO_EXTENSIONS if AUDIO in kinds else ())]
+    return [*(IMAGE_EXTENSIONS if IMAGE in kinds else ()), *(VIDEO_EXTENSIONS if VIDEO in kinds else ()),
+            *(AUDIO_EXTENSIONS if AUDIO in kinds else ())]
 
 
 def file_attachments(paths: Sequence[str]) -> list[Attachment]:
-    """The chosen files as attachments, image or audio by extension (others skipped)."""
+    """The chosen files as attachments, image, video or audio by extension (others skipped)."""
     return [Attachment(kind, str(path), Path(path).name) for path in paths if (kind := attachment_kind(path))]
 
 
@@ -252,8 +255,8 @@ class MenuBarApp(rumps.App):
         """Whether the selected model takes images (from its config.json); says so when it does not."""
         if IMAGE in media_kinds(self.settings.last_model):
             return True
-        self.notify(f"{Path(self.settings.last_model).name} takes no images or audio (a text-only conversion: no "
-                    "vision tower).")
+        self.notify(f"{Path(self.settings.last_model).name} takes no images, video or audio (a text-only "
+                    "conversion: no vision tower).")
         return False
 
     def numbered_name(self, stem: str) -> str:
@@ -295,7 +298,7 @@ class MenuBarApp(rumps.App):
             self.title, self.preview_item.title = BUSY, "Answer: …"
 
     def attach_files(self, _sender=None) -> None:
-        """Images, and audio too when the model takes it, picked in an open panel."""
+        """Images and videos, and audio too when the model takes it, picked in an open panel."""
         if self.takes_images():
             kinds = media_kinds(self.settings.last_model)
             self.add_attachments(file_attachments(choose_files(picker_extensions(kinds))))

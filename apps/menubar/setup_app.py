@@ -1,9 +1,9 @@
 """Build the menu-bar app as a macOS bundle with py2app (no Dock icon: LSUIElement).
 
-Run from the repository root, with the package and the `app` extra installed (not editable, so that py2app's
-module finder sees plain folders):
+Run from the repository root, with the package and its `app` and `video` extras installed (not editable, so
+that py2app's module finder sees plain folders; `video` is PyAV, which decodes attached video files):
 
-    pip install '.[app]'
+    pip install '.[app,video]'
     python -m apps.menubar.setup_app py2app        # -> apps/menubar/dist/MLX Gemma MTP.app
 
 `python -m` (or PYTHONPATH=.) puts the repository root on the path so py2app can find the `apps` package. The
@@ -34,9 +34,10 @@ OPTIONS = {
         "CFBundleShortVersionString": __version__,
         "CFBundleVersion": __version__,
     },
-    # copied whole: native libraries and kernels (mlx), lazy imports the module finder misses (transformers)
+    # copied whole: native libraries and kernels (mlx; av's FFmpeg), lazy imports the module finder misses
+    # (transformers; av, imported only when a video file is decoded)
     "packages": ["apps", "mlx_gemma_mtp", "mlx", "mlx_lm", "transformers", "tokenizers", "huggingface_hub",
-                 "jinja2", "sentencepiece", "rumps"],
+                 "jinja2", "sentencepiece", "rumps", "av"],
     "excludes": ["torch", "tensorflow", "jax", "tkinter", "hypothesis", "pytest"],
 }
 

@@ -35,23 +35,24 @@ class Select:
     preload: bool = False
 
 
-IMAGE, AUDIO = "image", "audio"
+IMAGE, VIDEO, AUDIO = "image", "video", "audio"
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "gif", "webp", "bmp", "tif", "tiff")  # what Pillow reads
+VIDEO_EXTENSIONS = ("mp4", "m4v", "mov", "webm", "mkv", "avi")  # what PyAV decodes (a GIF is an image)
 AUDIO_EXTENSIONS = ("wav", "flac", "ogg", "opus", "mp3", "aif", "aiff")  # what libsndfile decodes
 
 
 @dataclass(frozen=True)
 class Attachment:
-    """An image or audio clip that goes with a question: `source` is a file's path or the bytes of a file (e.g.
-    a pasted PNG); `name` is how the menu and error messages call it."""
+    """An image, video or audio clip that goes with a question: `source` is a file's path or the bytes of a
+    file (e.g. a pasted PNG); `name` is how the menu and error messages call it."""
 
-    kind: str  # IMAGE or AUDIO
+    kind: str  # IMAGE, VIDEO or AUDIO
     source: str | bytes
     name: str
 
     def __post_init__(self):
-        if self.kind not in (IMAGE, AUDIO):
-            raise ValueError(f"an attachment is an {IMAGE!r} or an {AUDIO!r}, not {self.kind!r}")
+        if self.kind not in (IMAGE, VIDEO, AUDIO):
+            raise ValueError(f"an attachment is an {IMAGE!r}, a {VIDEO!r} or an {AUDIO!r}, not {self.kind!r}")
 
     def part(self) -> dict:
         """The chat content part, holding the file's bytes: the chat keeps what was sent even if the file changes
@@ -66,29 +67,31 @@ class Attachment:
 
 
 def attachment_kind(path: str | Path) -> str | None:
-    """IMAGE or AUDIO by the file's extension; None for anything else."""
+    """IMAGE, VIDEO or AUDIO by the file's extension; None for anything else."""
     ext = Path(path).suffix.lower().lstrip(".")
-    return IMAGE if ext in IMAGE_EXTENSIONS else AUDIO if ext in AUDIO_EXTENSIONS else None
+    kinds = ((IMAGE, IMAGE_EXTENSIONS), (VIDEO, VIDEO_EXTENSIONS), (AUDIO, AUDIO_EXTENSIONS))
+    return next((kind for kind, extensions in kinds if ext in extensions), None)
 
 
 def media_kinds(model_path: str | Path | None) -> tuple[str, ...]:
-    """What the model in `model_path` takes besides text, from its config.json (as the loader decides): (), (IMAGE,)
-    or (IMAGE, AUDIO). Without a model or a readable config: both (the Ask's error will tell)."""
+    """What the model in `model_path` takes besides text, from its config.json (as the loader decides): (),
+    (IMAGE, VIDEO) or (IMAGE, VIDEO, AUDIO): the vision tower reads a video's frames, so video goes with images.
+    Without a model or a readable config: all three (the Ask's error will tell)."""
     if model_path is None:
-        return IMAGE, AUDIO
+        return IMAGE, VIDEO, AUDIO
     try:
         config = json.loads((Path(model_path).expanduser() / "config.json").read_text())
     except (OSError, ValueError):
-        return IMAGE, AUDIO
+        return IMAGE, VIDEO, AUDIO
     if not isinstance(config, dict) or not isinstance(config.get("vision_config"), dict):
         return ()
-    return (IMAGE, AUDIO) if isinstance(config.get("audio_config"), dict) else (IMAGE,)
+    return (IMAGE, VIDEO, AUDIO) if isinstance(config.get("audio_config"), dict) else (IMAGE, VIDEO)
 
 
 @dataclass(frozen=True)
 class Ask:
     """One chat turn: the whole conversation so far plus `prompt` goes to the model, with `attachments` (images,
-    audio) before the text, in their order."""
+    videos, audio) before the text, in their order."""
 
     prompt: str
     max_tokens: int = 512
@@ -365,7 +368,7 @@ class Worker:
                     last, cached = r, self.prompt_cache.reused
                     pieces.append(r.text)
                     self.results.put(Chunk(r.text, r.generation_tokens, r.generation_tps))
-            except ValueError as e:  # an image or clip that cannot be decoded, named as the menu names it
+            except ValueError as e:  # an undecodable attachment (or no PyAV), named as the menu names it
                 if not job.attachments:
                     raise
                 raise ValueError(_name_parts(str(e), len(messages) - 1, job.attachments)) from e
@@ -383,11 +386,11 @@ class Worker:
             return job.prompt
         name = Path(self.path).name
         if bundle.media is None:
-            raise ValueError(f"{name} takes no images or audio (a text-only conversion: no vision tower). Clear "
-                             "Attachments, or pick a model converted with its vision tower.")
+            raise ValueError(f"{name} takes no images, video or audio (a text-only conversion: no vision tower). "
+                             "Clear Attachments, or pick a model converted with its vision tower.")
         if not bundle.media.takes_audio and (clips := [a.name for a in job.attachments if a.kind == AUDIO]):
             raise ValueError(f"{name} takes no audio (only Gemma 4 E2B and E4B have an audio tower): "
-                             f"{', '.join(clips)}. Clear Attachments, or attach images only.")
+                             f"{', '.join(clips)}. Clear Attachments, or attach images and videos only.")
         return [*(a.part() for a in job.attachments), {"type": "text", "text": job.prompt}]
 
     def _start_server(self, job: StartServer) -> None:
