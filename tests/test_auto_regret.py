@@ -100,12 +100,11 @@ def test_texts_hold_the_profile_whatever_k_is():
 BOUND = {64: 0.90, 256: 0.95}
 PLAIN_BOUND = 0.97
 SHORT = {  # (landscape, profile, tokens, warm): floor
-    ("metal-cliff", "code", 64, False): 0.83, ("metal-cliff", "prose", 64, False): 0.86,
-    ("metal-cliff", "drift", 64, False): 0.85, ("cpu-demo", "code", 256, False): 0.85,
-    ("cpu-demo", "code", 256, True): 0.92, ("e2b-cut", "code", 64, False): 0.85,
-    ("e2b-cut", "prose", 256, False): 0.92, ("e2b-cut", "drift", 256, False): 0.9,
-    ("busy", "code", 256, False): 0.91, ("busy", "code", 256, True): 0.9, ("busy", "prose", 256, True): 0.83,
-    ("busy", "drift", 256, False): 0.9,
+    ("metal-cliff", "code", 64, False): 0.83, ("metal-cliff", "prose", 64, False): 0.84,
+    ("metal-cliff", "drift", 64, False): 0.84, ("cpu-demo", "code", 256, False): 0.89,
+    ("cpu-demo", "code", 256, True): 0.88, ("e2b-cut", "code", 64, False): 0.86,
+    ("e2b-cut", "drift", 256, False): 0.92, ("busy", "code", 256, False): 0.92,
+    ("busy", "code", 256, True): 0.91, ("busy", "prose", 256, True): 0.86, ("busy", "drift", 256, False): 0.92,
 }
 NO_PAY = {("compute-bound", "code"), ("compute-bound", "prose"), ("compute-bound", "drift"), ("cpu-demo", "prose")}
 SHORT_PLAIN = {("cpu-demo", "prose", 256, False): 0.94, ("compute-bound", "prose", 256, True): 0.94}
@@ -146,4 +145,4 @@ def test_the_design_reaches_the_bounds_on_most_cells(table):
     """The gaps are the exception: a change that widens them shows here before it shows in the docs."""
     reached = sum(cell.ratio(warm)[0] >= BOUND[length] for (_, _, length), cell in table.items()
                   for warm in ((False, True) if length > 64 else (False,)))
-    assert reached >= 40  # of 54 (42 today)
+    assert reached >= 41  # of 54 (43 today)
