@@ -173,15 +173,22 @@ class BatchGenerator:
     # --- the scheduler ----------------------------------------------------------------------------------------
 
     def step(self) -> None:
-        """One prefill chunk of the joining request (if any), then one decoding round for the running rows."""
+        """Prefill of the joining requests, `prefill_step_size` prompt tokens at most (a long prompt takes a chunk
+        per step, so that the running rows keep flowing; several short ones join in one step, so that a burst of
+        requests does not wait a round per request), then one decoding round for the running rows."""
         with mx.stream(generation_stream):
             self._drop_cancelled()
-            if self.joining is None and self.waiting and not self._held and self.batch.free_row() is not None:
-                self._start_joining(self.waiting.popleft())
-            if self.joining is not None:
-                self._advance_joining()
+            budget = self.prefill_step_size
+            while budget > 0 and self._next_joining():
+                budget -= self._advance_joining()
             if self.running:
                 self._round()
+
+    def _next_joining(self) -> bool:
+        """Whether a request is joining, starting the next waiting one when none is and a row is free."""
+        if self.joining is None and self.waiting and not self._held and self.batch.free_row() is not None:
+            self._start_joining(self.waiting.popleft())
+        return self.joining is not None
 
     def _drop_cancelled(self) -> None:
         for request in [r for r in self.waiting if r.cancelled.is_set()]:
@@ -210,17 +217,18 @@ class BatchGenerator:
         request.cache, request.received = cache, prompt.keys()
         self.joining = (request, chunks)
 
-    def _advance_joining(self) -> None:
+    def _advance_joining(self) -> int:
+        """One chunk of the joining request's prefill, or its last token and first sampled token (it then
+        joins the batch, or is done); the prompt tokens that took (at least 1)."""
         request, chunks = self.joining
         try:
-            next(chunks)
-            return  # one chunk per scheduler step: the running rows get their round in between
+            return next(chunks)
         except StopIteration as done:
             out = done.value
         except Exception as e:  # noqa: BLE001
             self.joining = None
             self._fail(request, e)
-            return
+            return 1
         self.joining = None
         sampling = row_sampling(request.sampler, request.seed, request.logprobs)
         token = choose(out.logits[:, -1], request.sampler, sampling.next_key())
@@ -231,11 +239,12 @@ class BatchGenerator:
         request.first_token_at = time.perf_counter()
         if self._emit(request, [token.item()], 0, token_rows(scores, 1)):
             self._finish(request)
-            return
+            return 1
         row = self.batch.free_row()
         request.row = row
         self.batch.join(row, request.cache, token, out.hidden, sampling)
         self.running[row] = request
+        return 1
 
     def _round(self) -> None:
         # a row near its budget does not hold the others back: it keeps what it needs of a round, the rest of its

@@ -91,9 +91,9 @@ def prefill(model: Model, prompt: mx.array, cache: list, step: int, want_hidden:
 
 def prefill_chunks(model: Model, prompt: mx.array, cache: list, step: int, want_hidden: bool,
                    before_last: Callable[[], None] | None = None, media: ChunkMedia | None = None
-                   ) -> Generator[None, None, TargetOutput]:
-    """`prefill`, pausing after each chunk (a batch interleaves a joining prompt with its decoding rounds);
-    returns the last token's output."""
+                   ) -> Generator[int, None, TargetOutput]:
+    """`prefill`, pausing after each chunk (a batch interleaves a joining prompt with its decoding rounds) with
+    the chunk's length; returns the last token's output."""
     offset = cache[0].offset if cache else 0  # the absolute position of prompt[0]
     start, end = 0, prompt.size - 1
     while start < end:
@@ -105,8 +105,8 @@ def prefill_chunks(model: Model, prompt: mx.array, cache: list, step: int, want_
         # keys *and* values: a lazy value buffer keeps every chunk's activations alive (memory ~ prompt x hidden)
         mx.eval([(c.keys, c.values) for c in cache])
         mx.clear_cache()
+        yield stop - start
         start = stop
-        yield
     if before_last is not None:
         before_last()
     return model.forward(prompt[None, -1:], cache, return_hidden=want_hidden)

@@ -132,6 +132,26 @@ def test_rows_join_and_leave_mid_generation(bundles):
     assert [[r.token for r in s] for s in streams] == references
 
 
+def test_a_burst_of_short_prompts_joins_in_one_step_and_a_long_prompt_a_chunk_per_step(bundles):
+    """A step prefills up to `prefill_step_size` prompt tokens: three short prompts submitted together all join
+    (their first token sampled) in one step, while a long one takes a chunk per step and the running rows get a
+    token at every step meanwhile; every row still equals its solo run."""
+    bundle = bundles("e2b")
+    ps = prompts(6, (5, 7, 6, 80))
+    references = [solo(bundle, p, 8) for p in ps]
+    generator = BatchGenerator(bundle, 4, 0, prefill_step_size=32)
+    streams = [generator.submit(p, 8) for p in ps[:3]]
+    generator.step()
+    assert len(generator.running) == 3 and not generator.waiting and generator.joining is None
+    streams.append(generator.submit(ps[3], 8))
+    for _ in range(2):  # the long prompt's first two chunks (32 + 32 of its 81 tokens)
+        generated = [r.generated for r in generator.running.values()]
+        generator.step()
+        assert generator.joining is not None and len(generator.running) == 3
+        assert [r.generated for r in generator.running.values()] == [g + 1 for g in generated]
+    assert [[r.token for r in s] for s in streams] == references
+
+
 def test_a_cancelled_row_leaves_the_others_untouched(bundles):
     bundle = bundles("e2b")
     ps = prompts(5, (12, 6, 20))
