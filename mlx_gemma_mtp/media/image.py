@@ -165,33 +165,17 @@ class ImageProcessor:
         section = d.get("image_processor", d)
         if not isinstance(section, dict):
             raise ValueError("processor config: image_processor must be a JSON object")  # noqa: TRY004
-        names = ("patch_size", "max_soft_tokens", "pooling_kernel_size", "do_resize", "resample", "do_rescale",
-                 "rescale_factor", "do_normalize", "image_mean", "image_std")
-        kwargs = {k: section[k] for k in names if section.get(k) is not None}
-        if "resample" in kwargs:
-            kwargs["resample"] = _resample(kwargs["resample"])
-        for k in ("image_mean", "image_std"):
-            if k in kwargs:
-                kwargs[k] = _triple(k, kwargs[k])
-        processor = cls(**kwargs)
+        processor = cls(**settings(section, PIXEL_SETTINGS))
         processor.validate()
         return processor
 
     def validate(self) -> None:
-        for name in ("patch_size", "pooling_kernel_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"image processor: {name}={value!r} must be a positive integer")
-        if self.max_soft_tokens not in SUPPORTED_SOFT_TOKENS:
-            raise ValueError(f"image processor: max_soft_tokens={self.max_soft_tokens!r} must be one of "
-                             f"{SUPPORTED_SOFT_TOKENS}")
+        check_pixel_settings(self, "image processor")
         for name in ("do_resize", "do_rescale", "do_normalize"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"image processor: {name}={getattr(self, name)!r} must be true or false")  # noqa: TRY004
         if not isinstance(self.rescale_factor, (int, float)) or isinstance(self.rescale_factor, bool):
             raise ValueError(f"image processor: rescale_factor={self.rescale_factor!r} must be a number")  # noqa: TRY004
-        if self.do_normalize and 0.0 in self.image_std:
-            raise ValueError(f"image processor: image_std={self.image_std} has a zero (division by zero)")
 
     @property
     def max_patches(self) -> int:
@@ -236,6 +220,36 @@ class ImageProcessor:
         positions = np.stack([x, y], axis=-1).reshape(rows * cols, 2)  # row-major: patch i is (i % cols, i // cols)
         return ImageFeatures(np.ascontiguousarray(patches, dtype=np.float32), positions,
                              rows * cols // self.pooling_kernel_size**2)
+
+
+# the settings both processors (images, video frames) read from their section of the processor config
+PIXEL_SETTINGS = ("patch_size", "max_soft_tokens", "pooling_kernel_size", "do_resize", "resample", "do_rescale",
+                  "rescale_factor", "do_normalize", "image_mean", "image_std")
+
+
+def settings(section: dict, names: tuple[str, ...], nullable: tuple[str, ...] = ()) -> dict:
+    """The processor keyword arguments `section` sets among `names` (a null is "unset", except for `nullable`
+    names, where null is a value), the resampling filter and the mean / std triples parsed."""
+    kwargs = {k: section[k] for k in names if section.get(k) is not None or (k in section and k in nullable)}
+    if "resample" in kwargs:
+        kwargs["resample"] = _resample(kwargs["resample"])
+    for k in ("image_mean", "image_std"):
+        if k in kwargs:
+            kwargs[k] = _triple(k, kwargs[k])
+    return kwargs
+
+
+def check_pixel_settings(processor, what: str) -> None:
+    """The patch geometry and token budget both processors need, named as `what` in the errors."""
+    for name in ("patch_size", "pooling_kernel_size"):
+        value = getattr(processor, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{what}: {name}={value!r} must be a positive integer")
+    if processor.max_soft_tokens not in SUPPORTED_SOFT_TOKENS:
+        raise ValueError(f"{what}: max_soft_tokens={processor.max_soft_tokens!r} must be one of "
+                         f"{SUPPORTED_SOFT_TOKENS}")
+    if processor.do_normalize and 0.0 in processor.image_std:
+        raise ValueError(f"{what}: image_std={processor.image_std} has a zero (division by zero)")
 
 
 def _resample(value) -> int:

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .image import SUPPORTED_SOFT_TOKENS, ImageFeatures, _resample, _triple, load_image, target_size
+from .image import PIXEL_SETTINGS, ImageFeatures, check_pixel_settings, load_image, settings, target_size
 
 DEFAULT_FPS = 24.0  # HF's `replace_video_token` assumes it for frames that come without a rate
 _NULLABLE = ("num_frames", "fps")
@@ -167,35 +167,19 @@ class VideoProcessor:
         section = d.get("video_processor") or {}
         if not isinstance(section, dict):
             raise ValueError("processor config: video_processor must be a JSON object")  # noqa: TRY004
-        names = ("patch_size", "max_soft_tokens", "pooling_kernel_size", "num_frames", "fps", "do_sample_frames",
-                 "do_resize", "resample", "do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std")
         # null means "unset" except for num_frames / fps, where it picks the other way of sampling
-        kwargs = {k: section[k] for k in names if section.get(k) is not None or (k in section and k in _NULLABLE)}
-        if "resample" in kwargs:
-            kwargs["resample"] = _resample(kwargs["resample"])
-        for k in ("image_mean", "image_std"):
-            if k in kwargs:
-                kwargs[k] = _triple(k, kwargs[k])
-        processor = cls(**kwargs)
+        processor = cls(**settings(section, (*PIXEL_SETTINGS, "num_frames", "fps", "do_sample_frames"), _NULLABLE))
         processor.validate()
         return processor
 
     def validate(self) -> None:
-        for name in ("patch_size", "pooling_kernel_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"video processor: {name}={value!r} must be a positive integer")
-        if self.max_soft_tokens not in SUPPORTED_SOFT_TOKENS:
-            raise ValueError(f"video processor: max_soft_tokens={self.max_soft_tokens!r} must be one of "
-                             f"{SUPPORTED_SOFT_TOKENS}")
+        check_pixel_settings(self, "video processor")
         if self.num_frames is not None and self.fps is not None:  # HF's sample_frames refuses both too
             raise ValueError("video processor: num_frames and fps are exclusive; set one of them to null")
         if self.num_frames is not None and (not isinstance(self.num_frames, int) or self.num_frames <= 0):
             raise ValueError(f"video processor: num_frames={self.num_frames!r} must be a positive integer")
         if self.fps is not None and not _is_rate(self.fps):
             raise ValueError(f"video processor: fps={self.fps!r} must be a positive number")
-        if self.do_normalize and 0.0 in self.image_std:
-            raise ValueError(f"video processor: image_std={self.image_std} has a zero (division by zero)")
 
     def frame_indices(self, total: int, fps: float) -> list[int]:
         """HF's `default_sample_indices_fn`: n frames at `i * total // n`; all of them when there are fewer than
