@@ -12,7 +12,6 @@ from typing import Any
 
 from ..prompt import EncodedPrompt, Span
 from .content import AUDIO, IMAGE, VIDEO
-from .video import video_text
 
 # config.json keys of the placeholder ids (HF saves the audio end as `eoa_token_index`, the hub files both), and
 # the released values (docs/real-checkpoints.md)
@@ -116,6 +115,7 @@ def video_rewrite(items: Sequence[Prepared], strings: Callable[[int], str], toke
     videos = [item.inputs for item in items if item.kind == VIDEO]
     if not videos:
         return None
+    from .video import video_text  # (Pillow is imported with the first media prompt, not with the package)
 
     def rewrite(text: str) -> str:
         boi, video, eoi = strings(tokens.boi), strings(tokens.video), strings(tokens.eoi)
