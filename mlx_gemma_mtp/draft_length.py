@@ -357,7 +357,8 @@ class AutoDraftLength:
         its curve through the nearest measured K): between two measured K the straight line through them, per
         model unit; past the measured ones the line through the last two (never cheaper per unit than the last),
         UNSEEN dearer per K of distance. `hopeful`: what the choice hopes for a K past the deepest measured one,
-        the verify of more rows no dearer and each extra draft step a small plain step (drafter bytes)."""
+        the verify of more rows no dearer and each extra draft step a small forward (drafter bytes) at the cheapest
+        cost per model unit measured."""
         learned, units = self.learned, self.model.rounds(self.max_k, context)
         level = 1.0 if learned.level is None else learned.level
         measured = [k for k in range(self.max_k + 1) if learned.shape[k] is not None and learned.fresh(k)]
@@ -374,7 +375,7 @@ class AutoDraftLength:
                 # what was measured: the K below it and its extra drafts (a verify of more rows never costs less),
                 # a draft step a small plain step (drafter bytes)
                 a, b = below[-1], above[0]
-                drafts = min(per_unit[a], per_unit.get(0, per_unit[a]))
+                drafts = min(per_unit.values())  # a draft step: the cheapest unit measured (hopeful)
                 low = (per_unit[a] * units[a] + drafts * (k - a) * step) / units[k]
                 line = per_unit[a] + (per_unit[b] - per_unit[a]) * (k - a) / (b - a)
                 u = low ** HOPE_BETWEEN * line ** (1 - HOPE_BETWEEN) if low < line else line
@@ -386,7 +387,7 @@ class AutoDraftLength:
                 a = side[0]
                 slope = 0.0 if len(side) < 2 else (per_unit[a] - per_unit[side[1]]) / (a - side[1])
                 if hopeful and below:  # a verify of more rows costing no more, the drafts their bytes
-                    drafts = min(per_unit[a], per_unit.get(0, per_unit[a]))  # a draft step is a small plain step
+                    drafts = min(per_unit.values())  # a draft step is a small forward: the cheapest unit measured
                     u = (per_unit[a] * units[a] + drafts * (k - a) * step) / units[k]
                 elif hopeful:  # as cheap as the analytic model says (per unit as the nearest measured K)
                     u = per_unit[a]

@@ -102,9 +102,9 @@ PLAIN_BOUND = 0.97
 SHORT = {  # (landscape, profile, tokens, warm): floor
     ("metal-cliff", "code", 64, False): 0.83, ("metal-cliff", "prose", 64, False): 0.84,
     ("metal-cliff", "drift", 64, False): 0.84, ("cpu-demo", "code", 256, False): 0.89,
-    ("cpu-demo", "code", 256, True): 0.88, ("e2b-cut", "code", 64, False): 0.86,
-    ("e2b-cut", "drift", 256, False): 0.92, ("busy", "code", 256, False): 0.92,
-    ("busy", "code", 256, True): 0.91, ("busy", "prose", 256, True): 0.86, ("busy", "drift", 256, False): 0.92,
+    ("e2b-cut", "code", 64, False): 0.86, ("e2b-cut", "drift", 256, False): 0.92,
+    ("busy", "code", 256, False): 0.92, ("busy", "code", 256, True): 0.91, ("busy", "prose", 256, False): 0.92,
+    ("busy", "prose", 256, True): 0.84, ("busy", "drift", 256, False): 0.92,
 }
 NO_PAY = {("compute-bound", "code"), ("compute-bound", "prose"), ("compute-bound", "drift"), ("cpu-demo", "prose")}
 SHORT_PLAIN = {("cpu-demo", "prose", 256, False): 0.94, ("compute-bound", "prose", 256, True): 0.94}
