@@ -56,7 +56,7 @@ from ..load import Bundle
 from ..sampling import SamplerConfig
 from ..speculative import drafter_proposer
 from ..stats import DraftStats
-from ..testing.presets import PRESETS, tiny_e2b_pair
+from ..testing.presets import tiny_e2b_pair
 from . import shapes
 
 STREAMS = (1, 2, 4, 8)
@@ -546,18 +546,10 @@ def streams_arg(text: str) -> list[int]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m mlx_gemma_mtp.bench.batching", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=None, help="target (or bundle) folder / hub id; default: a random pair")
-    p.add_argument("--draft", default=None)
+    shapes.add_pair_arguments(p, 32, "--shape weights: 4/8 quantized, 16 bfloat16, 32 float32 (default 32: exact "
+                                     "on a CPU)")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                    help="--model: cast the weights (default: the checkpoint's)")
-    p.add_argument("--demo", action="store_true", help="the shipped demo pair on held-out stdlib code")
-    p.add_argument("--random-hidden", type=int, default=512)
-    p.add_argument("--shape", default=None, choices=tuple(PRESETS), help="a random pair of a released shape")
-    p.add_argument("--bits", type=int, default=32, choices=shapes.BITS,
-                   help="--shape weights: 4/8 quantized, 16 bfloat16, 32 float32 (default 32: exact on a CPU)")
-    p.add_argument("--layers", type=int, default=None, help="--shape: keep this many target layers")
-    p.add_argument("--vocab", type=int, default=None, help="--shape: a smaller vocabulary (default 262144)")
-    p.add_argument("--experts", type=int, default=None, help="--shape 26b-a4b: keep this many experts")
     p.add_argument("--streams", type=streams_arg, default=list(STREAMS), metavar="1,2,4,8")
     p.add_argument("--prompt-tokens", type=int, default=128,
                    help=f"prompt j has round(N * {LENGTHS}[j %% 8]) tokens")

@@ -44,7 +44,7 @@ from ..round_cost import DraftCosts
 from ..sampling import SamplerConfig
 from ..speculative import drafter_proposer
 from ..stats import DraftStats
-from ..testing.presets import PRESETS, tiny_e2b_pair
+from ..testing.presets import tiny_e2b_pair
 from . import cost_model, shapes
 
 
@@ -337,16 +337,8 @@ def profile_arg(text: str) -> tuple[float, ...]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m mlx_gemma_mtp.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=None, help="target (or bundle) folder / hub id; default: a random pair")
-    p.add_argument("--draft", default=None)
-    p.add_argument("--demo", action="store_true", help="the shipped demo pair on held-out stdlib code")
-    p.add_argument("--random-hidden", type=int, default=512)
-    p.add_argument("--shape", default=None, choices=tuple(PRESETS), help="a random pair of a released shape")
-    p.add_argument("--bits", type=int, default=4, choices=shapes.BITS,
-                   help="--shape weights: 4/8 quantized (mixed recipe), 16 bfloat16, 32 float32 (default 4)")
-    p.add_argument("--layers", type=int, default=None, help="--shape: keep this many target layers")
-    p.add_argument("--vocab", type=int, default=None, help="--shape: a smaller vocabulary (default 262144)")
-    p.add_argument("--experts", type=int, default=None, help="--shape 26b-a4b: keep this many experts")
+    shapes.add_pair_arguments(p, 4, "--shape weights: 4/8 quantized (mixed recipe), 16 bfloat16, 32 float32 "
+                                    "(default 4)")
     p.add_argument("--profile", type=profile_arg, default=None, metavar="S1,S2,...",
                    help="acceptance per draft position for the cost model (default: published 31B, "
                         + ",".join(map(str, cost_model.PUBLISHED_31B)) + ")")

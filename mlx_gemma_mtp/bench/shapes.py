@@ -34,6 +34,21 @@ def dtype_name(bits: int) -> str:
     return {16: "bfloat16", 32: "float32"}.get(bits, f"{bits}-bit (mixed recipe)")
 
 
+def add_pair_arguments(p, bits: int, bits_help: str) -> None:
+    """The flags that choose a benchmark's pair: a checkpoint (`--model`, `--draft`), the demo pair, a random pair
+    (`--random-hidden`) or a released shape (`--shape` with `--bits` (default `bits`), `--layers`, `--vocab`,
+    `--experts`)."""
+    p.add_argument("--model", default=None, help="target (or bundle) folder / hub id; default: a random pair")
+    p.add_argument("--draft", default=None)
+    p.add_argument("--demo", action="store_true", help="the shipped demo pair on held-out stdlib code")
+    p.add_argument("--random-hidden", type=int, default=512)
+    p.add_argument("--shape", default=None, choices=tuple(PRESETS), help="a random pair of a released shape")
+    p.add_argument("--bits", type=int, default=bits, choices=BITS, help=bits_help)
+    p.add_argument("--layers", type=int, default=None, help="--shape: keep this many target layers")
+    p.add_argument("--vocab", type=int, default=None, help="--shape: a smaller vocabulary (default 262144)")
+    p.add_argument("--experts", type=int, default=None, help="--shape 26b-a4b: keep this many experts")
+
+
 def check_shape_args(shape: str, bits: int) -> None:
     """Refuse what cannot run here, with the fix in the message."""
     if shape not in PRESETS:
