@@ -366,6 +366,7 @@ class AutoDraftLength:
             return [level * learned.shape_of(k) * units[k] for k in range(self.max_k + 1)]
         per_unit = {k: level * learned.shape[k] for k in measured}
         step = units[1] - units[0] - VERIFY_SLOPE - ROUND_OVERHEAD if self.max_k else 0.0  # one draft step
+        draft_unit = min(per_unit.values())  # hoped: a draft step is a small forward, at the cheapest unit measured
         out = []
         for k in range(self.max_k + 1):
             below, above = [j for j in measured if j < k], [j for j in measured if j > k]
@@ -375,8 +376,7 @@ class AutoDraftLength:
                 # what was measured: the K below it and its extra drafts (a verify of more rows never costs less),
                 # a draft step a small plain step (drafter bytes)
                 a, b = below[-1], above[0]
-                drafts = min(per_unit.values())  # a draft step: the cheapest unit measured (hopeful)
-                low = (per_unit[a] * units[a] + drafts * (k - a) * step) / units[k]
+                low = (per_unit[a] * units[a] + draft_unit * (k - a) * step) / units[k]
                 line = per_unit[a] + (per_unit[b] - per_unit[a]) * (k - a) / (b - a)
                 u = low ** HOPE_BETWEEN * line ** (1 - HOPE_BETWEEN) if low < line else line
             elif below and above:
@@ -387,8 +387,7 @@ class AutoDraftLength:
                 a = side[0]
                 slope = 0.0 if len(side) < 2 else (per_unit[a] - per_unit[side[1]]) / (a - side[1])
                 if hopeful and below:  # a verify of more rows costing no more, the drafts their bytes
-                    drafts = min(per_unit.values())  # a draft step is a small forward: the cheapest unit measured
-                    u = (per_unit[a] * units[a] + drafts * (k - a) * step) / units[k]
+                    u = (per_unit[a] * units[a] + draft_unit * (k - a) * step) / units[k]
                 elif hopeful:  # as cheap as the analytic model says (per unit as the nearest measured K)
                     u = per_unit[a]
                 else:
