@@ -12,5 +12,6 @@
 - `bench.batching`: 1-8 concurrent streams: serial vs batched plain vs batched MTP.
 - `bench.auto_regret`: the draft-length policy on simulated cost landscapes: regret vs the best fixed K.
 Helpers: `shapes` (random released-shape pairs, mlx-lm's plain decoding), `cost_model` (expected speedup per K),
-`mlx_vlm` (mlx-vlm's MTP path on our weights).
+`mlx_vlm` (mlx-vlm's MTP path on our weights), `mlx_vlm_image` (its image path, for `bench.multimodal`),
+`batch_oracle` (`bench.batching`'s forced acceptance).
 """
