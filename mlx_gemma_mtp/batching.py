@@ -249,11 +249,11 @@ class BatchGenerator:
     def _round(self) -> None:
         # a row near its budget does not hold the others back: it keeps what it needs of a round, the rest of its
         # round is dropped with its row; but no round drafts past what any row still needs
-        remaining = max(r.max_tokens - r.generated for r in self.running.values())
-        k = min(self.draft_length.choose(len(self.running)), max(remaining - 1, 0))
+        limits = {r.row: r.max_tokens - r.generated - 1 for r in self.running.values()}  # drafts each can use
+        k = min(self.draft_length.choose(len(self.running), limits), max(max(limits.values()), 0))
         tic = time.perf_counter()
-        emitted = self.batch.step(k, {r.row: r.max_tokens - r.generated - 1 for r in self.running.values()})
-        self.draft_length.timed(k, len(self.running), time.perf_counter() - tic, emitted)
+        emitted = self.batch.step(k, limits)
+        self.draft_length.timed(k, len(self.running), time.perf_counter() - tic, emitted, limits)
         for row, tokens in emitted.items():
             request = self.running[row]
             if k:
@@ -289,6 +289,7 @@ class BatchGenerator:
         if request.prompt_cache is not None:
             self.batch.cache.extract(row, request.cache)
         self.batch.leave(row)
+        self.draft_length.forget(row)
         del self.running[row]
         self._finish(request)
 

@@ -11,6 +11,7 @@
 - `bench.multimodal`: an image prompt: time to first token and MTP on the answer, ours vs mlx-vlm; tower memory.
 - `bench.batching`: 1-8 concurrent streams: serial vs batched plain vs batched MTP.
 - `bench.auto_regret`: the draft-length policy on simulated cost landscapes: regret vs the best fixed K.
+- `bench.batch_auto_regret`: the same for a batch's draft length (rows with their own acceptance).
 Helpers: `shapes` (random released-shape pairs, mlx-lm's plain decoding), `cost_model` (expected speedup per K),
 `mlx_vlm` (mlx-vlm's MTP path on our weights), `mlx_vlm_image` (its image path, for `bench.multimodal`),
 `batch_oracle` (`bench.batching`'s forced acceptance).
