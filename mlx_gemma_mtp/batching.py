@@ -26,7 +26,7 @@ import mlx.core as mx
 
 from .batch_draft_length import BatchDraftLength
 from .batched import Batch, BatchProposer, row_sampling
-from .decode import MAX_DRAFT_TOKENS, GenerationResponse, _eos_ids, _resolve_draft_request, encode_prompt
+from .decode import MAX_DRAFT_TOKENS, GenerationResponse, eos_ids, resolve_draft_request, encode_prompt
 from .load import Bundle
 from .logprobs import MAX_TOP_LOGPROBS, token_scores
 from .logprobs import rows as token_rows
@@ -105,13 +105,13 @@ class BatchGenerator:
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size={max_batch_size!r}: must be a positive integer")
         self.bundle, self.prefill_step_size = bundle, prefill_step_size
-        k = _resolve_draft_request(bundle, num_draft_tokens, propose)
+        k = resolve_draft_request(bundle, num_draft_tokens, propose)
         self.draft_length = BatchDraftLength(k, MAX_DRAFT_TOKENS)
         self.batch = Batch(bundle.target, bundle.drafter, max_batch_size, propose)
         self.waiting: deque[Request] = deque()
         self.joining: tuple[Request, Iterator] | None = None
         self.running: dict[int, Request] = {}
-        self.eos = set(_eos_ids(bundle))
+        self.eos = set(eos_ids(bundle))
         self.driven_here = True  # False once `start` runs the steps on a thread of its own
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None

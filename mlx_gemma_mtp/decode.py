@@ -86,7 +86,7 @@ class GenerationOptions:
         if json_schema is not None and not isinstance(json_schema, dict):
             raise ValueError(f"json_schema must be a dict (a JSON schema; {{'type': 'object'}} for any JSON "
                              f"object), got {type(json_schema).__name__}")
-        return cls(max_tokens, sampler, _resolve_draft_request(bundle, num_draft_tokens, proposer), tuple(stop),
+        return cls(max_tokens, sampler, resolve_draft_request(bundle, num_draft_tokens, proposer), tuple(stop),
                    prefill_step_size, proposer, prompt_cache, logprobs, json_schema)
 
 
@@ -137,7 +137,7 @@ def _tokens(bundle: Bundle, prompt: EncodedPrompt, options: GenerationOptions, s
     media = PromptMedia(prompt, bundle.media) if prompt.spans else None
     out = prefill(target, mx.array(ids[start:]), cache, options.prefill_step_size, use_mtp, snapshot, media)
     constraint = None if options.json_schema is None else state.constraint(
-        bundle.tokenizer, options.json_schema, _eos_ids(bundle))
+        bundle.tokenizer, options.json_schema, eos_ids(bundle))
     chooser = Chooser(sampler, state.lockstep, options.logprobs, constraint)
     first = first_token(out, chooser)
     if not use_mtp:
@@ -148,7 +148,7 @@ def _tokens(bundle: Bundle, prompt: EncodedPrompt, options: GenerationOptions, s
     yield from mtp_generate_step(target, cache, first, propose, policy, chooser, stats, options.max_tokens)
 
 
-def _resolve_draft_request(bundle: Bundle, num_draft_tokens, proposer) -> int | str:
+def resolve_draft_request(bundle: Bundle, num_draft_tokens, proposer) -> int | str:
     """The draft length to use: an int (0 = plain decoding) or "auto". None and "auto" mean plain decoding
     without a drafter; "auto" prices drafting from the drafter, so a custom proposer alone needs an int."""
     if num_draft_tokens in (None, "auto"):
@@ -234,7 +234,7 @@ def _generate(bundle: Bundle, prompt: EncodedPrompt, options: GenerationOptions)
     elif not sampler.greedy and bundle.state.lockstep is not None:
         mx.random.seed(bundle.state.lockstep.shared_seed())  # the ranks of a sharded target draw the same numbers
     stats = DraftStats() if options.num_draft_tokens != 0 else None
-    eos = set(_eos_ids(bundle))
+    eos = set(eos_ids(bundle))
     ids = prompt.ids
     text = TextStream(bundle.tokenizer, list(options.stop), bundle.special.channels)
     text.resume(ids)  # a prompt may leave a thought open
@@ -263,7 +263,7 @@ def _generate(bundle: Bundle, prompt: EncodedPrompt, options: GenerationOptions)
                 mx.clear_cache()
 
 
-def _eos_ids(bundle: Bundle) -> list[int]:
+def eos_ids(bundle: Bundle) -> list[int]:
     """Every id generation stops at: config.json's, generation_config.json's and the tokenizer's."""
     ids = set(bundle.generation.eos_token_ids) | set(getattr(bundle.tokenizer, "eos_token_ids", None) or [])
     return sorted(ids)
