@@ -18,19 +18,20 @@ A bandit over K whose arms share what they can (docs/auto-draft-length.md has th
 - Choice: the K of the highest upper estimate, its rate raised by EXPLORE / sqrt(1 + its timed rounds), where a K
   not measured is hoped to cost what the analytic model says beyond the deepest measured one (a verify of more rows
   no dearer, the drafts their bytes). Such a K is tried only when the hoped gain over the tokens still wanted is
-  WORTH the likely cost of finding out (its compile and the rounds at the pessimistic estimate); a close contender
+  WORTH the likely cost of finding out (the rounds at the pessimistic estimate, and on a pair that never drafted
+  the draft step's trace); a close contender
   not timed for PROBE_EVERY rounds is timed again.
-- Timing: what a lap holds depends on its neighbours. A drafting round holds its own work, and the compile of its
-  draft graph when it is the first at its K after a drafting round (then it is a provisional estimate, less the
-  compile as priced so far, or no sample before any compile was priced). A plain step is pipelined: it also holds
+- Timing: what a lap holds depends on its neighbours. A drafting round holds its own work, and the trace of the
+  draft step's graph when it is the pair's first drafting round and no plain step hid it (then it is a provisional
+  estimate, less the trace as priced so far, or no sample before any trace was priced). A plain step is pipelined: it also holds
   the queueing of the next round, and after a drafting round (or first in a generation) its own graph building, so
   only a plain step after a plain step, not followed by a compile, is a clean sample; others are upper bounds.
 - Start: a fresh record plays a plain step (an upper bound on its cost, holding the next round's compile mostly
   hidden behind it) and then the analytic model's best K, at most START_K: the first two rounds price plain decoding
   and drafting. Plain steps known only as an upper bound are timed cleanly (two in a row) while within PLAIN_SLACK
   of the best; a stale plain estimate is re-timed at once (every K is judged against it).
-- Compiles: the first round at a K traces its draft graph (host work, ~5 ms per draft token here); the cost per
-  draft token is learned from rounds that held one.
+- Compiles: the pair's first drafting round traces the draft step's graph, one for every K (`drafting.DraftStep`:
+  host work, ~5 ms here; a new K costs no trace); its cost is learned from a round that held it.
 
 What was learned (acceptance counts, estimates, compile cost) stays with the loaded pair (`AutoRecords`, held by
 `Bundle.state`), one record per sampling setting, for the next generations; older acceptance evidence weighs less as
@@ -73,7 +74,7 @@ PROBE_EVERY = 32  # ... (and, counts only, the longest gap between probes)
 PROBE_AFTER = 4  # counts only: rounds between probes, this many plus the rounds the probed K has had
 START_K = 3  # a fresh record's first drafting rounds draft at most this many tokens
 PLAIN_SLACK = 1.3  # a plain step known only as an upper bound is timed cleanly while within this of the best
-COMPILE_COST = 0.005  # prior seconds of tracing a K's draft graph, per draft token (host work: ~6 ms on this CPU)
+COMPILE_COST = 0.005  # prior seconds of tracing the draft step's graph (host work: ~4 ms on this CPU)
 MAX_COUNT = 256.0  # acceptance counts are scaled down to this many rounds reaching the first position at most
 DECAY = 0.5  # the round counts behind probes and the exploration bonus are halved at each generation start
 MAX_SETTINGS = 8  # records kept per pair (an app whose temperature slider keeps moving)
@@ -126,8 +127,9 @@ class Learned:
     samples: list[float] = field(default_factory=lambda: [0.0] * (MAX_AUTO_K + 1))  # per K: rounds timed (support)
     timed_at: list[float | None] = field(default_factory=lambda: [None] * (MAX_AUTO_K + 1))  # the level then
     slow: list[bool] = field(default_factory=lambda: [False] * (MAX_AUTO_K + 1))  # last round at K an outlier
-    compiled: set[int] = field(default_factory=lambda: {0})  # the K this pair has run (their draft graphs exist)
-    compile_cost: float = COMPILE_COST  # learned from the rounds that carried a compile
+    compiled: set[int] = field(default_factory=lambda: {0})  # the K this pair has run
+    traced: bool = False  # the pair has drafted: the draft step's graph exists (for every K)
+    compile_cost: float = COMPILE_COST  # seconds of that trace, learned from a round that carried it
     compiles_seen: int = 0
     plain_clean: bool = False  # K = 0's cost comes from a plain step between plain steps (not only an upper bound)
     previous: DraftStats | None = None  # the running generation's counters, folded in when the next one starts
@@ -212,7 +214,7 @@ class Learned:
         return spread([m for m, _ in measured]) < spread([c for _, c in measured])
 
     def compile_seen(self, excess: float) -> None:
-        """A compile took `excess` seconds per draft token: a running mean turning into an EMA."""
+        """A trace took `excess` seconds: a running mean turning into an EMA."""
         self.compiles_seen += 1
         self.compile_cost += max(EMA, 1.0 / self.compiles_seen) * (max(0.0, excess) - self.compile_cost)
 
@@ -223,7 +225,7 @@ class _Round:
 
     k: int
     context: int
-    compiles: bool  # its draft graph was traced when it was queued (the first round at K on this pair)
+    compiles: bool  # the draft step's graph was traced when it was queued (the pair's first drafting round)
     after: int | None  # the K of the round before it (None: the generation's first round)
 
 
@@ -242,7 +244,7 @@ class AutoDraftLength:
         self._pending: list[_Round] = []  # rounds chosen whose time has not been told yet, oldest first
         self._last: int | None = None  # the K of the last round chosen
         self._round, self._timed = 0, {}  # rounds chosen; the round each K was last timed at (this generation)
-        self._compiles: list[tuple[int, float, int]] = []  # (K, seconds, context) of rounds that compiled K
+        self._compiles: list[tuple[int, float, int]] = []  # (K, seconds, context) of a round that traced
 
     def accepted(self, k: int, n: int) -> None:
         self.stats.record(k, n)
@@ -261,8 +263,9 @@ class AutoDraftLength:
             k = self._pick(self.rates(context), remaining, context)
         k = max(0, min(k, remaining - 1))
         learned = self.learned
-        self._pending.append(_Round(k, context, k not in learned.compiled, self._last))
+        self._pending.append(_Round(k, context, k > 0 and not learned.traced, self._last))
         learned.compiled.add(k)
+        learned.traced = learned.traced or k > 0
         learned.rounds[k] += 1
         self._last, self._round = k, self._round + 1
         return k
@@ -281,10 +284,10 @@ class AutoDraftLength:
         """A round's time, matched to the round (they are told in the order they ran). What a lap holds depends
         on its neighbours:
 
-        - a drafting round holds its own work, and the compile of its draft graph when it is the first round at
-          its K after a drafting round (or first in the generation): then, once some compile was priced, it gives
-          K a provisional estimate (less the compile; the next round at K replaces it), and the compile is priced
-          once K has an estimate of its own;
+        - a drafting round holds its own work, and the trace of the draft step's graph when it is the pair's first
+          drafting round, not after a plain step (which hides it): then, once a trace was priced, it gives K a
+          provisional estimate (less the trace; the next round at K replaces it), and the trace is priced once K
+          has an estimate of its own;
         - a plain step is pipelined: it holds the queueing of the next round (and that round's compile, if any,
           mostly hidden behind its own step), and after a drafting round (or first in the generation) also its own
           graph building, which plain steps in a row overlap with the step before: only a plain step after a plain
@@ -301,9 +304,9 @@ class AutoDraftLength:
         if k:
             if r.compiles and r.after != 0:
                 if learned.compiles_seen and learned.level is not None and not learned.fresh(k):
-                    # K's first estimate: its round less the compile as priced so far (provisional: the next
+                    # K's first estimate: its round less the trace as priced so far (provisional: the next
                     # round at K replaces it)
-                    rest = seconds - learned.compile_cost * k
+                    rest = seconds - learned.compile_cost
                     learned.observe(k, max(rest, 0.2 * seconds) / self.model.round(k, r.context))
                     learned.samples[k] = 0.0
                 else:
@@ -326,11 +329,11 @@ class AutoDraftLength:
         self._resolve_compiles()
 
     def _resolve_compiles(self) -> None:
-        """Price the compiles seen, once their K has a timed round of its own (seconds beyond it per draft)."""
+        """Price a trace seen, once its K has a timed round of its own (the seconds beyond it)."""
         learned, left = self.learned, []
         for k, seconds, context in self._compiles:
             if learned.level is not None and learned.fresh(k) and learned.samples[k] >= 1:
-                learned.compile_seen((seconds - self.seconds(k, context)) / k)
+                learned.compile_seen(seconds - self.seconds(k, context))
             else:
                 left.append((k, seconds, context))
         self._compiles = left
@@ -412,9 +415,9 @@ class AutoDraftLength:
     # ---- choices -------------------------------------------------------------------------------------------------
 
     def _compile_seconds(self, k: int, context: int) -> float:
-        if not self.use_time or k in self.learned.compiled:
+        if not self.use_time or k == 0 or self.learned.traced:
             return 0.0
-        return self.learned.compile_cost * k
+        return self.learned.compile_cost
 
     def _affordable(self, best: int, rates: list[float], remaining: int, context: int) -> int:
         """`best`, or the best K already run when compiling `best` costs more than it would save."""
@@ -452,13 +455,13 @@ class AutoDraftLength:
         if best not in known:  # worth finding out: the hoped gain pays for the likely cost
             exploit = max(known, key=rates.__getitem__)
             costs = self.costs(context)
-            first = best not in learned.compiled and self._last  # its first round holds the compile: 2 rounds
+            first = best and not learned.traced and self._last  # its first round holds the trace: 2 rounds
             loss = (1 + bool(first)) * max(0.0, costs[best] - costs[best] * rates[best] / rates[exploit])
             gain = remaining * (1 / rates[exploit] - 1 / hopes[best])
             if gain < WORTH * (loss + self._compile_seconds(best, context)):
                 best = max(known, key=upper.__getitem__)
-        if best not in learned.compiled and self._last and remaining > 3 and not learned.compiles_seen:
-            self._plan = [best]  # its first round holds the compile: the second one is timed
+        if best and not learned.traced and self._last and remaining > 3 and not learned.compiles_seen:
+            self._plan = [best]  # its first round holds the trace: the second one is timed
         # a close contender not timed for a while is timed again (its estimate may rest on a slow spell)
         close = [k for k in known if k != best and k in learned.compiled
                  and rates[k] > RECHECK * rates[best] and self._round - self._timed.get(k, 0) > PROBE_EVERY]

@@ -6,7 +6,7 @@ graph is specialised to its input shapes and the full-attention K/V grows every 
 fixed-size *windows* over the producer caches' buffers: views of a `cache.bucket_size`, with the visible entries
 given as a [lo, hi) range that becomes the attention mask. The sizes grow geometrically, so a context of n tokens
 costs O(log n) retraces (a few ms each; 20 up to 32k tokens, 26 up to 128k), and a long-running process keeps
-that many traced graphs per draft length, not one per few hundred tokens.
+that many traced graphs (one step, called K times per round, for every K), not one per few hundred tokens.
 
 Visibility (spec §4.3, pitfall 23): the entries up to the hidden state's position, never a rejected draft's; on
 sliding layers only the last `window + 1` of them (HF's flipped bidirectional window).
@@ -25,7 +25,7 @@ from .models.gemma4_assistant import Drafter
 from .models.gemma4_text import KV, Model
 from .sampling import SamplerConfig, candidate_log_probs, sample, scatter_log_probs
 
-MAX_GRAPHS = 32  # compiled draft rounds kept per pair (one per K and sampling setting), oldest dropped first
+MAX_GRAPHS = 32  # compiled draft steps kept per pair (one per sampling setting and grammar use), oldest first
 ALTERNATIVES = 16  # under a grammar, greedy: the drafter's next choices kept per draft, to replace a forbidden one
 
 
@@ -77,16 +77,19 @@ def cache_windows(target: Model, cache: list[KVCache]) -> dict[str, KVWindow]:
 
 
 class DraftStep:
-    """The drafter's decoding steps, compiled: all K steps of a round as one graph per (K, sampler), so that no
-    host work sits between steps. Sampling draws from MLX's global RNG, whose state the graph reads and
-    advances. A loaded pair keeps one (`bundle.state.draft_step`): compiling costs a JIT pass."""
+    """The drafter's decoding step, compiled once and called K times per round (queued lazily: no host work sits
+    between steps, the round's tokens are read at its one sync). Compiling the step rather than the whole round
+    costs the same per round (measured on the demo pair: within noise at K = 1..8) and one trace per K/V window
+    size instead of one per K and size: the first round at a new K costs nothing extra (a K = 8 round's trace
+    was ~50 ms on a CPU), so `auto` may try a K without paying for it. Sampling draws from MLX's global RNG,
+    whose state each step reads and advances. A loaded pair keeps one (`bundle.state.draft_step`)."""
 
     def __init__(self, target: Model, drafter: Drafter):
         self.target, self.drafter = target, drafter
         # `inputs`: the weights are read at each call, so a drafter being trained is never seen stale
         self._state = [drafter.state, target.model.embed_tokens.state]
         self._body = mx.compile(self._step, inputs=self._state)
-        self._rounds: dict[tuple, Callable] = {}
+        self._steps: dict[tuple, Callable] = {}
 
     def _step(self, token, hidden, keys, values, lo, hi, position):
         """(token (1,), hidden (1, 1, H)) -> (next hidden (1, 1, H), y (1, 1, Hd))."""
@@ -97,32 +100,29 @@ class DraftStep:
             kv[layer_type] = (keys[layer_type], values[layer_type])
         return self.drafter(self.target.model.embed(token[None]), hidden, kv, position, masks)
 
-    def _round(self, num_drafts: int, sampler: SamplerConfig, masked: bool) -> Callable:
-        def steps(token, hidden, *inputs):
-            mask, context = (inputs[0], inputs[1:]) if masked else (None, inputs)  # mask: the first draft's
-            tokens, qs, alternatives = [], [], []
-            for i in range(num_drafts):
-                hidden, y = self._step(token, hidden, *context)
-                if sampler.greedy:
-                    token = self.drafter.top_token(y)[0] if i or mask is None else _masked_top(self.drafter, y, mask)
-                    if masked:
-                        alternatives.append(_top_choices(self.drafter, y, ALTERNATIVES))
-                else:
-                    token, q = _sampled_token(self.drafter, y, sampler, None if i else mask)
-                    qs.append(q)
-                tokens.append(token)
-            return (mx.concatenate(tokens), mx.stack(qs) if qs else mx.zeros((0,)),
-                    mx.stack(alternatives) if alternatives else mx.zeros((0,), mx.int32))
+    def _compiled(self, sampler: SamplerConfig, first_mask: bool, alternatives: bool) -> Callable:
+        """One step and its token: (token, hidden, [mask,] *context) -> (token (1,), hidden, extra): extra is
+        q (V,) when sampling, the ALTERNATIVES best choices (M,) when greedy under a grammar, else empty."""
+
+        def one(token, hidden, *inputs):
+            mask, context = (inputs[0], inputs[1:]) if first_mask else (None, inputs)  # mask: the first draft's
+            hidden, y = self._step(token, hidden, *context)
+            if not sampler.greedy:
+                token, q = _sampled_token(self.drafter, y, sampler, mask)
+                return token, hidden, q
+            token = self.drafter.top_token(y)[0] if mask is None else _masked_top(self.drafter, y, mask)
+            extra = _top_choices(self.drafter, y, ALTERNATIVES) if alternatives else mx.zeros((0,), mx.int32)
+            return token, hidden, extra
 
         # only what shapes the draft distribution: a new seed must not mean a new graph
-        key = (num_drafts, masked, None if sampler.greedy else (sampler.temperature, sampler.top_p, sampler.top_k,
-                                                                sampler.min_p))
-        if key not in self._rounds:
-            if len(self._rounds) >= MAX_GRAPHS:  # e.g. an app whose temperature slider keeps moving
-                del self._rounds[next(iter(self._rounds))]
+        key = (first_mask, alternatives, None if sampler.greedy else (sampler.temperature, sampler.top_p,
+                                                                      sampler.top_k, sampler.min_p))
+        if key not in self._steps:
+            if len(self._steps) >= MAX_GRAPHS:  # e.g. an app whose temperature slider keeps moving
+                del self._steps[next(iter(self._steps))]
             rng = [mx.random.state]
-            self._rounds[key] = mx.compile(steps, inputs=self._state + rng, outputs=rng)
-        return self._rounds[key]
+            self._steps[key] = mx.compile(one, inputs=self._state + rng, outputs=rng)
+        return self._steps[key]
 
     @staticmethod
     def context(windows: dict[str, KVWindow], position: int) -> tuple:
@@ -141,13 +141,21 @@ class DraftStep:
         round runs); with it, a third value: greedy, the drafter's ALTERNATIVES best choices per draft (K, M) ids,
         best first, from which a forbidden draft is replaced (`Constraint.kept_drafts`); sampling, None (q is
         enough)."""
-        compiled = self._round(num_drafts, sampler, first_mask is not None)
-        inputs = context if first_mask is None else (first_mask, *context)
-        tokens, q, alternatives = _restoring(self._state + [mx.random.state], compiled, last, hidden, *inputs)
-        q = None if sampler.greedy else q
-        if first_mask is None:
+        masked = first_mask is not None
+        state = self._state + [mx.random.state]
+        token, tokens, extras = last, [], []
+        for i in range(num_drafts):
+            first = masked and i == 0
+            inputs = (first_mask, *context) if first else context
+            step = self._compiled(sampler, first, masked and sampler.greedy)
+            token, hidden, extra = _restoring(state, step, token, hidden, *inputs)
+            tokens.append(token)
+            extras.append(extra)
+        tokens = mx.concatenate(tokens)
+        q = None if sampler.greedy else mx.stack(extras)
+        if not masked:
             return tokens, q
-        return tokens, q, alternatives if sampler.greedy else None
+        return tokens, q, mx.stack(extras) if sampler.greedy else None
 
     def body(self, token: mx.array, hidden: mx.array, context: tuple) -> tuple[mx.array, mx.array]:
         """One step: (next hidden, y), for tests and tools that need the drafter's hidden output."""

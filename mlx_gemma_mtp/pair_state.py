@@ -1,6 +1,7 @@
 """What a loaded target/drafter pair keeps between generations, in one object its `Bundle` owns (`bundle.state`).
 
-- the drafter's compiled draft step (a JIT pass per draft length and sampling setting: built once, reused);
+- the drafter's compiled draft step (a JIT pass per sampling setting and K/V window size, for every draft length:
+  built once, reused);
 - what the "auto" draft length learned about the pair (`draft_length.AutoRecords`), started from this machine's
   saved calibration when there is one;
 - for a target sharded over several processes, the `Lockstep` that keeps the ranks' decisions equal;

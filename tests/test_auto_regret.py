@@ -100,14 +100,10 @@ def test_texts_hold_the_profile_whatever_k_is():
 BOUND = {64: 0.90, 256: 0.95}
 PLAIN_BOUND = 0.97
 SHORT = {  # (landscape, profile, tokens, warm): floor
-    ("metal-cliff", "code", 64, False): 0.83, ("metal-cliff", "prose", 64, False): 0.84,
-    ("metal-cliff", "drift", 64, False): 0.84, ("cpu-demo", "code", 256, False): 0.89,
-    ("e2b-cut", "code", 64, False): 0.86, ("e2b-cut", "drift", 256, False): 0.92,
-    ("busy", "code", 256, False): 0.92, ("busy", "code", 256, True): 0.91, ("busy", "prose", 256, False): 0.92,
-    ("busy", "prose", 256, True): 0.84, ("busy", "drift", 256, False): 0.92,
+    ("cpu-demo", "code", 64, False): 0.86, ("cpu-demo", "code", 256, False): 0.90,
+    ("e2b-cut", "code", 64, False): 0.88, ("busy", "code", 256, True): 0.87, ("busy", "prose", 256, True): 0.88,
 }
 NO_PAY = {("compute-bound", "code"), ("compute-bound", "prose"), ("compute-bound", "drift"), ("cpu-demo", "prose")}
-SHORT_PLAIN = {("cpu-demo", "prose", 256, False): 0.94, ("compute-bound", "prose", 256, True): 0.94}
 
 
 @pytest.fixture(scope="module")
@@ -138,11 +134,11 @@ def test_where_drafting_does_not_pay_auto_stays_close_to_plain_decoding(table):
         for warm in (False, True):
             _, best, to_plain = cell.ratio(warm)
             assert best <= 1, (landscape, profile, warm)  # plain decoding (or a K = 1 within noise of it)
-            assert to_plain >= SHORT_PLAIN.get((landscape, profile, 256, warm), PLAIN_BOUND), (landscape, profile, warm)
+            assert to_plain >= PLAIN_BOUND, (landscape, profile, warm)
 
 
 def test_the_design_reaches_the_bounds_on_most_cells(table):
     """The gaps are the exception: a change that widens them shows here before it shows in the docs."""
     reached = sum(cell.ratio(warm)[0] >= BOUND[length] for (_, _, length), cell in table.items()
                   for warm in ((False, True) if length > 64 else (False,)))
-    assert reached >= 41  # of 54 (43 today)
+    assert reached >= 47  # of 54 (49 today)

@@ -228,32 +228,36 @@ def test_stale_saved_costs_are_a_prior_that_the_rounds_overrule(stale):
     assert _mostly(played, 3)
 
 
-def test_first_round_at_a_k_is_a_compile_not_a_cost_sample():
-    """A drafting round's lap holds the compile of its draft graph when it is the first at its K after a drafting
-    round: no sample until a compile is priced (from what that lap took beyond the K's own later rounds), then a
-    provisional one, less the compile, which the next round at K replaces."""
+def test_the_first_drafting_round_is_a_trace_not_a_cost_sample():
+    """The pair's first drafting round traces the draft step's graph (one graph for every K). Its lap holds the
+    trace when no plain step before it hid it: no sample until a trace is priced (from what that lap took beyond
+    the K's own later rounds), then a provisional one, less the trace, which the next round at K replaces. A new K
+    after that costs no trace."""
     learned = Learned()
     policy = AutoDraftLength(FLAT, 8, learned)
-    _play(policy, [(0, 0.01)] * 3 + [(2, 0.02), (3, 0.05)])
-    assert learned.shape[3] is None and 3 in learned.compiled  # its draft graph was compiled in that round
+    _play(policy, [(3, 0.05)])
+    assert learned.shape[3] is None and learned.traced  # the draft step was traced in that round
     _play(policy, [(3, 0.03)])
     assert policy.seconds(3, 100) == pytest.approx(0.03)
-    assert learned.compile_cost == pytest.approx((0.05 - 0.03) / 3)  # compiles are priced from what they took
-    _play(policy, [(5, 0.04 + 5 * learned.compile_cost)])
-    assert policy.seconds(5, 100) == pytest.approx(0.04) and learned.samples[5] == 0  # provisional
-    _play(policy, [(5, 0.05)])
-    assert policy.seconds(5, 100) == pytest.approx(0.05)
+    assert learned.compile_cost == pytest.approx(0.05 - 0.03)  # the trace is priced from what it took
+    _play(policy, [(5, 0.04)])  # a new K: no trace, a sample of its own
+    assert policy.seconds(5, 100) == pytest.approx(0.04) and learned.samples[5] == 1
+    fresh = Learned(compile_cost=0.02, compiles_seen=1)
+    policy = AutoDraftLength(FLAT, 8, fresh)
+    _play(policy, [(0, 0.02), (0, 0.01), (2, 0.02), (4, 0.06)])  # the trace was hidden behind the plain step
+    assert policy.seconds(2, 100) == pytest.approx(0.02) and fresh.samples[2] == 1
+    assert policy.seconds(4, 100) == pytest.approx(0.06)
 
 
 def test_only_a_plain_step_between_plain_steps_is_a_clean_sample():
     """Plain steps are pipelined and drafting rounds are not: a plain step after a drafting round (or first in a
-    generation) also holds its own graph building, and one before a new K that K's compile: upper bounds, kept
-    only until a plain step after a plain step is timed."""
+    generation) also holds its own graph building, and one before the pair's first drafting round the draft step's
+    trace: upper bounds, kept only until a plain step after a plain step is timed."""
     learned = Learned()
     policy = AutoDraftLength(FLAT, 8, learned)
+    _play(policy, [(0, 0.02), (0, 0.011), (4, 0.03)])  # between plain steps, but the next round traced the step
+    assert policy.seconds(0, 100) == pytest.approx(0.011) and not learned.plain_clean
     _play(policy, [(2, 0.02), (2, 0.02), (0, 0.012), (2, 0.02)])  # after a drafting round: an upper bound
-    assert policy.seconds(0, 100) == pytest.approx(0.012) and not learned.plain_clean
-    _play(policy, [(0, 0.02), (0, 0.011), (4, 0.03)])  # between plain steps, but the next round compiled K = 4
     assert policy.seconds(0, 100) == pytest.approx(0.011) and not learned.plain_clean
     _play(policy, [(0, 0.02), (0, 0.01), (2, 0.02)])
     assert policy.seconds(0, 100) == pytest.approx(0.01) and learned.plain_clean
@@ -261,16 +265,17 @@ def test_only_a_plain_step_between_plain_steps_is_a_clean_sample():
     assert policy.seconds(0, 100) == pytest.approx(0.01)
 
 
-def test_a_k_never_run_is_tried_only_when_the_tokens_left_pay_for_its_compile():
-    learned = Learned(compiled={0, 2})
-    learned.compile_cost, learned.plain_clean = 0.5, True  # compiles cost 0.5 s a draft
-    for k, shape in ((0, 1.0), (2, 1.0)):
-        learned.level, learned.shape[k], learned.timed_at[k], learned.samples[k] = 0.01, shape, 0.01, 50
+def test_a_pair_that_never_drafted_drafts_only_when_the_tokens_left_pay_for_the_trace():
+    learned = Learned()
+    learned.compile_cost, learned.plain_clean = 5.0, True  # the draft step's trace costs 5 s
+    learned.level, learned.shape[0], learned.timed_at[0], learned.samples[0] = 0.01, 1.0, 0.01, 50
     policy = AutoDraftLength(CostModel(0.02, (), ()), 8, learned)
+    policy._last = 0  # past the generation's opening
     for _ in range(40):
-        policy.accepted(2, 2)
-    assert policy.choose(20, 100) == 2  # 20 tokens left: a deeper K would not pay for its compile
-    assert policy.choose(100_000, 100) > 2
+        learned.accepted[:3] = [learned.accepted[i] + 1 for i in range(3)]
+        learned.reached[:3] = [learned.reached[i] + 1 for i in range(3)]
+    assert policy.choose(20, 100) == 0  # 20 tokens left: drafting would not pay for the trace
+    assert policy.choose(100_000, 100) > 0
 
 
 def test_close_contenders_are_tried_again_and_clearly_worse_ones_soon_are_not():

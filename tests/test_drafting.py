@@ -104,7 +104,7 @@ def test_sampled_drafts_follow_their_q(pair):
     assert chi2_pvalue(counts[probs > 0], probs[probs > 0]) > 0.001
 
 
-def test_compiled_rounds_are_shared_across_seeds_and_bounded(pair, monkeypatch):
+def test_compiled_steps_are_shared_across_seeds_and_draft_lengths_and_bounded(pair, monkeypatch):
     import mlx_gemma_mtp.drafting as drafting
 
     target, drafter = pair
@@ -113,9 +113,13 @@ def test_compiled_rounds_are_shared_across_seeds_and_bounded(pair, monkeypatch):
     step = drafting.DraftStep(target, drafter)
     windows = cache_windows(target, cache)
     for seed in range(5):
-        draft(step, mx.array([4]), out.hidden, windows, 30, 2, SamplerConfig(temperature=0.8, seed=seed))
-    assert len(step._rounds) == 1
+        for k in (1, 2, 5):  # one step graph for every K: a new K costs no compile
+            draft(step, mx.array([4]), out.hidden, windows, 30, k, SamplerConfig(temperature=0.8, seed=seed))
+    assert len(step._steps) == 1
+    for k in (1, 3, 8):
+        draft(step, mx.array([4]), out.hidden, windows, 30, k, SamplerConfig())
+    assert len(step._steps) == 2
     monkeypatch.setattr(drafting, "MAX_GRAPHS", 3)
     for t in (0.5, 0.6, 0.7, 0.9):
         draft(step, mx.array([4]), out.hidden, windows, 30, 2, SamplerConfig(temperature=t))
-    assert len(step._rounds) == 3
+    assert len(step._steps) == 3

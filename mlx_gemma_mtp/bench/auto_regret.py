@@ -7,7 +7,8 @@ tests/test_auto_regret.py checks the calls against the real loop's) on a synthet
 
 - a `Landscape`: what a plain step, a verify of T rows and K draft steps cost on some machine (growing with the
   context, and on "busy" changing while the pair lives), the host's own work per call (building a graph, the host
-  sync), the compile of a K's draft graph on its first use on the pair (host work), and noise (log-normal, and now
+  sync), the trace of the draft step's graph on the pair's first drafting round (host work; one graph serves
+  every K), and noise (log-normal, and now
   and then a call taking 3x). Host and device are simulated apart: the host queues work and waits for it only where
   the loop reads a result, so a plain step overlaps the next one's graph building, and a compile the step before
   it, as in the real loop;
@@ -18,7 +19,7 @@ tests/test_auto_regret.py checks the calls against the real loop's) on a synthet
 
 Regret is tokens/s of `auto` over a generation against the best fixed K (K = 0, plain decoding, included) chosen in
 hindsight for that landscape, profile and length, on the same texts: for a freshly loaded pair (compiles and
-learning included; a fixed K pays its compiles too) and for a warm one (after earlier generations on the same
+learning included; a fixed K pays the trace too) and for a warm one (after earlier generations on the same
 pair). Seeded, so every table is reproducible; the whole table (54 cells, about 40,000 generations) runs in about a
 minute. `--real demo|e2b` measures the same on the real loop instead (see `real_loop`).
 """
@@ -75,7 +76,7 @@ class Landscape:
     build: float  # host seconds to queue a target forward (its graph) ...
     queue_drafts: float  # ... to queue a drafting call (a compiled graph)
     sync: float  # ... for the host sync of a drafting round and its bookkeeping (reading n, trimming the cache)
-    compile: float  # seconds of the first round at a K on a pair, per draft token (tracing its draft graph)
+    compile: float  # seconds of the pair's first drafting round's trace of the draft step's graph
     caller: float = 0.05 * MS  # the caller's work per yielded token (detokenizing): counted in tokens/s only
     noise: float = 0.04  # log-normal spread of every device call
     hiccup: float = 0.01  # probability that a device call takes 3x (another process, a page fault)
@@ -179,12 +180,12 @@ class Text:
 
 @dataclass
 class Pair:
-    """A loaded pair on a simulated machine: what outlives a generation (compiled K, auto's records, the
-    machine's state)."""
+    """A loaded pair on a simulated machine: what outlives a generation (the traced draft step, auto's records,
+    the machine's state)."""
 
     landscape: Landscape
     rng: random.Random
-    compiled: set[int] = field(default_factory=lambda: {0})
+    traced: bool = False
     records: AutoRecords | None = None
     lifetime: int = 0  # tokens generated so far (the machine's busy spells follow it)
 
@@ -242,9 +243,9 @@ def generate(pair: Pair, policy: DraftLength, text: Text, max_tokens: int, promp
         if k == 0:
             machine.host(ls.build)
             return machine.queue(pair.jitter(curve.verify_seconds(1, context)))
-        if k not in pair.compiled:
-            pair.compiled.add(k)
-            machine.host(ls.compile * k)
+        if not pair.traced:
+            pair.traced = True
+            machine.host(ls.compile)
         machine.host(ls.queue_drafts)
         return machine.queue(pair.jitter(curve.draft_seconds(k, context)))
 
