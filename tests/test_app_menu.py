@@ -414,7 +414,7 @@ def test_pasteboard_image_as_png():
         app_module.pasteboard_png(FakePasteboard(public_utf8_plain_text=b"hello"))
     with pytest.raises(ValueError, match="holds no image"):
         app_module.pasteboard_png(FakePasteboard(public_png=b""))
-    with pytest.raises(ValueError, match="Attach Image"):  # a file copied in Finder: its TIFF is the icon
+    with pytest.raises(ValueError, match="Attach Files"):  # a file copied in Finder: its TIFF is the icon
         app_module.pasteboard_png(FakePasteboard(public_file_url=b"file:///a.png", public_tiff=tiff.getvalue()))
     cmyk = io.BytesIO()
     Image.new("CMYK", (6, 4), (0, 255, 0, 0)).save(cmyk, format="TIFF")  # PNG has no CMYK: converted
@@ -476,7 +476,7 @@ def test_attachments_menu_goes_with_the_next_question(make_app, rumps, media_mod
         str(tmp_path / "cat.png"), str(tmp_path / "clip.wav")])
     menu = app.attach_menu
     assert menu.title == "Attachments" and menu["Clear Attachments"].callback is None
-    menu["Attach Image…"].callback(None)
+    menu["Attach Files…"].callback(None)
     assert "png" in offered[-1] and "wav" in offered[-1]  # this model takes audio too
     assert "mp4" in offered[-1] and "mov" in offered[-1]  # and video, as it takes images
     # the clipboard: no image is a notification, an image is attached as PNG bytes
@@ -497,7 +497,7 @@ def test_attachments_menu_goes_with_the_next_question(make_app, rumps, media_mod
     menu["Clear Attachments"].callback(None)
     assert app.attachments == [] and menu.title == "Attachments" and "1. cat.png (image)" not in menu
     # two attached, then asked: they go with that question (in order) and the menu is empty again
-    menu["Attach Image…"].callback(None)
+    menu["Attach Files…"].callback(None)
     rumps.window_answers += [(1, "what is this?"), (0, "")]  # the question, then Close on the answer
     app.ask()
     assert "With cat.png, clip.wav" in rumps.windows[-1].message
@@ -510,7 +510,7 @@ def test_attachments_menu_goes_with_the_next_question(make_app, rumps, media_mod
     # a question whose attachment fails is not added to the chat, and its attachments are pending again
     (tmp_path / "notes.png").write_text("not an image")
     monkeypatch.setattr(app_module, "choose_files", lambda ext: [str(tmp_path / "notes.png")])
-    menu["Attach Image…"].callback(None)
+    menu["Attach Files…"].callback(None)
     rumps.window_answers.append((1, "and this?"))
     app.ask()
     pump(app, lambda: not app.generating)
@@ -523,7 +523,7 @@ def test_a_text_only_model_takes_no_attachments(make_app, rumps, models_folder, 
     app_module = sys.modules["apps.menubar.app"]
     monkeypatch.setattr(app_module, "choose_files", lambda ext: pytest.fail("no panel for a text-only model"))
     monkeypatch.setattr(app_module, "take_screenshot", lambda: pytest.fail("no screenshot either"))
-    app.attach_menu["Attach Image…"].callback(None)
+    app.attach_menu["Attach Files…"].callback(None)
     app.attach_menu["Attach Screenshot…"].callback(None)
     assert all("tiny-e2b takes no images" in n[2] for n in rumps.notifications[-2:]) and app.attachments == []
 

@@ -107,7 +107,7 @@ def pasteboard_png(board) -> bytes:
     """
     types = {str(t) for t in (board.types() or ())}
     if PASTEBOARD_FILE_URL in types:
-        raise ValueError("The clipboard holds a file, not an image: use Attach Image… to attach a file.")
+        raise ValueError("The clipboard holds a file, not an image: use Attach Files… to attach a file.")
     for kind in (PASTEBOARD_PNG, PASTEBOARD_TIFF):
         data = board.dataForType_(kind) if kind in types else None
         data = b"" if data is None else bytes(data)  # NSData -> bytes
@@ -237,7 +237,7 @@ class MenuBarApp(rumps.App):
         menu.title = attachments_title(self.attachments)
         if len(menu):
             menu.clear()
-        menu.add(rumps.MenuItem("Attach Image…", callback=self.attach_files))
+        menu.add(rumps.MenuItem("Attach Files…", callback=self.attach_files))
         menu.add(rumps.MenuItem("Paste Image", callback=self.paste_image))
         menu.add(rumps.MenuItem("Attach Screenshot…", callback=self.attach_screenshot))
         if self.attachments:
