@@ -26,7 +26,7 @@ import mlx.core as mx
 
 from .batch_draft_length import BatchDraftLength
 from .batched import Batch, BatchProposer, row_sampling
-from .decode import MAX_DRAFT_TOKENS, GenerationResponse, eos_ids, resolve_draft_request, encode_prompt
+from .decode import MAX_DRAFT_TOKENS, GenerationResponse, encode_prompt, eos_ids, resolve_draft_request
 from .load import Bundle
 from .logprobs import MAX_TOP_LOGPROBS, token_scores
 from .logprobs import rows as token_rows

@@ -19,14 +19,14 @@ A bandit over K whose arms share what they can (docs/auto-draft-length.md has th
   not measured is hoped to cost what the analytic model says beyond the deepest measured one (a verify of more rows
   no dearer, the drafts their bytes). Such a K is tried only when the hoped gain over the tokens still wanted is
   WORTH the likely cost of finding out (the rounds at the pessimistic estimate, and on a pair that never drafted
-  the draft step's trace); a close contender
-  not timed for PROBE_EVERY rounds is timed again.
+  the draft step's trace); a close contender not timed for PROBE_EVERY rounds is timed again.
 - Timing: what a lap holds depends on its neighbours. A drafting round holds its own work, and the trace of the
   draft step's graph when it is the pair's first drafting round and no plain step hid it (then it is a provisional
-  estimate, less the trace as priced so far, or no sample before any trace was priced). A plain step is pipelined: it also holds
-  the queueing of the next round, and after a drafting round (or first in a generation) its own graph building, so
-  only a plain step after a plain step, not followed by a compile, is a clean sample; others are upper bounds.
-- Start: a fresh record plays a plain step (an upper bound on its cost, holding the next round's compile mostly
+  estimate, less the trace as priced so far, or no sample before any trace was priced). A plain step is
+  pipelined: it also holds the queueing of the next round, and after a drafting round (or first in a generation)
+  its own graph building, so only a plain step after a plain step, not followed by a trace, is a clean sample;
+  others are upper bounds.
+- Start: a fresh record plays a plain step (an upper bound on its cost, holding the next round's trace mostly
   hidden behind it) and then the analytic model's best K, at most START_K: the first two rounds price plain decoding
   and drafting. Plain steps known only as an upper bound are timed cleanly (two in a row) while within PLAIN_SLACK
   of the best; a stale plain estimate is re-timed at once (every K is judged against it).
