@@ -19,7 +19,9 @@ A bandit over K whose arms share what they can (docs/auto-draft-length.md has th
   not measured is hoped to cost what the analytic model says beyond the deepest measured one (a verify of more rows
   no dearer, the drafts their bytes). Such a K is tried only when the hoped gain over the tokens still wanted is
   WORTH the likely cost of finding out (the rounds at the pessimistic estimate, and on a pair that never drafted
-  the draft step's trace); a close contender not timed for PROBE_EVERY rounds is timed again.
+  the draft step's trace); a close contender not timed for PROBE_EVERY rounds is timed again. Plain steps chosen
+  while fewer than EVIDENCE rounds reached the first draft are not final: drafting gets a round every
+  RETRY_EVERY of them (a generation may open on a passage the drafter cannot guess).
 - Timing: what a lap holds depends on its neighbours. A drafting round holds its own work, and the trace of the
   draft step's graph when it is the pair's first drafting round and no plain step hid it (then it is a provisional
   estimate, less the trace as priced so far, or no sample before any trace was priced). A plain step is
@@ -73,6 +75,9 @@ RECHECK = 0.9  # a K within this of the best's rate and not timed for PROBE_EVER
 PROBE_EVERY = 32  # ... (and, counts only, the longest gap between probes)
 PROBE_AFTER = 4  # counts only: rounds between probes, this many plus the rounds the probed K has had
 START_K = 3  # a fresh record's first drafting rounds draft at most this many tokens
+EVIDENCE = 4  # plain steps chosen before this many rounds reached the first draft ...
+RETRY_EVERY = 16  # ... give drafting another round every this many of them (a generation may open on a passage
+RETRY_WITHIN = 0.65  # the drafter cannot guess), while the best drafting K's rate is within this of plain's
 PLAIN_SLACK = 1.3  # a plain step known only as an upper bound is timed cleanly while within this of the best
 COMPILE_COST = 0.005  # prior seconds of tracing the draft step's graph (host work: ~4 ms on this CPU)
 MAX_COUNT = 256.0  # acceptance counts are scaled down to this many rounds reaching the first position at most
@@ -244,6 +249,7 @@ class AutoDraftLength:
         self._pending: list[_Round] = []  # rounds chosen whose time has not been told yet, oldest first
         self._last: int | None = None  # the K of the last round chosen
         self._round, self._timed = 0, {}  # rounds chosen; the round each K was last timed at (this generation)
+        self._since_draft = 0  # plain steps chosen on doubtful acceptance since the last retry
         self._compiles: list[tuple[int, float, int]] = []  # (K, seconds, context) of a round that traced
 
     def accepted(self, k: int, n: int) -> None:
@@ -471,7 +477,21 @@ class AutoDraftLength:
             if k == 0 and self._last:
                 self._plan = [0]  # the second plain step is the clean sample
             return k
+        drafting = max(range(1, self.max_k + 1), key=rates.__getitem__) if self.max_k else 0
+        if best == 0 and drafting and remaining > 3 and rates[drafting] >= RETRY_WITHIN * rates[0] \
+                and self._doubtful_acceptance():
+            self._since_draft = 0
+            return drafting
         return best
+
+    def _doubtful_acceptance(self) -> bool:
+        """Plain steps won on little drafting evidence: draft once more every RETRY_EVERY plain steps until
+        EVIDENCE rounds reached the first draft (a generation may open on a passage the drafter cannot guess)."""
+        reached = self.learned.reached[0] + (self.stats.reached_per_position[0] if self.stats.reached_per_position else 0)
+        if reached >= EVIDENCE or not reached:
+            return False
+        self._since_draft += 1
+        return self._since_draft > RETRY_EVERY
 
     def _probe(self, best: int, rates: list[float], remaining: int, context: int) -> int:
         """Counts only: now and then a neighbour of `best` instead (deeper, the acceptance of one more position)."""

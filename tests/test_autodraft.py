@@ -278,6 +278,42 @@ def test_a_pair_that_never_drafted_drafts_only_when_the_tokens_left_pay_for_the_
     assert policy.choose(100_000, 100) > 0
 
 
+PLATEAU = [1.0, 1.6, 1.9, 2.0, 2.1, 2.1, 2.2, 2.2, 2.3]  # a verify flat past a few rows: deep K pay most
+
+
+def _opening_on_a_hard_passage(hard_rounds: int, rounds: int = 200) -> list[int]:
+    """The K of every round of a generation whose first `hard_rounds` rounds accept no draft (a passage the
+    drafter cannot guess) and every later draft 9 times in 10, on `PLATEAU` costs."""
+    policy, rng, late, played = AutoDraftLength(FLAT, 8), random.Random(0), None, []
+    for r in range(rounds):
+        k = policy.choose(10_000, 100)
+        if late is not None:
+            policy.timed(*late)
+            late = None
+        n = 0
+        while n < k and r >= hard_rounds and rng.random() < 0.9:
+            n += 1
+        policy.accepted(k, n)
+        if k:
+            policy.timed(k, PLATEAU[k])
+        else:
+            late = (0, PLATEAU[0])
+        played.append(k)
+    return played
+
+
+def test_a_generation_that_opens_on_a_hard_passage_drafts_again(monkeypatch):
+    """Plain steps chosen on the evidence of a few drafting rounds are not final: drafting gets another round every
+    RETRY_EVERY plain steps until EVIDENCE rounds reached the first draft, and finds the passage's end."""
+    def back_to_drafting(played: list[int]) -> int:  # the round drafting resumed after the hard passage
+        return next(r for r in range(10, len(played)) if played[r])
+
+    played = _opening_on_a_hard_passage(10)
+    assert back_to_drafting(played) <= 10 + auto.RETRY_EVERY and _mostly(played, 8)
+    monkeypatch.setattr(auto, "EVIDENCE", 0)  # without the retries: plain steps until a probe, much later
+    assert back_to_drafting(_opening_on_a_hard_passage(10)) > 50
+
+
 def test_close_contenders_are_tried_again_and_clearly_worse_ones_soon_are_not():
     """K = 3 is the best, K = 2 and 4 within 10%, K = 0 and 8 far behind: the bandit keeps timing the close ones
     now and then (their estimates rest on few rounds), hardly ever the far ones."""
