@@ -82,22 +82,27 @@ def _generate(model, drafter, prompt: list[int], max_tokens: int, k: int) -> tup
     return tokens, time.perf_counter() - first
 
 
+def load_exported(target_dir: Path, drafter_dir: Path) -> tuple:
+    """(model, drafter) loaded by mlx-vlm from an export, its arrays read before the folder goes."""
+    from mlx_vlm.speculative import load_drafter
+    from mlx_vlm.utils import load_model
+
+    logging.disable(logging.WARNING)  # it warns that an absent vision tower is dropped: expected here
+    try:
+        model = load_model(target_dir)
+        drafter, _ = load_drafter(str(drafter_dir), kind="mtp")
+    finally:
+        logging.disable(logging.NOTSET)
+    mx.eval(model.parameters(), drafter.parameters())
+    return model, drafter
+
+
 class MlxVlmPair:
     """The bundle's pair loaded by mlx-vlm (exported once, for drafts of up to `max_k` tokens)."""
 
     def __init__(self, bundle: Bundle, max_k: int):
-        from mlx_vlm.speculative import load_drafter
-        from mlx_vlm.utils import load_model
-
         with tempfile.TemporaryDirectory(prefix="mlx_vlm_pair_") as tmp:
-            target_dir, drafter_dir = export_pair(bundle, Path(tmp), max_k)
-            logging.disable(logging.WARNING)  # it warns that the (absent) vision tower is dropped: expected here
-            try:
-                self.model = load_model(target_dir)
-                self.drafter, _ = load_drafter(str(drafter_dir), kind="mtp")
-            finally:
-                logging.disable(logging.NOTSET)
-            mx.eval(self.model.parameters(), self.drafter.parameters())  # read before the folder goes
+            self.model, self.drafter = load_exported(*export_pair(bundle, Path(tmp), max_k))
         _generate(self.model, self.drafter, [1, 2, 3], 8, max_k)  # warm-up
 
     def run(self, prompts: list[list[int]], max_tokens: int, k: int) -> tuple[float, DraftStats, list[list[int]]]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import tempfile
 import time
 from dataclasses import dataclass
@@ -59,10 +58,8 @@ class MlxVlmImagePair:
 
     def __init__(self, bundle: Bundle, max_k: int):
         from mlx.utils import tree_flatten
-        from mlx_vlm.speculative import load_drafter
-        from mlx_vlm.utils import load_model
 
-        from .mlx_vlm import export_pair
+        from .mlx_vlm import export_pair, load_exported
 
         self.bundle, self.image_token = bundle, bundle.media.tokens.image
         with tempfile.TemporaryDirectory(prefix="mlx_vlm_image_pair_") as tmp:
@@ -74,13 +71,7 @@ class MlxVlmImagePair:
             towers = {k: v for k, v in tree_flatten(bundle.media.towers.parameters())
                       if k.startswith(("vision_tower.", "embed_vision."))}  # no audio: the config has none
             mx.save_safetensors(str(target_dir / "towers.safetensors"), towers)
-            logging.disable(logging.WARNING)
-            try:
-                self.model = load_model(target_dir)
-                self.drafter, _ = load_drafter(str(drafter_dir), kind="mtp")
-            finally:
-                logging.disable(logging.NOTSET)
-            mx.eval(self.model.parameters(), self.drafter.parameters())  # read before the folder goes
+            self.model, self.drafter = load_exported(target_dir, drafter_dir)
         self.real_draft_block = self.drafter.draft_block
         self.last_ids: list[int] = []  # the prompt ids of the last run
 
