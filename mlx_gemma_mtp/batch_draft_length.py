@@ -60,7 +60,8 @@ class BatchDraftLength:
             return self.fixed
         self.rounds[rows] = self.rounds.get(rows, 0) + 1
         limits = limits or {b: max(self.candidates) for b in range(rows)}
-        rates = {k: self.tokens(k, limits) / self.seconds(k, rows) for k in self.candidates}
+        pooled, line = self.acceptance(), self._line(rows)  # once per round: every K reads them
+        rates = {k: self._tokens(k, limits, pooled) / self._seconds(k, rows, line) for k in self.candidates}
         best = max(rates, key=rates.get)
         if best and (0, rows) not in self.estimates and any(b == rows for _, b in self.estimates):
             return 0  # a plain round is the cheapest to time, and the line's anchor (a prior slope can be far off)
@@ -74,7 +75,9 @@ class BatchDraftLength:
 
     def tokens(self, k: int, limits: dict[int, int]) -> float:
         """Expected tokens a round of K drafts gives the rows (row b drafts min(K, limits[b]))."""
-        pooled = self.acceptance()
+        return self._tokens(k, limits, self.acceptance())
+
+    def _tokens(self, k: int, limits: dict[int, int], pooled: np.ndarray) -> float:
         total = 0.0
         for b, limit in limits.items():
             a = self._row_acceptance(b, pooled)[: max(0, min(k, limit))]
@@ -97,9 +100,11 @@ class BatchDraftLength:
     def seconds(self, k: int, rows: int) -> float:
         """A round's expected seconds: measured at this batch size, else hoped from a line through the K that
         were (see the module's docstring)."""
+        return self._seconds(k, rows, self._line(rows))
+
+    def _seconds(self, k: int, rows: int, line: tuple[float, float] | None) -> float:
         if (k, rows) in self.estimates:
             return self.estimates[k, rows]
-        line = self._line(rows)
         if line is None:  # nothing timed yet: only the ranking matters (the prior acceptance then picks K = 2)
             return 1.0 + PRIOR_SLOPE * k
         c, d = line

@@ -133,7 +133,6 @@ class Learned:
     timed_at: list[float | None] = field(default_factory=lambda: [None] * (MAX_AUTO_K + 1))  # the level then
     slow: list[bool] = field(default_factory=lambda: [False] * (MAX_AUTO_K + 1))  # last round at K an outlier
     compiled: set[int] = field(default_factory=lambda: {0})  # the K this pair has run
-    traced: bool = False  # the pair has drafted: the draft step's graph exists (for every K)
     compile_cost: float = COMPILE_COST  # seconds of that trace, learned from a round that carried it
     compiles_seen: int = 0
     plain_clean: bool = False  # K = 0's cost comes from a plain step between plain steps (not only an upper bound)
@@ -218,6 +217,11 @@ class Learned:
 
         return spread([m for m, _ in measured]) < spread([c for _, c in measured])
 
+    @property
+    def traced(self) -> bool:
+        """The pair has drafted: the draft step's graph exists (one for every K)."""
+        return any(self.compiled - {0})
+
     def compile_seen(self, excess: float) -> None:
         """A trace took `excess` seconds: a running mean turning into an EMA."""
         self.compiles_seen += 1
@@ -271,17 +275,19 @@ class AutoDraftLength:
         learned = self.learned
         self._pending.append(_Round(k, context, k > 0 and not learned.traced, self._last))
         learned.compiled.add(k)
-        learned.traced = learned.traced or k > 0
         learned.rounds[k] += 1
         self._last, self._round = k, self._round + 1
         return k
 
+    def _reached(self, i: int) -> float:
+        """Rounds that reached draft position i (its drafts before it accepted): past generations' and this one's."""
+        s = self.stats.reached_per_position
+        return self.learned.reached[i] + (s[i] if i < len(s) else 0)
+
     def _deepest(self) -> int:
         """Counts only: the longest draft worth considering, one position past those some round has reached (the
         estimates of later ones are extrapolations), any K while no round has run."""
-        reached = [r + (self.stats.reached_per_position[i] if i < len(self.stats.reached_per_position) else 0)
-                   for i, r in enumerate(self.learned.reached[: self.max_k])]
-        explored = sum(r >= 1 for r in reached)
+        explored = sum(self._reached(i) >= 1 for i in range(self.max_k))
         return min(self.max_k, explored + 1) if explored else self.max_k
 
     # ---- timing --------------------------------------------------------------------------------------------------
@@ -353,10 +359,9 @@ class AutoDraftLength:
         positions it never drafts keep the prior, and a low prior never makes them worth drafting."""
         s, learned, out, prior = self.stats, self.learned, [], PRIOR_ACCEPTANCE
         for i in range(self.max_k):
-            reached = learned.reached[i] + (s.reached_per_position[i] if i < len(s.reached_per_position) else 0)
             accepted = learned.accepted[i] + (s.accepted_per_position[i] if i < len(s.accepted_per_position) else 0)
             weight = PRIOR_WEIGHT if i == 0 else CHAIN_WEIGHT
-            prior = (accepted + prior * weight) / (reached + weight)
+            prior = (accepted + prior * weight) / (self._reached(i) + weight)
             out.append(prior)
         return out
 
@@ -477,17 +482,17 @@ class AutoDraftLength:
             if k == 0 and self._last:
                 self._plan = [0]  # the second plain step is the clean sample
             return k
-        drafting = max(range(1, self.max_k + 1), key=rates.__getitem__) if self.max_k else 0
-        if best == 0 and drafting and remaining > 3 and rates[drafting] >= RETRY_WITHIN * rates[0] \
-                and self._doubtful_acceptance():
-            self._since_draft = 0
-            return drafting
+        if best == 0 and self.max_k and remaining > 3:
+            drafting = max(range(1, self.max_k + 1), key=rates.__getitem__)
+            if rates[drafting] >= RETRY_WITHIN * rates[0] and self._doubtful_acceptance():
+                self._since_draft = 0
+                return drafting
         return best
 
     def _doubtful_acceptance(self) -> bool:
         """Plain steps won on little drafting evidence: draft once more every RETRY_EVERY plain steps until
         EVIDENCE rounds reached the first draft (a generation may open on a passage the drafter cannot guess)."""
-        reached = self.learned.reached[0] + (self.stats.reached_per_position[0] if self.stats.reached_per_position else 0)
+        reached = self._reached(0)
         if reached >= EVIDENCE or not reached:
             return False
         self._since_draft += 1

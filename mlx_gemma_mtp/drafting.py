@@ -14,6 +14,7 @@ sliding layers only the last `window + 1` of them (HF's flipped bidirectional wi
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -142,15 +143,15 @@ class DraftStep:
         best first, from which a forbidden draft is replaced (`Constraint.kept_drafts`); sampling, None (q is
         enough)."""
         masked = first_mask is not None
-        state = self._state + [mx.random.state]
         token, tokens, extras = last, [], []
-        for i in range(num_drafts):
-            first = masked and i == 0
-            inputs = (first_mask, *context) if first else context
-            step = self._compiled(sampler, first, masked and sampler.greedy)
-            token, hidden, extra = _restoring(state, step, token, hidden, *inputs)
-            tokens.append(token)
-            extras.append(extra)
+        with _restored_on_error(self._state + [mx.random.state]):  # one walk of the weights per round
+            for i in range(num_drafts):
+                first = masked and i == 0
+                inputs = (first_mask, *context) if first else context
+                step = self._compiled(sampler, first, masked and sampler.greedy)
+                token, hidden, extra = step(token, hidden, *inputs)
+                tokens.append(token)
+                extras.append(extra)
         tokens = mx.concatenate(tokens)
         q = None if sampler.greedy else mx.stack(extras)
         if not masked:
@@ -159,7 +160,8 @@ class DraftStep:
 
     def body(self, token: mx.array, hidden: mx.array, context: tuple) -> tuple[mx.array, mx.array]:
         """One step: (next hidden, y), for tests and tools that need the drafter's hidden output."""
-        return _restoring(self._state, self._body, token, hidden, *context)
+        with _restored_on_error(self._state):
+            return self._body(token, hidden, *context)
 
 
 def _leaves(tree, out: list) -> list:
@@ -173,14 +175,15 @@ def _leaves(tree, out: list) -> list:
     return out
 
 
-def _restoring(state: list, compiled: Callable, *args):
-    """Call a compiled function whose `inputs` are `state`. While tracing, MLX swaps the arrays in `state` (the
-    weights, the RNG key) for placeholders and swaps them back at the end; an exception in between (a bug, a
-    Ctrl-C) would leave the placeholders in the live model, and every later generation would fail. Put the
+@contextlib.contextmanager
+def _restored_on_error(state: list):
+    """Around calls of compiled functions whose `inputs` are `state`. While tracing, MLX swaps the arrays in
+    `state` (the weights, the RNG key) for placeholders and swaps them back at the end; an exception in between (a
+    bug, a Ctrl-C) would leave the placeholders in the live model, and every later generation would fail. Put the
     arrays back instead."""
     saved = _leaves(state, [])
     try:
-        return compiled(*args)
+        yield
     except BaseException:
         for container, key, value in saved:
             container[key] = value
