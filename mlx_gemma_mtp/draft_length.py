@@ -8,13 +8,13 @@ A bandit over K whose arms share what they can (docs/auto-draft-length.md has th
   PRIOR_ACCEPTANCE, each later one towards the position before it (acceptance varies slowly along the draft).
 - Seconds of a round, per K: its own measurement where it has one, timed from the loop's own time (the caller's
   time between tokens is not counted) with a running mean turning into an EMA, a lone slow round clipped (other
-  processes only ever add time) and two slow rounds in a row believed (the machine changed). A K not measured is
-  priced from the measured ones through the analytic model (`CostModel`, in units of a one-token target forward:
-  a call costs the bytes it reads, K/V at the current context included): between two measured K on the straight
-  line through them, past them on the line through the last two and UNSEEN dearer per K of distance. A `level`
-  (seconds per model unit) follows a settled K's estimate, so a machine that gets slower re-prices every K; once it
-  moved by STALE since a K was timed, that K's estimate is stale (a busy machine may also be compute-bound) and is
-  priced as unmeasured.
+  processes only ever add time) and two rounds in a row off by OUTLIER the same way believed (the machine changed:
+  busier, or free again). A K not measured is priced from the measured ones through the analytic model
+  (`CostModel`, in units of a one-token target forward: a call costs the bytes it reads, K/V at the current context
+  included): between two measured K on the straight line through them, past them on the line through the last two
+  and UNSEEN dearer per K of distance. A `level` (seconds per model unit) follows a settled K's estimate, so a
+  machine that gets slower (or faster) re-prices every K; once it moved by STALE since a K was timed, that K's
+  estimate is stale (a busy machine may also be compute-bound) and is priced as unmeasured.
 - Choice: the K of the highest upper estimate, its rate raised by EXPLORE / sqrt(1 + its timed rounds), where a K
   not measured is hoped to cost what the analytic model says beyond the deepest measured one (a verify of more rows
   no dearer, the drafts their bytes). Such a K is tried only when the hoped gain over the tokens still wanted is
@@ -32,8 +32,7 @@ A bandit over K whose arms share what they can (docs/auto-draft-length.md has th
   hidden behind it) and then the analytic model's best K, at most START_K: the first two rounds price plain decoding
   and drafting. Plain steps known only as an upper bound are timed cleanly (two in a row) while within PLAIN_SLACK
   of the best; a stale plain estimate is re-timed at once (every K is judged against it).
-- Compiles: the pair's first drafting round traces the draft step's graph, one for every K (`drafting.DraftStep`:
-  host work, ~5 ms here; a new K costs no trace); its cost is learned from a round that held it.
+- Compiles: the pair's first drafting round traces the draft step's graph, one for every K (host work, ~5 ms here).
 
 What was learned (acceptance counts, estimates, compile cost) stays with the loaded pair (`AutoRecords`, held by
 `Bundle.state`), one record per sampling setting, for the next generations; older acceptance evidence weighs less as
@@ -131,7 +130,8 @@ class Learned:
     rounds: list[float] = field(default_factory=lambda: [0.0] * (MAX_AUTO_K + 1))  # per K: rounds played
     samples: list[float] = field(default_factory=lambda: [0.0] * (MAX_AUTO_K + 1))  # per K: rounds timed (support)
     timed_at: list[float | None] = field(default_factory=lambda: [None] * (MAX_AUTO_K + 1))  # the level then
-    slow: list[bool] = field(default_factory=lambda: [False] * (MAX_AUTO_K + 1))  # last round at K an outlier
+    outlier: list[int] = field(default_factory=lambda: [0] * (MAX_AUTO_K + 1))  # last round at K: slow 1, fast -1
+    changes: dict[int, tuple[float, float]] = field(default_factory=dict)  # K's last believed change: level, K's
     compiled: set[int] = field(default_factory=lambda: {0})  # the K this pair has run
     compile_cost: float = COMPILE_COST  # seconds of that trace, learned from a round that carried it
     compiles_seen: int = 0
@@ -168,10 +168,13 @@ class Learned:
 
     def observe(self, k: int, seconds_per_unit: float) -> None:
         """One timed round at K. A first one (or the first since K's estimate went stale) is K's estimate. Later
-        ones move it by their surprise (the ratio to the estimate, clipped: at most 2x, and at most OUTLIER slower
-        unless the round before at K was that much slower too, since a lone slow round is another process's
-        doing) at the rate of a running mean turning into an EMA, and half the surprise when it is the second in a
-        row (the machine changed). The level follows a settled K's estimate (every K is re-priced alike)."""
+        ones move it by their surprise (the ratio to the estimate, clipped: at most 2x, at most OUTLIER slower for a
+        lone slow round, another process's doing) at the rate of a running mean turning into an EMA, and half the
+        surprise for a second round in a row off by OUTLIER the same way (the machine changed: busy, or free again;
+        without the faster side a K first timed on a free machine took the change as its own, and the K timed
+        while busy kept busy prices). A change the next round at K contradicts is undone: two hiccups in a row
+        (each such jump priced plain steps 40% too dear for long: 7% below plain over 1024 tokens where drafting
+        never pays). The level follows a settled K's estimate (every K is re-priced alike)."""
         shape = self.shape_of(k)
         if self.level is None:
             self.level, self.shape[k], self.samples[k] = seconds_per_unit / shape, shape, 1.0  # the model's unit
@@ -179,19 +182,29 @@ class Learned:
             return
         ratio = seconds_per_unit / (self.level * shape)
         if not self.fresh(k):
-            self.samples[k], self.slow[k] = 1.0, False
+            self.samples[k], self.outlier[k], _ = 1.0, 0, self.changes.pop(k, None)
             self.shape[k], self.timed_at[k] = shape * ratio, self.level
+            return
+        side = (ratio > OUTLIER) - (ratio < 1.0 / OUTLIER)
+        undo = self.changes.pop(k, None)
+        if undo is not None and side == -self.outlier[k]:
+            # the round right after a believed change says otherwise: two flukes in a row, not the machine
+            self.level /= undo[0]
+            self.shape[k] /= undo[1] / undo[0]
+            self.outlier[k], self.timed_at[k] = 0, self.level
             return
         self.samples[k] += 1
         rate = max(EMA, 1.0 / self.samples[k])
-        slow, self.slow[k] = self.slow[k], ratio > OUTLIER
-        if slow and ratio > OUTLIER:
+        changed, self.outlier[k] = side != 0 and self.outlier[k] == side, side
+        if changed:
             rate = max(rate, 0.5)
-        surprise = math.log(min(CLIP if slow else OUTLIER, max(1.0 / CLIP, ratio)))
+        surprise = math.log(min(CLIP if changed else OUTLIER, max(1.0 / CLIP, ratio)))
         old_level = self.level
         if self.samples[k] > SETTLED:  # a K still settling moves only itself
             self.level *= math.exp((1.0 - rate) * rate * surprise)
         self.shape[k] = shape * math.exp(rate * surprise) * old_level / self.level
+        if changed:
+            self.changes[k] = (self.level / old_level, math.exp(rate * surprise))
         self.timed_at[k] = self.level
         if self.calibrated and self._model_fits_better():
             # the rounds contradict the saved curve (another load, a stale file): the unmeasured K take the

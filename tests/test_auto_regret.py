@@ -99,10 +99,7 @@ def test_texts_hold_the_profile_whatever_k_is():
 # the simulator (docs/auto-draft-length.md, "What is left"), the floor it reaches, 0.02 below its table's value.
 BOUND = {64: 0.90, 256: 0.95}
 PLAIN_BOUND = 0.97
-SHORT = {  # (landscape, profile, tokens, warm): floor
-    ("cpu-demo", "code", 64, False): 0.87, ("e2b-cut", "code", 64, False): 0.88, ("busy", "code", 256, True): 0.87,
-    ("busy", "prose", 256, True): 0.88,
-}
+SHORT = {("cpu-demo", "code", 64, False): 0.87, ("e2b-cut", "code", 64, False): 0.88}  # (landscape, profile, ...)
 NO_PAY = {("compute-bound", "code"), ("compute-bound", "prose"), ("compute-bound", "drift"), ("cpu-demo", "prose")}
 
 
@@ -141,4 +138,4 @@ def test_the_design_reaches_the_bounds_on_most_cells(table):
     """The gaps are the exception: a change that widens them shows here before it shows in the docs."""
     reached = sum(cell.ratio(warm)[0] >= BOUND[length] for (_, _, length), cell in table.items()
                   for warm in ((False, True) if length > 64 else (False,)))
-    assert reached >= 48  # of 54 (50 today)
+    assert reached >= 50  # of 54 (52 today)

@@ -163,6 +163,48 @@ def test_a_busier_machine_reprices_every_k_and_a_new_k_only_itself():
     assert learned.fresh(3) and not learned.fresh(0) and not learned.fresh(6)  # ... the others are stale
 
 
+def test_a_machine_free_again_reprices_every_k_after_two_fast_rounds_in_a_row():
+    """The end of a busy spell: the K played all along gets faster. One fast round is noise (the EMA's share); a
+    second in a row is the machine, so the level (every K's price) moves with it, not only that K's estimate."""
+    learned = Learned()
+    learned.observe(3, 1.0)
+    learned.observe(0, 0.5)
+    learned.samples[3] = 20
+    plain = learned.seconds_per_unit(0)
+    learned.observe(3, 0.5)
+    once = learned.seconds_per_unit(3)
+    assert once == pytest.approx(0.5 ** auto.EMA) and learned.seconds_per_unit(0) / plain > 0.9
+    learned.observe(3, 0.5)
+    assert learned.seconds_per_unit(3) == pytest.approx(once * (0.5 / once) ** 0.5)  # halfway, as a slow pair
+    assert learned.seconds_per_unit(0) / plain < 0.85  # plain re-priced too (before: 0.89 of its old price)
+    learned = Learned()
+    learned.observe(3, 1.0)
+    learned.samples[3] = 20
+    for surprise in (0.5, 1.0, 0.5):  # fast, as estimated, fast: never two in a row, each fast one is noise
+        learned.observe(3, surprise * learned.seconds_per_unit(3))
+    assert learned.level == pytest.approx(0.5 ** (2 * (1 - auto.EMA) * auto.EMA))
+
+
+def test_a_change_the_next_round_contradicts_is_undone():
+    """Two hiccups in a row look like a busier machine; when the next round at that K is as fast as before, they
+    were hiccups: the estimate and the level go back to where they were (they stayed 40% too dear before)."""
+    learned = Learned()
+    learned.observe(0, 1.0)
+    learned.observe(3, 2.0)
+    learned.samples[0] = 20
+    plain, level = learned.seconds_per_unit(0), learned.level
+    learned.observe(0, 3.0)
+    learned.observe(0, 3.0)  # believed: the machine is busier
+    assert learned.seconds_per_unit(0) > 1.3 * plain and learned.level > 1.2 * level
+    learned.observe(0, 1.0)  # ... but the next plain step says otherwise
+    assert learned.seconds_per_unit(0) == pytest.approx(plain * auto.OUTLIER ** auto.EMA)
+    assert learned.level == pytest.approx(level * auto.OUTLIER ** ((1 - auto.EMA) * auto.EMA))  # the first one counts
+    learned.observe(0, 3.0)
+    learned.observe(0, 3.0)
+    learned.observe(0, 3.0)  # a third slow round agrees: the change stands
+    assert learned.seconds_per_unit(0) > 1.8 * plain
+
+
 def _simulate(policy_for, true_seconds, acceptance, rounds, seed=0, context=100):
     """Run a policy against a synthetic pair: `true_seconds[K]` per round (told as the loop tells it: a plain
     step's after the next choice), draft i accepted with probability `acceptance[i]` given the earlier ones.
