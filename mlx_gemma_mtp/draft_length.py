@@ -19,9 +19,9 @@ A bandit over K whose arms share what they can (docs/auto-draft-length.md has th
   not measured is hoped to cost what the analytic model says beyond the deepest measured one (a verify of more rows
   no dearer, the drafts their bytes). Such a K is tried only when the hoped gain over the tokens still wanted is
   WORTH the likely cost of finding out (the rounds at the pessimistic estimate, and on a pair that never drafted
-  the draft step's trace); a close contender not timed for PROBE_EVERY rounds is timed again. Plain steps chosen
-  while fewer than EVIDENCE rounds reached the first draft are not final: drafting gets a round every
-  RETRY_EVERY of them (a generation may open on a passage the drafter cannot guess).
+  the draft step's trace); a close contender not timed for PROBE_EVERY rounds is timed again, a never-timed
+  neighbour of the best once (costs need not be monotone in K). Plain steps chosen while fewer than EVIDENCE
+  rounds reached the first draft are not final: drafting gets a round every RETRY_EVERY of them.
 - Timing: what a lap holds depends on its neighbours. A drafting round holds its own work, and the trace of the
   draft step's graph when it is the pair's first drafting round and no plain step hid it (then it is a provisional
   estimate, less the trace as priced so far, or no sample before any trace was priced). A plain step is
@@ -48,6 +48,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from statistics import pvariance
 from typing import TYPE_CHECKING, Protocol
 
 from .round_cost import ROUND_OVERHEAD, VERIFY_SLOPE, CostModel, DraftCosts
@@ -68,6 +69,7 @@ STALE = 1.25  # a K's estimate is stale once the level moved this much since it 
 UNSEEN = 0.05  # a K not measured is priced this much dearer per K of distance from the nearest measured one
 HOPE_BETWEEN = 0.25  # a K between two measured ones is hoped to cost the line through them, pulled this far
 # (in logs) towards the lowest cost they allow: a verify that is flat past some T (a CPU) makes the line pessimistic
+NEIGHBOUR_AFTER = 64  # a K next to the best, never timed, is tried once with this many tokens left (not monotone)
 EXPLORE = 0.25  # a K's rate is raised by this / sqrt(1 + its timed rounds) when choosing
 WORTH = 1.0  # a K not measured is tried when the hoped gain is this many times the likely cost of trying
 RECHECK = 0.9  # a K within this of the best's rate and not timed for PROBE_EVERY rounds is timed again
@@ -221,14 +223,7 @@ class Learned:
         """Whether the measured shapes vary less around the analytic model (1) than around the saved curve, the
         overall scale aside: log-variances over the measured K."""
         measured = [(math.log(s), math.log(s / p)) for s, p in zip(self.shape, self.prior) if s is not None]
-        if len(measured) < 2:
-            return False
-
-        def spread(values):
-            mean = sum(values) / len(values)
-            return sum((v - mean) ** 2 for v in values)
-
-        return spread([m for m, _ in measured]) < spread([c for _, c in measured])
+        return len(measured) >= 2 and pvariance([m for m, _ in measured]) < pvariance([c for _, c in measured])
 
     @property
     def traced(self) -> bool:
@@ -453,10 +448,10 @@ class AutoDraftLength:
         """The K of the best upper estimate (a bandit's choice): each K's hoped rate raised by EXPLORE /
         sqrt(1 + its timed rounds), so a K whose estimate rests on few rounds is tried again while it might be
         the best, and one clearly worse soon is not. A K without a fresh estimate is tried only when the hoped
-        gain over the tokens left is WORTH its likely cost (its compile, and its rounds at the estimate). Plain
-        steps are timed first thing (every K is judged against them), and while they compete and their time is
-        only an upper bound, twice in a row (the second is a clean sample); a close contender not timed for
-        PROBE_EVERY rounds is timed again (its estimate may rest on a slow spell)."""
+        gain over the tokens left is WORTH its likely cost (its compile, and its rounds at the estimate); a
+        never-timed neighbour of the best is tried once in a long generation. Plain steps are timed first thing
+        (every K is judged against them), and while they compete and their time is only an upper bound, twice in
+        a row (the second is a clean sample); a close contender not timed for PROBE_EVERY rounds is timed again."""
         learned = self.learned
         if learned.level is None:  # nothing timed yet: a plain step (holding the next round's compile, mostly
             # hidden behind its own work), then the model's best K, moderately
@@ -486,6 +481,10 @@ class AutoDraftLength:
                 best = max(known, key=upper.__getitem__)
         if best and not learned.traced and self._last and remaining > 3 and not learned.compiles_seen:
             self._plan = [best]  # its first round holds the trace: the second one is timed
+        timed = [j for j, shape in enumerate(learned.shape) if shape is not None]
+        untried = [j for j in (best - 1, best + 1) if timed[0] < j < timed[-1] and learned.shape[j] is None]
+        if untried and best and remaining >= NEIGHBOUR_AFTER and learned.samples[best] >= 2:
+            return untried[0]  # once (it is timed then): a dip the line through the timed K around it would hide
         # a close contender not timed for a while is timed again (its estimate may rest on a slow spell)
         close = [k for k in known if k != best and k in learned.compiled
                  and rates[k] > RECHECK * rates[best] and self._round - self._timed.get(k, 0) > PROBE_EVERY]

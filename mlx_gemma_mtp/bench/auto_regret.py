@@ -106,10 +106,10 @@ METAL = _ratios(12 * MS, [1.0, 1.04, 1.17, 1.37, 1.87, 2.9, 3.2, 3.5, 3.8])
 # K rows (plain 182.6, K=2 227.6, K=3 224.2, K=4 221.7, K=6 251.2 tokens/s; T_verify rising to 1.67x at T = 4, then
 # flat to T = 8)
 DEMO = tuple(t * MS for t in (5.3, 7.5, 8.9, 11.0, 12.8, 12.9, 13.0, 13.3, 13.6))
-# the E2B-width cut (float32, 4 layers, 2 CPU cores), as `bench --shape e2b` measured it (430.5 430.7 481.9 448.8
-# 498.8 510.3 573.2 484.0 583.8 ms at T = 1..9), made non-decreasing (pooled where one noisy measurement undercut
-# a smaller T): a verify of more rows never costs less
-E2B = tuple(t * MS for t in (430.5, 430.7, 465.4, 465.4, 498.8, 510.3, 528.6, 528.6, 583.8))
+# the E2B-width cut (float32, 4 layers, 2 CPU cores), as `bench --shape e2b` measured it at T = 1..9: not monotone,
+# a verify of 8 rows runs faster than one of 7 (and 4 than 3) on this CPU's BLAS, as the real loop's fixed-K rounds
+# confirm (K = 6, 7, 8: ~650, ~545, ~650 ms)
+E2B = tuple(t * MS for t in (430.5, 430.7, 481.9, 448.8, 498.8, 510.3, 573.2, 484.0, 583.8))
 
 LANDSCAPES = {
     # memory-bound: a verify of 9 rows costs about what one row does (a big model on a GPU)
@@ -193,16 +193,30 @@ class Pair:
         if self.records is None:
             self.records = AutoRecords(self.landscape.model)
 
-    def policy(self, k: int | str, sampler: SamplerConfig | None = None) -> DraftLength:
-        """The policy of one generation, made as `bundle.state.draft_length` makes it (no saved calibration)."""
+    def policy(self, k: int | str | tuple, sampler: SamplerConfig | None = None) -> DraftLength:
+        """The policy of one generation, made as `bundle.state.draft_length` makes it (no saved calibration); a
+        tuple (K..., K) plays its first K in turn, then its last one every round."""
         if isinstance(k, int):
             return FixedDraftLength(k)
+        if isinstance(k, tuple):
+            return Opening(list(k[:-1]), k[-1])
         return auto_draft_length(self.records, sampler or SamplerConfig(), MAX_AUTO_K, lambda: None)
 
     def jitter(self, seconds: float) -> float:
         ls = self.landscape
         seconds *= math.exp(self.rng.gauss(0.0, ls.noise))
         return seconds * 3 if self.rng.random() < ls.hiccup else seconds
+
+
+class Opening(FixedDraftLength):
+    """`head` in turn (auto's opening), then K every round: what an opening costs against K from the start."""
+
+    def __init__(self, head: list[int], k: int):
+        super().__init__(k)
+        self.head = list(head)
+
+    def choose(self, remaining: int, context: int) -> int:
+        return self.head.pop(0) if self.head else self.k
 
 
 class Machine:
@@ -323,11 +337,11 @@ def _add(table: dict, k, result: tuple[int, float]) -> None:
 
 
 def run_cell(landscape: Landscape, profile, length: int, seeds: int = 4,
-             policies: Sequence = (*KS, "auto"), warm: bool = True) -> Cell:
+             policies: Sequence = (*KS, "auto"), warm: bool = True, first_seed: int = 0) -> Cell:
     """Every policy on the same texts of `length` tokens (`seeds` of them, times 512 / length for short ones: a
     short generation's tokens/s rests on a few rounds' luck), fresh and (`warm`) warm, with the same noise seeds."""
     cell = Cell()
-    for seed in range(seeds * max(1, 512 // length)):
+    for seed in range(first_seed, first_seed + seeds * max(1, 512 // length)):
         texts = random.Random(seed)
         warmup = [Text.draw(profile, n + MAX_RUN + 1, texts) for n in WARMUP]
         text = Text.draw(profile, length + MAX_RUN + 1, texts)
@@ -344,9 +358,28 @@ def run_cell(landscape: Landscape, profile, length: int, seeds: int = 4,
 
 
 def regret_table(landscapes: Sequence[str] = tuple(LANDSCAPES), profiles: Sequence[str] = tuple(PROFILES),
-                 lengths: Sequence[int] = LENGTHS, seeds: int = 4) -> dict[tuple, Cell]:
-    return {(ls, pr, n): run_cell(LANDSCAPES[ls], PROFILES[pr], n, seeds)
+                 lengths: Sequence[int] = LENGTHS, seeds: int = 4, first_seed: int = 0) -> dict[tuple, Cell]:
+    return {(ls, pr, n): run_cell(LANDSCAPES[ls], PROFILES[pr], n, seeds, first_seed=first_seed)
             for ls in landscapes for pr in profiles for n in lengths}
+
+
+def opening_costs(landscapes: Sequence[str], profiles: Sequence[str], length: int = 64,
+                  seeds: int = 4) -> list[str]:
+    """What `auto`'s opening costs a fresh pair: the best fixed K in hindsight against the same K after the
+    opening's plain step, and after its plain step and first drafting round (as a fresh `auto` plays them)."""
+    lines = []
+    for ls, pr in ((ls, pr) for ls in landscapes for pr in profiles):
+        landscape, profile = LANDSCAPES[ls], PROFILES[pr]
+        fixed = run_cell(landscape, profile, length, seeds, KS, warm=False)
+        tps = {k: t / s for k, (t, s) in fixed.fresh.items()}
+        best = max(KS, key=tps.__getitem__)
+        auto = Pair(landscape, random.Random(0)).policy("auto")
+        head = (auto.choose(length - 1, 512), auto.choose(length - 2, 512))
+        opened = run_cell(landscape, profile, length, seeds, ((head[0], best), (*head, best)), warm=False)
+        ratios = [t / s / tps[best] for t, s in opened.fresh.values()]
+        lines.append(f"{ls:<14}{pr:<8}{length:>5}  best K={best}   K={head[0]} then K={best}: {ratios[0]:.3f}x   "
+                     f"K={head[0]},{head[1]} then K={best}: {ratios[1]:.3f}x")
+    return lines
 
 
 def format_table(cells: dict[tuple, Cell]) -> list[str]:
@@ -470,6 +503,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--profiles", nargs="+", default=list(PROFILES), choices=list(PROFILES))
     p.add_argument("--tokens", nargs="+", type=int, default=list(LENGTHS))
     p.add_argument("--seeds", type=int, default=4, help="texts per cell (every policy runs on the same ones)")
+    p.add_argument("--first-seed", type=int, default=0, help="draw other texts than the table's (e.g. 100)")
+    p.add_argument("--opening", action="store_true",
+                   help="what auto's opening (a plain step, a first drafting round) costs a fresh pair, per cell")
     p.add_argument("--real", choices=["demo", "e2b"], default=None,
                    help="measure the real loop instead: the demo pair (its own drafter) or the E2B-width cut (float32, 4 "
                         "layers, acceptance forced to --real-profile)")
@@ -503,7 +539,13 @@ def main(argv: list[str] | None = None) -> dict:
                   f"   mean K {mean_k[mode]:.2f}")
         print(f"({time.perf_counter() - tic:.0f} s)")
         return measured
-    cells = regret_table(args.landscapes, args.profiles, args.tokens, args.seeds)
+    if args.opening:
+        print(f"auto's opening on a fresh pair: the best fixed K's tokens/s after the opening over its tokens/s from "
+              f"the first round, {args.seeds} texts per cell")
+        for line in opening_costs(args.landscapes, args.profiles, args.tokens[0], args.seeds):
+            print(line)
+        return {}
+    cells = regret_table(args.landscapes, args.profiles, args.tokens, args.seeds, args.first_seed)
     print(f"auto vs the best fixed K (K = 0..{MAX_AUTO_K}) in hindsight, tokens/s over {args.seeds} texts per cell; "
           f"fresh: a freshly loaded pair; warm: after generations of {', '.join(map(str, WARMUP))} tokens")
     for line in format_table(cells):
