@@ -251,6 +251,31 @@ def test_wrong_analytic_prior_is_corrected_within_a_few_dozen_rounds():
     assert max(played[:40]) > 3 and _mostly(played, 3)
 
 
+def test_a_never_timed_k_next_to_the_best_is_tried_once_in_a_long_generation():
+    """Costs need not be monotone in K: on this CPU a verify of 8 rows runs faster than one of 7, so K = 7 beats
+    K = 6 and K = 8 on the E2B cut, a dip the line through the K timed around it never shows. A never-timed K next
+    to the best one, between two timed K, is tried once while enough tokens are left to profit."""
+
+    def policy():
+        learned = Learned()
+        for k, seconds in [(0, 1.0), (6, 1.0), (8, 1.0)] * 6:  # K = 8 the best; K = 7 priced on their line
+            learned.observe(k, seconds)
+        learned.compiled |= {6, 8}  # they ran: the draft step is traced
+        auto_policy = AutoDraftLength(FLAT, 8, learned)
+        for _ in range(50):
+            auto_policy.accepted(8, 8)
+        return auto_policy
+
+    rates = policy().rates(100)
+    assert max(range(9), key=rates.__getitem__) == 8
+    assert policy().choose(auto.NEIGHBOUR_AFTER - 1, 100) == 8  # too few tokens left to profit
+    tried = policy()
+    assert tried.choose(500, 100) == 7
+    tried.timed(7, 2.0 * tried.seconds(8, 100))  # K = 7 is dearer after all: not tried again
+    tried.accepted(7, 7)
+    assert [tried.choose(500, 100) for _ in range(5)] == [8] * 5
+
+
 @pytest.mark.parametrize("stale", ["slow MTP", "free MTP"])
 def test_stale_saved_costs_are_a_prior_that_the_rounds_overrule(stale):
     """A calibration from another machine or MLX build (MTP never paying, or priced as free) is dropped once the
