@@ -184,7 +184,8 @@ class Learned:
             return
         ratio = seconds_per_unit / (self.level * shape)
         if not self.fresh(k):
-            self.samples[k], self.outlier[k], _ = 1.0, 0, self.changes.pop(k, None)
+            self.samples[k], self.outlier[k] = 1.0, 0
+            self.changes.pop(k, None)  # a change believed before the estimate went stale is not to be undone
             self.shape[k], self.timed_at[k] = shape * ratio, self.level
             return
         side = (ratio > OUTLIER) - (ratio < 1.0 / OUTLIER)
@@ -481,8 +482,8 @@ class AutoDraftLength:
                 best = max(known, key=upper.__getitem__)
         if best and not learned.traced and self._last and remaining > 3 and not learned.compiles_seen:
             self._plan = [best]  # its first round holds the trace: the second one is timed
-        timed = [j for j, shape in enumerate(learned.shape) if shape is not None]
-        untried = [j for j in (best - 1, best + 1) if timed[0] < j < timed[-1] and learned.shape[j] is None]
+        measured = [j for j, shape in enumerate(learned.shape) if shape is not None]  # ever, stale or not
+        untried = [j for j in (best - 1, best + 1) if measured[0] < j < measured[-1] and learned.shape[j] is None]
         if untried and best and remaining >= NEIGHBOUR_AFTER and learned.samples[best] >= 2:
             return untried[0]  # once (it is timed then): a dip the line through the timed K around it would hide
         # a close contender not timed for a while is timed again (its estimate may rest on a slow spell)

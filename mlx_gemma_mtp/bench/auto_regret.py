@@ -33,7 +33,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from itertools import pairwise
+from itertools import pairwise, product
 
 from ..draft_length import MAX_AUTO_K, AutoRecords, DraftLength, FixedDraftLength, auto_draft_length
 from ..round_cost import CostModel
@@ -368,7 +368,7 @@ def opening_costs(landscapes: Sequence[str], profiles: Sequence[str], length: in
     """What `auto`'s opening costs a fresh pair: the best fixed K in hindsight against the same K after the
     opening's plain step, and after its plain step and first drafting round (as a fresh `auto` plays them)."""
     lines = []
-    for ls, pr in ((ls, pr) for ls in landscapes for pr in profiles):
+    for ls, pr in product(landscapes, profiles):
         landscape, profile = LANDSCAPES[ls], PROFILES[pr]
         fixed = run_cell(landscape, profile, length, seeds, KS, warm=False)
         tps = {k: t / s for k, (t, s) in fixed.fresh.items()}
